@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: test lint typecheck unit demo validate schema clean db-stop
+
+$(VENV)/.installed-dev: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-local: $(VENV)/.installed-dev
+	$(PY) -m pip install -q -e '.[dev,local]'
+	touch $@
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(VENV)/bin/mypy
+
+## make test: lint, type-check and run the whole suite (starts the embedded Postgres itself)
+test: lint typecheck
+	$(PY) -m pytest -q -m "not local_model"
+
+## make demo: validate the configs and index the Python language reference with dag.test()
+demo: $(VENV)/.installed-dev
+	$(PY) -m dag_factory validate configs/
+	$(PY) -m capstone demo
+
+validate: $(VENV)/.installed-dev
+	$(PY) -m dag_factory validate configs/
+
+schema: $(VENV)/.installed-dev
+	$(PY) -m dag_factory schema --output configs/schema.json
+
+db-stop: $(VENV)/.installed-dev
+	$(PY) -m capstone db stop
+
+clean: db-stop
+	rm -rf $(VENV) .data .airflow

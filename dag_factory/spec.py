@@ -1,0 +1,304 @@
+"""The collection spec: what one YAML file in ``configs/`` may say, as Pydantic models.
+
+A minimal file is five lines (collection name, provider); everything else has a default that
+works on the embedded Postgres. ``extra="forbid"`` everywhere, so a typo is an error, not a
+silently ignored key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "MAX_INDEXED_DIMENSION",
+    "ChunkingSpec",
+    "CollectionSpec",
+    "DagSpec",
+    "EmbeddingSpec",
+    "IndexSpec",
+    "SampleQuery",
+    "SourceSpec",
+    "StoreSpec",
+    "ValidationSpec",
+]
+
+# pgvector can index `vector` columns of at most 2,000 dimensions (HNSW and IVFFlat).
+MAX_INDEXED_DIMENSION = 2000
+# Postgres truncates identifiers at 63 bytes; we refuse rather than truncate.
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_ASSET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,199}$")
+_POOL = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+
+# provider -> (default model, its dimension)
+DEFAULT_MODELS: dict[str, tuple[str, int]] = {
+    "hash": ("hash-v1", 384),
+    "sentence-transformers": ("all-MiniLM-L6-v2", 384),
+    "openai": ("text-embedding-3-small", 1536),
+}
+
+Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+def _identifier(value: str, what: str) -> str:
+    if not _IDENTIFIER.fullmatch(value):
+        raise ValueError(
+            f"{what} must be a plain lower-case SQL identifier (letters a-z, digits, '_', "
+            f"starting with a letter or '_', at most 63 bytes), got {value!r}"
+        )
+    return value
+
+
+def _asset(value: str | None) -> str | None:
+    if value is not None and not _ASSET.fullmatch(value):
+        raise ValueError(f"asset names use letters, digits and . _ - : / only, got {value!r}")
+    return value
+
+
+class SourceSpec(_Model):
+    """Where the collection's enriched documents come from."""
+
+    asset: str | None = Field(
+        default=None,
+        description="Upstream Asset name whose events schedule this DAG; default '<collection>.enriched'.",
+    )
+    default_location: str | None = Field(
+        default=None,
+        description="JSONL file read when a run has no triggering asset event (e.g. a manual run).",
+    )
+
+    @field_validator("asset")
+    @classmethod
+    def _asset_name(cls, value: str | None) -> str | None:
+        return _asset(value)
+
+
+class ChunkingSpec(_Model):
+    """Limits applied to the chunks the upstream pipeline produced."""
+
+    max_chunk_chars: int = Field(
+        default=8000,
+        ge=1,
+        le=1_000_000,
+        description="A chunk longer than this is set aside with a reason instead of being embedded.",
+    )
+    max_chunks_per_document: int = Field(default=10_000, ge=1, le=1_000_000)
+
+
+class EmbeddingSpec(_Model):
+    """How chunk texts become vectors, and how the mapped embedding tasks run."""
+
+    provider: Literal["hash", "sentence-transformers", "openai"] = "hash"
+    model: str | None = Field(default=None, description="Model name; default depends on the provider.")
+    dimension: int | None = Field(default=None, ge=1, le=16000)
+    batch_size: int = Field(
+        default=512, ge=1, le=100_000, description="Chunks per mapped generate_embedding task."
+    )
+    request_batch_size: int = Field(
+        default=64, ge=1, le=2048, description="Texts per call to the provider."
+    )
+    pool: str = Field(default="embedding", description="Airflow pool the embedding tasks run in.")
+    pool_slots: int = Field(default=2, ge=1, le=1024, description="Slots the pool is created with.")
+    retries: int = Field(default=3, ge=0, le=50)
+    retry_delay_seconds: float = Field(default=5.0, ge=0, le=86_400)
+    max_retry_delay_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    base_url: str | None = Field(default=None, description="OpenAI-compatible server URL (openai only).")
+    connection_id: str | None = Field(
+        default=None,
+        description="Airflow connection holding the API key in its password (openai only).",
+    )
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Env var read when no connection.")
+    request_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        if not _POOL.fullmatch(value):
+            raise ValueError(f"pool names use letters, digits and . _ - only, got {value!r}")
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODELS[self.provider][0]
+
+    @property
+    def vector_dimension(self) -> int:
+        if self.dimension is not None:
+            return self.dimension
+        default_model, default_dim = DEFAULT_MODELS[self.provider]
+        if self.model in (None, default_model):
+            return default_dim
+        raise ValueError("dimension is required when model is not the provider's default")
+
+    @model_validator(mode="after")
+    def _dimension_known(self) -> EmbeddingSpec:
+        default_model = DEFAULT_MODELS[self.provider][0]
+        if self.dimension is None and self.model not in (None, default_model):
+            raise ValueError(
+                f"embedding.dimension is required for model {self.model!r}: set it to the "
+                "length of the vectors the model returns"
+            )
+        if self.provider != "openai" and (self.base_url or self.connection_id):
+            raise ValueError("base_url and connection_id apply to provider 'openai' only")
+        if self.max_retry_delay_seconds < self.retry_delay_seconds:
+            raise ValueError("max_retry_delay_seconds must be >= retry_delay_seconds")
+        return self
+
+
+class StoreSpec(_Model):
+    """The Postgres table the collection lives in."""
+
+    connection_id: str = Field(default="vector_store_default", min_length=1, max_length=250)
+    schema_name: str = Field(default="public", alias="schema")
+    table: str | None = Field(default=None, description="Default: the collection name.")
+
+    @field_validator("schema_name")
+    @classmethod
+    def _schema(cls, value: str) -> str:
+        return _identifier(value, "schema")
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str | None) -> str | None:
+        return None if value is None else _identifier(value, "table")
+
+
+class IndexSpec(_Model):
+    """The ANN index built in the triggerer, and how search uses it."""
+
+    type: Literal["hnsw", "ivfflat"] = "hnsw"
+    metric: Literal["cosine", "l2", "inner_product"] = "cosine"
+    m: int = Field(default=16, ge=2, le=100, description="HNSW: links per node.")
+    ef_construction: int = Field(default=64, ge=4, le=1000, description="HNSW: build candidate list.")
+    ef_search: int = Field(default=100, ge=1, le=1000, description="HNSW: search candidate list.")
+    lists: int | None = Field(default=None, ge=1, le=32768, description="IVFFlat: number of lists.")
+    probes: int = Field(default=10, ge=1, le=32768, description="IVFFlat: lists searched per query.")
+    build_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    poll_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
+    maintenance_work_mem: str = Field(
+        default="auto",
+        description="'auto' sizes it from the data (capped at 1GB), or a Postgres size like '512MB'.",
+    )
+
+    @field_validator("maintenance_work_mem")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if value != "auto" and not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB)", value):
+            raise ValueError(f"use 'auto' or a Postgres size such as '256MB' or '1GB', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _params(self) -> IndexSpec:
+        if self.type == "ivfflat" and self.lists is None:
+            raise ValueError("index.lists is required for ivfflat (rows/1000 is a good start)")
+        if self.type == "ivfflat" and self.probes > self.lists:  # type: ignore[operator]
+            raise ValueError(f"index.probes ({self.probes}) cannot exceed index.lists ({self.lists})")
+        if self.type == "hnsw" and self.ef_construction < 2 * self.m:
+            raise ValueError(
+                f"index.ef_construction must be at least 2 * m = {2 * self.m}, got {self.ef_construction}"
+            )
+        return self
+
+
+class SampleQuery(_Model):
+    """A question users ask and the document that must answer it."""
+
+    id: str = Field(pattern=r"^[a-z0-9_]{1,60}$")
+    query: str = Field(min_length=1, max_length=2000)
+    expected_document_id: str = Field(min_length=1)
+
+
+class ValidationSpec(_Model):
+    """Index health checks run after the build."""
+
+    sample_queries: list[SampleQuery] = Field(default_factory=list)
+    top_k: int = Field(default=5, ge=1, le=1000)
+    recall_k: int = Field(default=10, ge=1, le=1000)
+    recall_sample_size: int = Field(default=50, ge=1, le=10_000)
+    recall_threshold: float = Field(default=0.9, ge=0, le=1)
+    freshness_limit_seconds: float = Field(default=3600.0, gt=0)
+    fail_on: list[Check] = Field(default_factory=lambda: ["vector_count"])
+
+    @field_validator("sample_queries")
+    @classmethod
+    def _unique_ids(cls, queries: list[SampleQuery]) -> list[SampleQuery]:
+        seen: set[str] = set()
+        for query in queries:
+            if query.id in seen:
+                raise ValueError(f"sample query id {query.id!r} is used twice")
+            seen.add(query.id)
+        return queries
+
+
+class DagSpec(_Model):
+    """Airflow options of the generated DAG."""
+
+    owner: str = "data-platform"
+    tags: list[str] = Field(default_factory=lambda: ["vector-index"])
+    max_active_runs: int = Field(default=1, ge=1, le=64)
+    retries: int = Field(default=1, ge=0, le=50, description="Default retries of the non-embedding tasks.")
+    retry_delay_seconds: float = Field(default=30.0, ge=0)
+    default_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class CollectionSpec(_Model):
+    """One collection: one YAML file, one DAG, one table, one index."""
+
+    collection: Annotated[str, Field(description="Collection name; also the DAG id and default table.")]
+    description: str = ""
+    source: SourceSpec = Field(default_factory=SourceSpec)
+    output_asset: str | None = Field(default=None, description="Default '<collection>.indexed'.")
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    upsert_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    dag: DagSpec = Field(default_factory=DagSpec)
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                "collection must start with a lower-case letter and use a-z, 0-9 and '_' "
+                f"(at most 63 bytes), got {value!r}"
+            )
+        return value
+
+    @field_validator("output_asset")
+    @classmethod
+    def _output(cls, value: str | None) -> str | None:
+        return _asset(value)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> CollectionSpec:
+        dimension = self.embedding.vector_dimension
+        if dimension > MAX_INDEXED_DIMENSION:
+            raise ValueError(
+                f"embedding.dimension {dimension} is above pgvector's index limit of "
+                f"{MAX_INDEXED_DIMENSION} for the vector type: pick a smaller model or dimension"
+            )
+        if self.source_asset == self.output_asset_name:
+            raise ValueError("source.asset and output_asset must differ (the DAG would trigger itself)")
+        return self
+
+    @property
+    def source_asset(self) -> str:
+        return self.source.asset or f"{self.collection}.enriched"
+
+    @property
+    def output_asset_name(self) -> str:
+        return self.output_asset or f"{self.collection}.indexed"
+
+    @property
+    def table_name(self) -> str:
+        return self.store.table or self.collection

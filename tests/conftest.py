@@ -1,0 +1,54 @@
+"""Fixtures shared by every test: the one embedded Postgres (real server, real pgvector)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from capstone.embedded_pg import EmbeddedPostgres, default_server
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("CAPSTONE_DATA_DIR", str(PROJECT_ROOT / ".data"))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> EmbeddedPostgres:
+    """The embedded PostgreSQL 18 + pgvector server, started once (left running for the next run)."""
+    return default_server().start()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server: EmbeddedPostgres) -> Iterator[str]:
+    """DSN of the embedded server; also exported as the ``vector_store_default`` Airflow connection."""
+    dsn = pg_server.uri()
+    previous = os.environ.get("AIRFLOW_CONN_VECTOR_STORE_DEFAULT")
+    os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = dsn
+    yield dsn
+    if previous is None:
+        os.environ.pop("AIRFLOW_CONN_VECTOR_STORE_DEFAULT", None)
+    else:
+        os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = previous
+
+
+@pytest.fixture
+def pg_schema(pg_dsn: str) -> Iterator[str]:
+    """A fresh, uniquely named schema for one test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_conn(pg_dsn: str) -> Iterator[psycopg.Connection]:
+    """An autocommit psycopg connection to the embedded server."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
