@@ -28,9 +28,9 @@ test: lint typecheck
 	$(PY) -m pytest -q -m "not local_model"
 
 ## make demo: validate the configs and index the Python language reference with dag.test()
-demo: $(VENV)/.installed-dev
+demo: $(VENV)/.installed-local
 	$(PY) -m dag_factory validate configs/
-	$(PY) -m capstone demo
+	$(PY) -m dag_factory.demo
 
 validate: $(VENV)/.installed-dev
 	$(PY) -m dag_factory validate configs/

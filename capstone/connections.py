@@ -27,7 +27,9 @@ def _embedded_dsn(connection_id: str) -> str:
     from capstone.embedded_pg import default_server
 
     server = default_server()
-    log.info("connection %r is not defined: using the embedded Postgres on port %s", connection_id, server.port)
+    log.info(
+        "connection %r is not defined: using the embedded Postgres on port %s", connection_id, server.port
+    )
     return server.start().uri()
 
 

@@ -178,7 +178,7 @@ class EmbeddedPostgres:
                 f"embedded Postgres: {' '.join(argv)} failed ({result.returncode}):\n"
                 f"{result.stdout}{result.stderr}\nserver log: {self.logfile}"
             )
-        return result  # type: ignore[no-any-return]
+        return result
 
     def _prepare_permissions(self) -> None:
         entry = _ensure_system_user()
@@ -254,9 +254,7 @@ class EmbeddedPostgres:
         import psycopg
 
         with psycopg.connect(self.uri("postgres"), autocommit=True) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
-            ).fetchone()
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
             if not exists:
                 from psycopg import sql
 

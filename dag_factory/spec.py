@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dag_factory.errors import InvalidField
+
 __all__ = [
     "DEFAULT_MODELS",
     "MAX_INDEXED_DIMENSION",
@@ -48,11 +50,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
 
-def _identifier(value: str, what: str) -> str:
+def _suggest_name(value: str) -> str:
+    """A name close to ``value`` that passes the identifier rules, for error messages."""
+    name = re.sub(r"[^a-z0-9_]+", "_", value.strip().lower()).strip("_")[:63]
+    return f"; try {name!r}" if name and name != value and _NAME.fullmatch(name) else ""
+
+
+def _identifier(value: str) -> str:
     if not _IDENTIFIER.fullmatch(value):
         raise ValueError(
-            f"{what} must be a plain lower-case SQL identifier (letters a-z, digits, '_', "
-            f"starting with a letter or '_', at most 63 bytes), got {value!r}"
+            "must be a plain lower-case SQL identifier (letters a-z, digits and '_', starting with "
+            f"a letter or '_', at most 63 bytes), got {value!r}{_suggest_name(value)}"
         )
     return value
 
@@ -102,9 +110,7 @@ class EmbeddingSpec(_Model):
     batch_size: int = Field(
         default=512, ge=1, le=100_000, description="Chunks per mapped generate_embedding task."
     )
-    request_batch_size: int = Field(
-        default=64, ge=1, le=2048, description="Texts per call to the provider."
-    )
+    request_batch_size: int = Field(default=64, ge=1, le=2048, description="Texts per call to the provider.")
     pool: str = Field(default="embedding", description="Airflow pool the embedding tasks run in.")
     pool_slots: int = Field(default=2, ge=1, le=1024, description="Slots the pool is created with.")
     retries: int = Field(default=3, ge=0, le=50)
@@ -142,14 +148,28 @@ class EmbeddingSpec(_Model):
     def _dimension_known(self) -> EmbeddingSpec:
         default_model = DEFAULT_MODELS[self.provider][0]
         if self.dimension is None and self.model not in (None, default_model):
-            raise ValueError(
-                f"embedding.dimension is required for model {self.model!r}: set it to the "
-                "length of the vectors the model returns"
+            raise InvalidField(
+                "dimension",
+                f"required for model {self.model!r}: set it to the length of the vectors the model returns",
             )
-        if self.provider != "openai" and (self.base_url or self.connection_id):
-            raise ValueError("base_url and connection_id apply to provider 'openai' only")
+        if self.dimension is not None and self.dimension > MAX_INDEXED_DIMENSION:
+            # The vector type holds up to 16,000 dimensions, but pgvector indexes at most 2,000.
+            raise InvalidField(
+                "dimension",
+                f"{self.dimension} is above pgvector's index limit of {MAX_INDEXED_DIMENSION}: "
+                "pick a smaller model or dimension",
+            )
+        for option in ("base_url", "connection_id"):
+            if self.provider != "openai" and getattr(self, option):
+                raise InvalidField(
+                    option, "applies to provider 'openai' only: remove it or set `provider: openai`"
+                )
         if self.max_retry_delay_seconds < self.retry_delay_seconds:
-            raise ValueError("max_retry_delay_seconds must be >= retry_delay_seconds")
+            raise InvalidField(
+                "max_retry_delay_seconds",
+                f"must be at least retry_delay_seconds ({self.retry_delay_seconds}), "
+                f"got {self.max_retry_delay_seconds}",
+            )
         return self
 
 
@@ -163,12 +183,12 @@ class StoreSpec(_Model):
     @field_validator("schema_name")
     @classmethod
     def _schema(cls, value: str) -> str:
-        return _identifier(value, "schema")
+        return _identifier(value)
 
     @field_validator("table")
     @classmethod
     def _table(cls, value: str | None) -> str | None:
-        return None if value is None else _identifier(value, "table")
+        return None if value is None else _identifier(value)
 
 
 class IndexSpec(_Model):
@@ -192,18 +212,20 @@ class IndexSpec(_Model):
     @classmethod
     def _memory(cls, value: str) -> str:
         if value != "auto" and not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB)", value):
-            raise ValueError(f"use 'auto' or a Postgres size such as '256MB' or '1GB', got {value!r}")
+            raise ValueError(f"must be 'auto' or a Postgres size such as '256MB' or '1GB', got {value!r}")
         return value
 
     @model_validator(mode="after")
     def _params(self) -> IndexSpec:
         if self.type == "ivfflat" and self.lists is None:
-            raise ValueError("index.lists is required for ivfflat (rows/1000 is a good start)")
+            raise InvalidField(
+                "lists", "required for type 'ivfflat': add `lists: <n>` (rows / 1000 is a good start)"
+            )
         if self.type == "ivfflat" and self.probes > self.lists:  # type: ignore[operator]
-            raise ValueError(f"index.probes ({self.probes}) cannot exceed index.lists ({self.lists})")
+            raise InvalidField("probes", f"cannot exceed lists ({self.lists}), got {self.probes}")
         if self.type == "hnsw" and self.ef_construction < 2 * self.m:
-            raise ValueError(
-                f"index.ef_construction must be at least 2 * m = {2 * self.m}, got {self.ef_construction}"
+            raise InvalidField(
+                "ef_construction", f"must be at least 2 * m = {2 * self.m}, got {self.ef_construction}"
             )
         return self
 
@@ -225,16 +247,20 @@ class ValidationSpec(_Model):
     recall_sample_size: int = Field(default=50, ge=1, le=10_000)
     recall_threshold: float = Field(default=0.9, ge=0, le=1)
     freshness_limit_seconds: float = Field(default=3600.0, gt=0)
-    fail_on: list[Check] = Field(default_factory=lambda: ["vector_count"])
+    fail_on: list[Check] = Field(default_factory=lambda: list[Check](["vector_count"]))
 
     @field_validator("sample_queries")
     @classmethod
     def _unique_ids(cls, queries: list[SampleQuery]) -> list[SampleQuery]:
-        seen: set[str] = set()
-        for query in queries:
-            if query.id in seen:
-                raise ValueError(f"sample query id {query.id!r} is used twice")
-            seen.add(query.id)
+        first: dict[str, int] = {}
+        for position, query in enumerate(queries):
+            if query.id in first:
+                raise InvalidField(
+                    f"[{position}].id",
+                    f"{query.id!r} is already the id of sample_queries[{first[query.id]}]: "
+                    "give each sample query its own id",
+                )
+            first[query.id] = position
         return queries
 
 
@@ -269,8 +295,8 @@ class CollectionSpec(_Model):
     def _collection_name(cls, value: str) -> str:
         if not _NAME.fullmatch(value):
             raise ValueError(
-                "collection must start with a lower-case letter and use a-z, 0-9 and '_' "
-                f"(at most 63 bytes), got {value!r}"
+                "must start with a lower-case letter and use only a-z, 0-9 and '_' "
+                f"(at most 63 bytes), got {value!r}{_suggest_name(value)}"
             )
         return value
 
@@ -281,14 +307,12 @@ class CollectionSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> CollectionSpec:
-        dimension = self.embedding.vector_dimension
-        if dimension > MAX_INDEXED_DIMENSION:
-            raise ValueError(
-                f"embedding.dimension {dimension} is above pgvector's index limit of "
-                f"{MAX_INDEXED_DIMENSION} for the vector type: pick a smaller model or dimension"
-            )
         if self.source_asset == self.output_asset_name:
-            raise ValueError("source.asset and output_asset must differ (the DAG would trigger itself)")
+            raise InvalidField(
+                "output_asset" if self.output_asset else "source.asset",
+                f"source.asset and output_asset are both {self.source_asset!r}, so the DAG would "
+                "trigger itself: give them different names",
+            )
         return self
 
     @property

@@ -1,0 +1,225 @@
+"""Enriched documents: where a batch lives, how it is read, and which documents are fit to index.
+
+An upstream pipeline announces a batch by emitting its Asset with an event ``extra`` that says
+where the batch is (a :class:`BatchLocation`):
+
+* ``{"format": "jsonl", "path": "/data/batch-0001.jsonl"}`` - one JSON document per line;
+* ``{"format": "postgres", "table": "staging.enriched_documents", "batch_id": "0001",
+  "connection_id": "vector_store_default"}`` - rows ``(batch_id, id, content, chunks jsonb,
+  metadata jsonb)``.
+
+A document is ``{"id": str, "content": str, "chunks": [str, ...], "metadata": {...}}``. A bad
+document is set aside with its reason; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BatchLocation",
+    "EnrichedDocument",
+    "RejectedDocument",
+    "read_batch",
+    "validate_documents",
+]
+
+_TABLE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
+_DOCUMENT_ID = re.compile(r"^[^\x00-\x1f]{1,200}$")
+
+
+@dataclass(frozen=True)
+class BatchLocation:
+    """Where one batch of enriched documents can be read from (an asset event's ``extra``)."""
+
+    format: str
+    path: str | None = None
+    table: str | None = None
+    batch_id: str | None = None
+    connection_id: str = "vector_store_default"
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> BatchLocation:
+        """Parse an event extra; raises ValueError naming what is missing."""
+        fmt = str(extra.get("format") or ("jsonl" if extra.get("path") else ""))
+        if fmt == "jsonl":
+            if not extra.get("path"):
+                raise ValueError("a jsonl batch needs 'path' in the asset event extra")
+            return cls(format="jsonl", path=str(extra["path"]))
+        if fmt == "postgres":
+            table, batch_id = extra.get("table"), extra.get("batch_id")
+            if not table or batch_id is None:
+                raise ValueError("a postgres batch needs 'table' and 'batch_id' in the asset event extra")
+            if not _TABLE.fullmatch(str(table)):
+                raise ValueError(f"'table' must be 'schema.table' of plain identifiers, got {table!r}")
+            return cls(
+                format="postgres",
+                table=str(table),
+                batch_id=str(batch_id),
+                connection_id=str(extra.get("connection_id") or "vector_store_default"),
+            )
+        raise ValueError(f"unknown batch format {fmt!r}: use 'jsonl' (with 'path') or 'postgres'")
+
+    def describe(self) -> str:
+        return self.path if self.format == "jsonl" else f"{self.table} batch {self.batch_id}"  # type: ignore[return-value]
+
+
+@dataclass
+class EnrichedDocument:
+    """A document ready to index: its chunks are non-empty strings."""
+
+    id: str
+    content: str
+    chunks: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RejectedDocument:
+    """A document set aside, and why."""
+
+    id: str | None
+    source: str
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "reason": self.reason}
+
+
+def read_batch(location: BatchLocation) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, raw_document)`` for every record of the batch; ``where`` names file:line."""
+    if location.format == "jsonl":
+        yield from _read_jsonl(Path(location.path or ""))
+    else:
+        yield from _read_postgres(location)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"batch file {path} does not exist (named by the asset event)")
+    with path.open("rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            where = f"{path.name}:{number}"
+            if not raw_line.strip():
+                continue
+            try:
+                yield where, json.loads(raw_line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield where, _Unreadable(f"invalid UTF-8 at byte {exc.start}")
+            except json.JSONDecodeError as exc:
+                yield where, _Unreadable(f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def _read_postgres(location: BatchLocation) -> Iterator[tuple[str, Any]]:
+    import psycopg
+    from psycopg import sql
+
+    from capstone.connections import postgres_dsn
+
+    schema, _, table = (location.table or "").rpartition(".")
+    name = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    query = sql.SQL("SELECT id, content, chunks, metadata FROM {} WHERE batch_id = %s ORDER BY id").format(
+        name
+    )
+    with psycopg.connect(postgres_dsn(location.connection_id)) as conn, conn.cursor(name="batch") as cur:
+        cur.itersize = 2000
+        cur.execute(query, (location.batch_id,))
+        for doc_id, content, chunks, metadata in cur:
+            yield (
+                f"{location.table}:{doc_id}",
+                {"id": doc_id, "content": content, "chunks": chunks, "metadata": metadata},
+            )
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    reason: str
+
+
+def validate_documents(
+    records: Iterable[tuple[str, Any]], *, max_chunk_chars: int, max_chunks: int
+) -> Iterator[EnrichedDocument | RejectedDocument]:
+    """Check each record; yield a document to index or a rejection with its reason.
+
+    A later record with an id seen before is rejected (the first one wins), so one batch never
+    writes two versions of a document.
+    """
+    seen: set[str] = set()
+    for where, raw in records:
+        result = _check(where, raw, max_chunk_chars=max_chunk_chars, max_chunks=max_chunks)
+        if isinstance(result, EnrichedDocument):
+            if result.id in seen:
+                yield RejectedDocument(result.id, where, "duplicate document id in this batch")
+                continue
+            seen.add(result.id)
+        yield result
+
+
+def _check(
+    where: str, raw: Any, *, max_chunk_chars: int, max_chunks: int
+) -> EnrichedDocument | RejectedDocument:
+    if isinstance(raw, _Unreadable):
+        return RejectedDocument(None, where, raw.reason)
+    if not isinstance(raw, dict):
+        return RejectedDocument(None, where, f"a document must be a JSON object, got {type(raw).__name__}")
+    doc_id = raw.get("id")
+    if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+        doc_id = str(doc_id)
+    if not isinstance(doc_id, str) or not _DOCUMENT_ID.fullmatch(doc_id):
+        return RejectedDocument(
+            None, where, "missing or invalid 'id' (a string of 1-200 printable characters)"
+        )
+    reason = _chunk_problem(raw.get("chunks"), max_chunk_chars, max_chunks)
+    if reason is None:
+        reason = _content_problem(raw.get("content"))
+    metadata = raw.get("metadata") or {}
+    if reason is None and not isinstance(metadata, dict):
+        reason = "'metadata' must be a JSON object"
+    if reason is None:
+        reason = _metadata_problem(metadata)
+    if reason is not None:
+        return RejectedDocument(doc_id, where, reason)
+    return EnrichedDocument(id=doc_id, content=raw["content"], chunks=list(raw["chunks"]), metadata=metadata)
+
+
+def _content_problem(content: Any) -> str | None:
+    if not isinstance(content, str) or not content.strip():
+        return "'content' is missing or empty"
+    if "\x00" in content:
+        return "'content' contains NUL bytes"
+    return None
+
+
+def _chunk_problem(chunks: Any, max_chunk_chars: int, max_chunks: int) -> str | None:
+    if not isinstance(chunks, list) or not chunks:
+        return "'chunks' must be a non-empty list of strings"
+    if len(chunks) > max_chunks:
+        return f"{len(chunks)} chunks is more than chunking.max_chunks_per_document ({max_chunks})"
+    for index, chunk in enumerate(chunks):
+        if not isinstance(chunk, str):
+            return f"chunk {index} is a {type(chunk).__name__}, not a string"
+        if not chunk.strip():
+            return f"chunk {index} is empty"
+        if "\x00" in chunk:
+            return f"chunk {index} contains NUL bytes"
+        if len(chunk) > max_chunk_chars:
+            return (
+                f"chunk {index} has {len(chunk)} characters, more than the limit of {max_chunk_chars} "
+                "(chunking.max_chunk_chars or the model's input limit): split it upstream"
+            )
+    return None
+
+
+def _metadata_problem(metadata: dict[str, Any]) -> str | None:
+    try:
+        text = json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"'metadata' is not JSON-serialisable: {exc}"
+    if "\\u0000" in text:
+        return "'metadata' contains NUL characters (Postgres jsonb cannot store them)"
+    return None

@@ -1,0 +1,327 @@
+"""What each task of a collection's DAG does, as plain functions of :class:`PipelineSettings`.
+
+The DAG factory wraps these in Airflow tasks; they take and return small JSON-able dicts
+(descriptors and counts) while the bulk data goes through the staging tables of
+:mod:`capstone.store`. Every function can be re-run for the same run: it replaces what it wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from capstone import store
+from capstone.connections import postgres_dsn
+from capstone.documents import (
+    BatchLocation,
+    EnrichedDocument,
+    RejectedDocument,
+    read_batch,
+    validate_documents,
+)
+
+__all__ = [
+    "NothingToIndex",
+    "PipelineSettings",
+    "aggregate_manifests",
+    "embed_batch",
+    "load_documents",
+    "prepare_chunks",
+    "run_key_for",
+    "upsert_vectors",
+]
+
+log = logging.getLogger(__name__)
+
+# How many rejections a task's XCom lists in full; the count is always exact.
+MAX_LISTED_REJECTIONS = 50
+
+
+class NothingToIndex(Exception):
+    """The run's batches hold no new, changed or removed chunks: nothing to embed or write."""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Everything the tasks need to know about one collection (built by the DAG factory)."""
+
+    collection: str
+    schema: str
+    table: str
+    dimension: int
+    provider: str = "hash"
+    model: str = "hash-v1"
+    normalize: bool = True
+    connection_id: str = "vector_store_default"
+    embed_batch_size: int = 512
+    request_batch_size: int = 64
+    upsert_batch_size: int = 5000
+    max_chunk_chars: int = 8000
+    max_chunks_per_document: int = 10_000
+    base_url: str | None = None
+    api_key_connection_id: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    request_timeout_seconds: float = 60.0
+    default_location: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store_table(self) -> store.CollectionTable:
+        return store.CollectionTable(self.schema, self.table, self.dimension)
+
+
+def run_key_for(dag_id: str, run_id: str) -> str:
+    """A short stable key naming one DAG run's staging rows."""
+    return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:20]
+
+
+def _connect(settings: PipelineSettings) -> psycopg.Connection:
+    return psycopg.connect(postgres_dsn(settings.connection_id), autocommit=True)
+
+
+# -- load_enriched_documents ----------------------------------------------------------------
+
+
+def load_documents(
+    settings: PipelineSettings, run_key: str, locations: Sequence[BatchLocation]
+) -> dict[str, Any]:
+    """Read the batches, set bad documents aside, stage the good ones; returns counts and reasons.
+
+    ``locations`` are newest first: when two batches carry the same document id, the newest wins.
+    """
+    rejected: list[RejectedDocument] = []
+    limit = settings.max_chunk_chars
+
+    def records() -> Iterator[tuple[str, Any]]:
+        for location in locations:
+            log.info("reading batch %s", location.describe())
+            yield from read_batch(location)
+
+    def documents() -> Iterator[EnrichedDocument]:
+        for result in validate_documents(
+            records(), max_chunk_chars=limit, max_chunks=settings.max_chunks_per_document
+        ):
+            if isinstance(result, RejectedDocument):
+                log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
+                rejected.append(result)
+            else:
+                yield result
+
+    with _connect(settings) as conn:
+        store.ensure_staging(conn)
+        stale = store.drop_stale_staging(conn, settings.collection)
+        if stale:
+            log.info("removed staging rows of %d abandoned runs", stale)
+        document_count, chunk_count = store.stage_documents(conn, run_key, settings.collection, documents())
+    log.info(
+        "staged %d documents (%d chunks) from %d batch(es); %d set aside",
+        document_count,
+        chunk_count,
+        len(locations),
+        len(rejected),
+    )
+    return {
+        "run_key": run_key,
+        "sources": [location.describe() for location in locations],
+        "documents": document_count,
+        "chunks": chunk_count,
+        "rejected_count": len(rejected),
+        "rejected": [item.as_dict() for item in rejected[:MAX_LISTED_REJECTIONS]],
+    }
+
+
+# -- prepare_chunks -------------------------------------------------------------------------
+
+
+def prepare_chunks(settings: PipelineSettings, run_key: str, max_batches: int) -> dict[str, Any]:
+    """Decide which staged chunks need embedding and cut them into batches for mapping.
+
+    Raises :class:`NothingToIndex` when nothing is new, changed or removed.
+    """
+    table = settings.store_table
+    with _connect(settings) as conn:
+        store.ensure_collection_table(conn, table)
+        batches = store.assign_batches(
+            conn, run_key, table, settings.model, settings.embed_batch_size, max_batches
+        )
+        lost = store.count_lost_chunks(conn, run_key, table)
+        staged = conn.execute(
+            "SELECT count(*) FROM capstone.staged_chunks WHERE run_key = %s", (run_key,)
+        ).fetchone()[0]  # type: ignore[index]
+    to_embed = sum(batch["chunks"] for batch in batches)
+    log.info(
+        "%d of %d staged chunks are new or changed (%d unchanged, skipped); %d stored chunks to remove; "
+        "%d embedding batch(es)",
+        to_embed,
+        staged,
+        staged - to_embed,
+        lost,
+        len(batches),
+    )
+    if not batches and not lost:
+        raise NothingToIndex(
+            f"no new or changed chunks in this run's batches ({staged} chunks, all already indexed "
+            "with the same text, metadata and model): nothing to do, no new asset event"
+        )
+    return {
+        "run_key": run_key,
+        "staged_chunks": staged,
+        "to_embed": to_embed,
+        "unchanged": staged - to_embed,
+        "to_delete": lost,
+        "batches": [{"run_key": run_key, **batch} for batch in batches],
+    }
+
+
+# -- generate_embedding ---------------------------------------------------------------------
+
+
+def embed_batch(settings: PipelineSettings, batch: dict[str, Any]) -> dict[str, Any]:
+    """Embed one batch's texts and stage their vectors; returns a small manifest."""
+    from capstone.embeddings import create_embedder, resolve_api_key
+
+    run_key, batch_no = str(batch["run_key"]), int(batch["batch_no"])
+    started = time.monotonic()
+    with _connect(settings) as conn:
+        ids, texts = store.read_batch_texts(conn, run_key, batch_no)
+        if not ids:
+            log.warning("batch %d has no staged chunks (already merged?): nothing to embed", batch_no)
+            return {"batch_no": batch_no, "embedded": 0, "failed_ids": [], "seconds": 0.0}
+        embedder = create_embedder(
+            settings.provider,  # type: ignore[arg-type]
+            model=settings.model,
+            dimension=settings.dimension,
+            normalize=settings.normalize,
+            request_batch_size=settings.request_batch_size,
+            base_url=settings.base_url,
+            api_key=resolve_api_key(settings.api_key_connection_id, settings.api_key_env)
+            if settings.provider == "openai"
+            else None,
+            timeout=settings.request_timeout_seconds,
+        )
+        vectors = embedder.embed(texts)
+        if vectors.shape != (len(ids), settings.dimension):
+            raise store.DimensionMismatch(
+                f"the {settings.provider} model {settings.model!r} returned vectors of shape "
+                f"{vectors.shape}, expected ({len(ids)}, {settings.dimension}): fix embedding.dimension"
+            )
+        store.write_batch_vectors(conn, run_key, ids, vectors)
+    seconds = time.monotonic() - started
+    log.info(
+        "batch %d: embedded %d chunks in %.2fs (%.0f chunks/s)",
+        batch_no,
+        len(ids),
+        seconds,
+        len(ids) / max(seconds, 1e-9),
+    )
+    return {"batch_no": batch_no, "embedded": len(ids), "failed_ids": [], "seconds": round(seconds, 3)}
+
+
+# -- aggregate_embeddings -------------------------------------------------------------------
+
+
+def aggregate_manifests(
+    prepared: dict[str, Any], manifests: Iterable[dict[str, Any] | None]
+) -> dict[str, Any]:
+    """Totals over the mapped embedding tasks: embedded chunks and failed chunk ids."""
+    results = [manifest for manifest in manifests if manifest]
+    embedded = sum(int(manifest["embedded"]) for manifest in results)
+    failed = [chunk for manifest in results for chunk in manifest.get("failed_ids", [])]
+    seconds = sum(float(manifest.get("seconds", 0.0)) for manifest in results)
+    log.info(
+        "embeddings: %d chunks in %d batch(es), %d failed, %.1fs of embedding time",
+        embedded,
+        len(results),
+        len(failed),
+        seconds,
+    )
+    if failed:
+        log.warning("failed chunk ids (left for the next run): %s", failed[:MAX_LISTED_REJECTIONS])
+    return {
+        "run_key": prepared["run_key"],
+        "batches": len(results),
+        "embedded": embedded,
+        "expected": prepared["to_embed"],
+        "failed_count": len(failed),
+        "failed_ids": failed[:MAX_LISTED_REJECTIONS],
+        "to_delete": prepared["to_delete"],
+    }
+
+
+# -- batch_upsert_vectors -------------------------------------------------------------------
+
+
+def upsert_vectors(settings: PipelineSettings, aggregate: dict[str, Any]) -> dict[str, Any]:
+    """Merge the run's staged vectors into the table in transactions of ``upsert_batch_size``.
+
+    A failing batch rolls back alone and the others go on; the task then fails so that its retry
+    redoes what is missing (the merge is an upsert, so redoing a batch changes nothing). Chunks
+    that re-indexed documents no longer have are deleted, and the run's staging rows removed,
+    only once every batch is in.
+    """
+    run_key = str(aggregate["run_key"])
+    table = settings.store_table
+    with _connect(settings) as conn:
+        store.ensure_collection_table(conn, table)
+        ids = store.staged_vector_ids(conn, run_key)
+        spans = [
+            ids[i : i + settings.upsert_batch_size] for i in range(0, len(ids), settings.upsert_batch_size)
+        ]
+        upserted, failures = _merge_spans(conn, settings, run_key, spans)
+        if failures:
+            raise RuntimeError(
+                f"{len(failures)} of {len(spans)} upsert batches failed and were rolled back "
+                f"({'; '.join(failures[:3])}); the retry will redo them"
+            )
+        deleted = store.delete_lost_chunks(conn, run_key, table)
+        store.drop_run_staging(conn, run_key)
+        total = store.count_vectors(conn, table)
+    log.info(
+        "upserted %d rows, deleted %d lost chunks; %s now holds %d vectors",
+        upserted,
+        deleted,
+        table.qualified,
+        total,
+    )
+    return {
+        "run_key": run_key,
+        "upserted": upserted,
+        "failed": 0,
+        "deleted": deleted,
+        "batches": len(spans),
+        "expected_count": total,
+    }
+
+
+def _merge_spans(
+    conn: psycopg.Connection, settings: PipelineSettings, run_key: str, spans: list[list[str]]
+) -> tuple[int, list[str]]:
+    upserted, failures = 0, []
+    started = time.monotonic()
+    for number, span in enumerate(spans, start=1):
+        try:
+            count = store.merge_batch(conn, run_key, settings.store_table, settings.model, span[0], span[-1])
+        except psycopg.OperationalError:
+            raise  # the database is gone: nothing else will succeed, let the task retry
+        except psycopg.Error as exc:
+            failures.append(f"batch {number}: {exc.diag.message_primary or exc}")
+            log.error("upsert batch %d/%d failed and was rolled back: %s", number, len(spans), exc)
+            continue
+        upserted += count
+        elapsed = time.monotonic() - started
+        log.info(
+            "upsert batch %d/%d: %d rows (%d so far, %.0f rows/s, %d batches left)",
+            number,
+            len(spans),
+            count,
+            upserted,
+            upserted / max(elapsed, 1e-9),
+            len(spans) - number,
+        )
+    return upserted, failures

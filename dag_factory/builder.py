@@ -1,0 +1,268 @@
+"""Turn one :class:`CollectionSpec` into one Asset-scheduled Airflow DAG.
+
+One small function per task; the task bodies live in :mod:`capstone.pipeline` and
+:mod:`capstone.validation`, which know nothing of YAML or of this module.
+
+    Asset(<source>) -> load_enriched_documents -> prepare_chunks
+      -> generate_embedding.expand(batch=...)   (pool, retries, exponential backoff)
+      -> aggregate_embeddings -> batch_upsert_vectors -> wait_for_indexing (deferrable)
+      -> validate_index_health -> publish_indexed_asset (outlet Asset(<collection>.indexed))
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Asset, get_current_context, task
+
+from capstone.pipeline import PipelineSettings
+from dag_factory.spec import CollectionSpec
+
+__all__ = ["build_collection_dag", "pipeline_settings"]
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_settings(spec: CollectionSpec) -> PipelineSettings:
+    """The runtime settings the tasks need, taken from the spec."""
+    embedding = spec.embedding
+    return PipelineSettings(
+        collection=spec.collection,
+        schema=spec.store.schema_name,
+        table=spec.table_name,
+        dimension=embedding.vector_dimension,
+        provider=embedding.provider,
+        model=embedding.model_name,
+        normalize=spec.index.metric in ("cosine", "inner_product"),
+        connection_id=spec.store.connection_id,
+        embed_batch_size=embedding.batch_size,
+        request_batch_size=embedding.request_batch_size,
+        upsert_batch_size=spec.upsert_batch_size,
+        max_chunk_chars=spec.chunking.max_chunk_chars,
+        max_chunks_per_document=spec.chunking.max_chunks_per_document,
+        base_url=embedding.base_url,
+        api_key_connection_id=embedding.connection_id,
+        api_key_env=embedding.api_key_env,
+        request_timeout_seconds=embedding.request_timeout_seconds,
+        default_location=spec.source.default_location,
+    )
+
+
+def build_collection_dag(spec: CollectionSpec, source_file: Path) -> DAG:
+    """Build the collection's DAG; ``source_file`` is the YAML it came from (shown in the docs)."""
+    settings = pipeline_settings(spec)
+    source, output = Asset(spec.source_asset), Asset(spec.output_asset_name)
+    default_args: dict[str, Any] = {
+        "owner": spec.dag.owner,
+        "retries": spec.dag.retries,
+        "retry_delay": timedelta(seconds=spec.dag.retry_delay_seconds),
+        **spec.dag.default_args,
+    }
+    with DAG(
+        dag_id=spec.collection,
+        description=spec.description or f"Index {spec.source_asset} into {settings.schema}.{settings.table}",
+        schedule=source,
+        catchup=False,
+        max_active_runs=spec.dag.max_active_runs,
+        tags=sorted({*spec.dag.tags, "capstone"}),
+        default_args=default_args,
+        doc_md=_doc(spec, source_file),
+        # collection_dags.py registers the DAGs it returns; collection_config_errors.py must not.
+        auto_register=False,
+    ) as dag:
+        loaded = _load_task(settings)()
+        batches = _prepare_task(settings)(loaded)
+        prepared = batches["summary"]
+        manifests = _embed_task(spec, settings).expand(batch=batches)
+        aggregated = _aggregate_task()(prepared, manifests)
+        upserted = _upsert_task(settings)(aggregated)
+        indexed = _wait_task(spec, upserted)
+        report = _validate_task(spec, settings)(upserted, indexed.output)
+        _publish_task(spec, output)(loaded, prepared, aggregated, upserted, indexed.output, report)
+    return dag
+
+
+def _doc(spec: CollectionSpec, source_file: Path) -> str:
+    return (
+        f"Generated from `{source_file.name}` by dag_factory.\n\n"
+        f"Indexes events of `{spec.source_asset}` into `{spec.store.schema_name}.{spec.table_name}` "
+        f"({spec.embedding.provider} `{spec.embedding.model_name}`, {spec.index.type} "
+        f"{spec.index.metric}) and publishes `{spec.output_asset_name}`."
+    )
+
+
+def _run_key() -> str:
+    from capstone.pipeline import run_key_for
+
+    context = get_current_context()
+    return run_key_for(context["dag"].dag_id, context["run_id"])
+
+
+def _batch_locations(settings: PipelineSettings) -> list[Any]:
+    """Batches named by the triggering asset events (newest first), a manual run's conf, or the default."""
+    from capstone.documents import BatchLocation
+
+    context = get_current_context()
+    events = [event for group in context["triggering_asset_events"].values() for event in group]
+    events.sort(key=lambda event: event.timestamp, reverse=True)
+    extras: list[dict[str, Any]] = [dict(event.extra or {}) for event in events]
+    conf = context["dag_run"].conf or {}
+    extras += list(conf.get("batches", []))
+    if not extras and settings.default_location:
+        extras.append({"format": "jsonl", "path": settings.default_location})
+    return [BatchLocation.from_extra(extra) for extra in extras]
+
+
+def _load_task(settings: PipelineSettings) -> Any:
+    @task(task_id="load_enriched_documents")
+    def load_enriched_documents() -> dict[str, Any]:
+        """Read the batches the triggering asset events name; set bad documents aside."""
+        from capstone.pipeline import load_documents
+
+        return load_documents(settings, _run_key(), _batch_locations(settings))
+
+    return load_enriched_documents
+
+
+def _prepare_task(settings: PipelineSettings) -> Any:
+    @task(task_id="prepare_chunks")
+    def prepare_chunks(loaded: dict[str, Any]) -> list[dict[str, Any]]:
+        """Hash chunks, skip unchanged ones, cut the rest into batches for mapping.
+
+        Returns the batch descriptors (mapped over); the counts go to the ``summary`` XCom.
+        """
+        from airflow.configuration import conf
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from capstone.pipeline import NothingToIndex, prepare_chunks
+
+        try:
+            prepared = prepare_chunks(settings, loaded["run_key"], conf.getint("core", "max_map_length"))
+        except NothingToIndex as reason:
+            log.info("%s", reason)
+            raise AirflowSkipException(str(reason)) from None
+        batches = prepared.pop("batches")
+        get_current_context()["ti"].xcom_push(key="summary", value=prepared)
+        return batches
+
+    return prepare_chunks
+
+
+def _embed_task(spec: CollectionSpec, settings: PipelineSettings) -> Any:
+    embedding = spec.embedding
+
+    @task(
+        task_id="generate_embedding",
+        pool=embedding.pool,
+        retries=embedding.retries,
+        retry_delay=timedelta(seconds=embedding.retry_delay_seconds),
+        retry_exponential_backoff=2.0,
+        max_retry_delay=timedelta(seconds=embedding.max_retry_delay_seconds),
+        map_index_template="batch {{ task.op_kwargs['batch']['batch_no'] }}",
+    )
+    def generate_embedding(batch: dict[str, Any]) -> dict[str, Any]:
+        """Embed one batch of chunks and stage the vectors in Postgres."""
+        from capstone.pipeline import embed_batch
+
+        return embed_batch(settings, batch)
+
+    return generate_embedding
+
+
+def _aggregate_task() -> Any:
+    # Runs when embedding was skipped because a re-indexed document only lost chunks.
+    @task(task_id="aggregate_embeddings", trigger_rule="none_failed_min_one_success")
+    def aggregate_embeddings(prepared: dict[str, Any], manifests: Any) -> dict[str, Any]:
+        """Totals and failed chunk ids over all embedding batches."""
+        from capstone.pipeline import aggregate_manifests
+
+        return aggregate_manifests(prepared, manifests[:] if manifests is not None else [])
+
+    return aggregate_embeddings
+
+
+def _upsert_task(settings: PipelineSettings) -> Any:
+    @task(task_id="batch_upsert_vectors")
+    def batch_upsert_vectors(aggregated: dict[str, Any]) -> dict[str, Any]:
+        """Merge staged vectors into the collection table, batch by batch."""
+        from capstone.pipeline import upsert_vectors
+
+        return upsert_vectors(settings, aggregated)
+
+    return batch_upsert_vectors
+
+
+def _wait_task(spec: CollectionSpec, upserted: Any) -> Any:
+    from capstone.sensors import VectorStoreIndexingSensor
+
+    index = spec.index
+    return VectorStoreIndexingSensor(
+        task_id="wait_for_indexing",
+        collection_name=spec.collection,
+        expected_count=upserted["expected_count"],
+        connection_id=spec.store.connection_id,
+        schema=spec.store.schema_name,
+        table=spec.table_name,
+        index_type=index.type,
+        metric=index.metric,
+        m=index.m,
+        ef_construction=index.ef_construction,
+        lists=index.lists,
+        maintenance_work_mem=index.maintenance_work_mem,
+        poll_interval=index.poll_interval_seconds,
+        timeout=index.build_timeout_seconds,
+        deferrable=True,
+    )
+
+
+def _validate_task(spec: CollectionSpec, settings: PipelineSettings) -> Any:
+    validation = spec.validation.model_dump(mode="json")
+    index = spec.index.model_dump(mode="json")
+
+    @task(task_id="validate_index_health")
+    def validate_index_health(upserted: dict[str, Any], indexed: dict[str, Any]) -> dict[str, Any]:
+        """Counts, sample queries, recall vs exact search, freshness; fails on the spec's fail_on checks."""
+        from capstone.validation import validate_collection
+
+        return validate_collection(settings, index, validation, upserted, indexed)
+
+    return validate_index_health
+
+
+def _publish_task(spec: CollectionSpec, output: Asset) -> Any:
+    @task(task_id="publish_indexed_asset", outlets=[output])
+    def publish_indexed_asset(
+        loaded: dict[str, Any],
+        prepared: dict[str, Any],
+        aggregated: dict[str, Any],
+        upserted: dict[str, Any],
+        indexed: dict[str, Any],
+        report: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Publish the collection's indexed asset with a summary of the run in the event extra."""
+        context = get_current_context()
+        summary = {
+            "collection": spec.collection,
+            "run_id": context["run_id"],
+            "model": spec.embedding.model_name,
+            "provider": spec.embedding.provider,
+            "sources": loaded["sources"],
+            "documents": loaded["documents"],
+            "rejected_documents": loaded["rejected_count"],
+            "chunks_embedded": aggregated["embedded"],
+            "chunks_unchanged": prepared["unchanged"],
+            "rows_upserted": upserted["upserted"],
+            "rows_deleted": upserted["deleted"],
+            "vector_count": upserted["expected_count"],
+            "index_name": indexed.get("index_name"),
+            "index_size_bytes": indexed.get("index_size_bytes"),
+            "validation": report.get("summary", {}),
+        }
+        context["outlet_events"][output].extra = summary
+        log.info("publishing %s: %s", output.name, summary)
+        return summary
+
+    return publish_indexed_asset

@@ -1,0 +1,52 @@
+"""Upstream demo DAG (airflow): stands in for the LLM enrichment pipeline.
+
+It turns the Python language reference that ships with Python (``pydoc_data.topics``) into
+enriched documents with chunks and metadata, writes them as a JSONL batch, and emits
+``Asset("documents.enriched")`` whose event extra says where the batch is. That event schedules
+the ``documents`` collection DAG.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Asset, dag, get_current_context, task
+
+ENRICHED = Asset("documents.enriched")
+
+
+def _batch_dir() -> Path:
+    data = Path(os.environ.get("CAPSTONE_DATA_DIR", Path(__file__).resolve().parent.parent / ".data"))
+    return Path(os.environ.get("CAPSTONE_BATCH_DIR", data / "batches"))
+
+
+@dag(dag_id="enrich_documents", schedule=None, catchup=False, tags=["demo", "capstone"])
+def enrich_documents() -> None:
+    """Write the language reference as a batch of enriched documents and announce it."""
+
+    @task(outlets=[ENRICHED])
+    def write_enriched_batch() -> dict[str, Any]:
+        """Chunk every topic, write the batch atomically, put its location in the event extra."""
+        from capstone.corpus import reference_documents, write_jsonl_batch
+
+        context = get_current_context()
+        documents = reference_documents()
+        batch_id = re.sub(r"[^A-Za-z0-9_.-]", "_", context["run_id"])
+        path = write_jsonl_batch(documents, _batch_dir() / f"documents-{batch_id}.jsonl")
+        extra: dict[str, Any] = {
+            "format": "jsonl",
+            "path": str(path),
+            "batch_id": batch_id,
+            "documents": len(documents),
+            "chunks": sum(len(doc["chunks"]) for doc in documents),
+        }
+        context["outlet_events"][ENRICHED].extra = extra
+        return extra
+
+    write_enriched_batch()
+
+
+enrich_documents()

@@ -1,0 +1,154 @@
+"""The whole collection DAG under ``dag.test()`` against the embedded Postgres (trigger inline)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from capstone.corpus import reference_documents, write_jsonl_batch
+from tests.airflow_helpers import (
+    asset_events,
+    run_collection,
+    task_states,
+    write_collection,
+    xcom_value,
+    xcoms,
+)
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+BAD_DOCUMENTS: list[Any] = [
+    {"content": "no id", "chunks": ["x"]},
+    {"id": "empty-chunks", "content": "x", "chunks": []},
+    {"id": "bad-chunk", "content": "x", "chunks": ["fine", 42]},
+    {"id": "assert", "content": "duplicate of a real topic", "chunks": ["dup"]},
+]
+
+
+def _batch(tmp_path: Path, documents: list[Any], name: str) -> dict[str, Any]:
+    path = write_jsonl_batch(documents, tmp_path / "batches" / f"{name}.jsonl")
+    return {"format": "jsonl", "path": str(path)}
+
+
+def _table_rows(dsn: str, schema: str, table: str) -> dict[str, tuple]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT id, document_id, chunk_index, content, metadata, updated_at,"
+                " embedding IS NOT NULL FROM {}"
+            ).format(sql.Identifier(schema, table))
+        ).fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+@pytest.fixture
+def corpus() -> list[dict[str, Any]]:
+    return reference_documents()
+
+
+def test_first_run_indexes_every_valid_chunk_and_publishes(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    spec = write_collection(tmp_path / "configs", "ref_first", pg_schema)
+    run = run_collection(spec, [_batch(tmp_path, corpus + BAD_DOCUMENTS, "b1")])
+
+    states = task_states("ref_first", run.run_id)
+    assert str(run.state) == "success", states
+    valid_chunks = sum(len(doc["chunks"]) for doc in corpus)
+    rows = _table_rows(pg_dsn, pg_schema, "ref_first")
+    assert len(rows) == valid_chunks
+    with_doc = corpus[-1]
+    for index, text in enumerate(with_doc["chunks"]):
+        document_id, chunk_index, content, metadata, _updated, has_vector = rows[
+            f"{with_doc['id']}_chunk_{index}"
+        ]
+        assert (document_id, chunk_index, content, has_vector) == (with_doc["id"], index, text, True)
+        assert metadata == with_doc["metadata"]
+
+    loaded = xcom_value("ref_first", run.run_id, "load_enriched_documents")
+    assert loaded["rejected_count"] == 4
+    assert {r["id"] for r in loaded["rejected"]} == {None, "empty-chunks", "bad-chunk", "assert"}
+    assert len(states["generate_embedding"]) == math.ceil(valid_chunks / 100)
+    assert set(states["generate_embedding"]) == {"success"}
+
+    event = asset_events("ref_first.indexed")[-1]
+    assert event["vector_count"] == valid_chunks
+    assert event["chunks_embedded"] == valid_chunks
+    assert event["rejected_documents"] == 4
+    assert event["run_id"] == run.run_id
+    assert event["index_name"].startswith("ref_first_hnsw_")
+
+
+def test_rerun_embeds_nothing_and_publishes_nothing(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    spec = write_collection(tmp_path / "configs", "ref_rerun", pg_schema)
+    batch = _batch(tmp_path, corpus, "b1")
+    assert str(run_collection(spec, [batch]).state) == "success"
+    before = _table_rows(pg_dsn, pg_schema, "ref_rerun")
+    events_before = len(asset_events("ref_rerun.indexed"))
+
+    run = run_collection(spec, [batch])
+
+    states = task_states("ref_rerun", run.run_id)
+    assert str(run.state) == "success"
+    assert states["prepare_chunks"] == ["skipped"]
+    assert states["publish_indexed_asset"] == ["skipped"]
+    assert _table_rows(pg_dsn, pg_schema, "ref_rerun") == before
+    assert len(asset_events("ref_rerun.indexed")) == events_before
+
+
+def test_changed_document_reembeds_only_its_chunks_and_drops_lost_ones(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    spec = write_collection(tmp_path / "configs", "ref_change", pg_schema)
+    assert str(run_collection(spec, [_batch(tmp_path, corpus, "b1")]).state) == "success"
+    before = _table_rows(pg_dsn, pg_schema, "ref_change")
+
+    changed = copy.deepcopy(corpus)
+    target = next(doc for doc in changed if doc["id"] == "with")
+    assert len(target["chunks"]) > 3
+    lost = len(target["chunks"]) - 2
+    target["chunks"] = [target["chunks"][0], "The with statement, rewritten by the enrichment step."]
+    run = run_collection(spec, [_batch(tmp_path, [target], "b2")])
+
+    assert str(run.state) == "success", task_states("ref_change", run.run_id)
+    aggregated = xcom_value("ref_change", run.run_id, "aggregate_embeddings")
+    upserted = xcom_value("ref_change", run.run_id, "batch_upsert_vectors")
+    assert aggregated["embedded"] == 1
+    assert (upserted["upserted"], upserted["deleted"]) == (1, lost)
+    after = _table_rows(pg_dsn, pg_schema, "ref_change")
+    assert len(after) == len(before) - lost
+    assert after["with_chunk_1"][2] == "The with statement, rewritten by the enrichment step."
+    assert after["with_chunk_0"] == before["with_chunk_0"]  # unchanged chunk: not even re-written
+    assert all(after[key] == before[key] for key in after if not key.startswith("with_"))
+
+
+def test_5000_chunks_map_over_batches_and_keep_xcoms_small(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    documents = [
+        {"id": f"d{i}", "content": f"doc {i}", "chunks": [f"document {i} chunk {j} " * 20 for j in range(10)]}
+        for i in range(500)
+    ]
+    spec = write_collection(
+        tmp_path / "configs", "big_run", pg_schema, embedding={"batch_size": 400}, upsert_batch_size=1000
+    )
+    run = run_collection(spec, [_batch(tmp_path, documents, "big")])
+
+    states = task_states("big_run", run.run_id)
+    assert str(run.state) == "success", states
+    assert len(states["generate_embedding"]) <= math.ceil(5000 / 400)
+    sizes = {
+        (task, map_index, key): len(json.dumps(value))
+        for task, map_index, key, value in xcoms("big_run", run.run_id)
+    }
+    assert max(sizes.values()) < 64 * 1024, sizes
+    assert len(_table_rows(pg_dsn, pg_schema, "big_run")) == 5000

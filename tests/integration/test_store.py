@@ -1,0 +1,123 @@
+"""The pgvector store against the real embedded Postgres: staging, batching, upserts, deletions."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg import sql
+
+from capstone import store
+from capstone.documents import EnrichedDocument
+
+DIM = 8
+
+
+def _docs(n: int, chunks: int = 3, tag: str = "v1") -> list[EnrichedDocument]:
+    return [
+        EnrichedDocument(
+            id=f"doc{i}",
+            content=f"document {i}",
+            chunks=[f"doc {i} chunk {j} {tag}" for j in range(chunks)],
+            metadata={"n": i, "tag": tag},
+        )
+        for i in range(n)
+    ]
+
+
+def _embed_all(conn: psycopg.Connection, run_key: str, batches: list[dict[str, int]]) -> None:
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        ids, _texts = store.read_batch_texts(conn, run_key, batch["batch_no"])
+        store.write_batch_vectors(conn, run_key, ids, rng.random((len(ids), DIM), dtype=np.float32))
+
+
+def _index(
+    conn: psycopg.Connection, table: store.CollectionTable, run_key: str, docs: list[EnrichedDocument]
+) -> int:
+    store.ensure_staging(conn)
+    store.ensure_collection_table(conn, table)
+    store.stage_documents(conn, run_key, "c", docs)
+    batches = store.assign_batches(conn, run_key, table, "m", batch_size=4, max_batches=1024)
+    _embed_all(conn, run_key, batches)
+    ids = store.staged_vector_ids(conn, run_key)
+    merged = store.merge_batch(conn, run_key, table, "m", ids[0], ids[-1]) if ids else 0
+    store.delete_lost_chunks(conn, run_key, table)
+    store.drop_run_staging(conn, run_key)
+    return merged
+
+
+def _rows(conn: psycopg.Connection, table: store.CollectionTable) -> list[tuple]:
+    return conn.execute(
+        sql.SQL("SELECT id, document_id, chunk_index, metadata->>'tag' FROM {} ORDER BY id").format(
+            table.ident
+        )
+    ).fetchall()
+
+
+def test_first_run_stores_every_chunk_with_its_document_and_index(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    assert _index(pg_conn, table, "run1", _docs(5)) == 15
+    rows = _rows(pg_conn, table)
+    assert len(rows) == 15
+    assert ("doc3_chunk_2", "doc3", 2, "v1") in rows
+    assert store.count_vectors(pg_conn, table) == 15
+
+
+def test_unchanged_chunks_are_not_batched_again(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    _index(pg_conn, table, "run1", _docs(5))
+    store.stage_documents(pg_conn, "run2", "c", _docs(5))
+    assert store.assign_batches(pg_conn, "run2", table, "m", 4, 1024) == []
+    # the same text under another model must be embedded again
+    assert sum(b["chunks"] for b in store.assign_batches(pg_conn, "run2", table, "m2", 4, 1024)) == 15
+
+
+def test_changed_document_replaces_its_chunks_and_drops_the_ones_it_lost(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    _index(pg_conn, table, "run1", _docs(3, chunks=4))
+    changed = [
+        EnrichedDocument(
+            id="doc1", content="new", chunks=["doc 1 chunk 0 v1", "rewritten"], metadata={"n": 1, "tag": "v1"}
+        )
+    ]
+    store.stage_documents(pg_conn, "run2", "c", changed)
+    batches = store.assign_batches(pg_conn, "run2", table, "m", 4, 1024)
+    assert sum(b["chunks"] for b in batches) == 1  # only the rewritten chunk
+    assert store.count_lost_chunks(pg_conn, "run2", table) == 2
+    _index(pg_conn, table, "run2", changed)
+    rows = _rows(pg_conn, table)
+    assert [r[0] for r in rows if r[1] == "doc1"] == ["doc1_chunk_0", "doc1_chunk_1"]
+    assert len(rows) == 4 + 2 + 4
+
+
+def test_batches_never_exceed_the_map_limit(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    store.ensure_staging(pg_conn)
+    store.ensure_collection_table(pg_conn, table)
+    store.stage_documents(pg_conn, "run1", "c", _docs(100, chunks=10))
+    batches = store.assign_batches(pg_conn, "run1", table, "m", batch_size=1, max_batches=7)
+    assert len(batches) <= 7
+    assert sum(b["chunks"] for b in batches) == 1000
+
+
+def test_rewriting_a_batch_replaces_its_vectors(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    store.ensure_staging(pg_conn)
+    ids = ["a", "b"]
+    store.write_batch_vectors(pg_conn, "rerun", ids, np.ones((2, DIM), dtype=np.float32))
+    store.write_batch_vectors(pg_conn, "rerun", ids, np.full((2, DIM), 2, dtype=np.float32))
+    vectors = pg_conn.execute(
+        "SELECT embedding::text FROM capstone.staged_vectors WHERE run_key = 'rerun' ORDER BY id"
+    ).fetchall()
+    assert vectors == [("[" + ",".join(["2"] * DIM) + "]",)] * 2
+    store.drop_run_staging(pg_conn, "rerun")
+
+
+def test_dimension_mismatch_fails_before_writing(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM))
+    with pytest.raises(store.DimensionMismatch, match=r"dimension 8 .* produces 16"):
+        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", 16))

@@ -1,0 +1,122 @@
+"""The collection spec: defaults that work out of the box, and rules that refuse unsafe values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dag_factory.errors import InvalidField
+from dag_factory.loader import load_collection
+from dag_factory.spec import MAX_INDEXED_DIMENSION, CollectionSpec, EmbeddingSpec, IndexSpec, StoreSpec
+
+MINIMAL_YAML = """\
+# The smallest useful collection file: a name and an embedding provider.
+# Everything else has a default that works on the embedded Postgres.
+collection: faq
+embedding:
+  provider: hash
+"""
+
+
+@pytest.fixture
+def minimal(tmp_path: Path) -> CollectionSpec:
+    path = tmp_path / "faq.yaml"
+    path.write_text(MINIMAL_YAML, encoding="utf-8")
+    return load_collection(path)
+
+
+def test_minimal_file_derives_assets_and_table_from_the_name(minimal: CollectionSpec) -> None:
+    assert minimal.source_asset == "faq.enriched"
+    assert minimal.output_asset_name == "faq.indexed"
+    assert (minimal.store.schema_name, minimal.table_name) == ("public", "faq")
+
+
+def test_minimal_file_gets_a_cosine_hnsw_index(minimal: CollectionSpec) -> None:
+    index = minimal.index
+    assert (index.type, index.metric, index.m, index.ef_construction) == ("hnsw", "cosine", 16, 64)
+    assert index.lists is None
+
+
+def test_minimal_file_embeds_in_the_embedding_pool(minimal: CollectionSpec) -> None:
+    embedding = minimal.embedding
+    assert (embedding.pool, embedding.model_name, embedding.vector_dimension) == ("embedding", "hash-v1", 384)
+    assert minimal.store.connection_id == "vector_store_default"
+    assert minimal.validation.fail_on == ["vector_count"]
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "dimension"),
+    [
+        ("hash", "hash-v1", 384),
+        ("sentence-transformers", "all-MiniLM-L6-v2", 384),
+        ("openai", "text-embedding-3-small", 1536),
+    ],
+)
+def test_each_provider_has_a_default_model_and_dimension(provider: str, model: str, dimension: int) -> None:
+    embedding = EmbeddingSpec.model_validate({"provider": provider})
+    assert (embedding.model_name, embedding.vector_dimension) == (model, dimension)
+
+
+def test_explicit_names_win_over_derived_ones() -> None:
+    spec = CollectionSpec.model_validate(
+        {
+            "collection": "faq",
+            "source": {"asset": "support.faq.enriched"},
+            "output_asset": "support.faq.indexed",
+            "store": {"schema": "search", "table": "faq_chunks"},
+        }
+    )
+    assert (spec.source_asset, spec.output_asset_name) == ("support.faq.enriched", "support.faq.indexed")
+    assert (spec.store.schema_name, spec.table_name) == ("search", "faq_chunks")
+
+
+def test_schema_accepts_its_alias_and_its_name() -> None:
+    assert StoreSpec.model_validate({"schema": "a"}).schema_name == "a"
+    assert StoreSpec.model_validate({"schema_name": "b"}).schema_name == "b"
+
+
+@pytest.mark.parametrize(
+    "table",
+    ['faq"x', "faq;drop", "faq docs", "Faq", "1faq", "a" * 64, "fäq", ""],
+)
+def test_unsafe_table_names_are_refused(table: str) -> None:
+    with pytest.raises(ValidationError):
+        StoreSpec.model_validate({"table": table})
+
+
+def test_longest_allowed_identifier_is_63_bytes() -> None:
+    assert StoreSpec.model_validate({"table": "a" * 63}).table == "a" * 63
+
+
+def test_dimension_limit_is_pgvectors_index_limit() -> None:
+    assert EmbeddingSpec(model="m", dimension=MAX_INDEXED_DIMENSION).vector_dimension == 2000
+    with pytest.raises(ValidationError, match="index limit of 2000"):
+        EmbeddingSpec(model="m", dimension=MAX_INDEXED_DIMENSION + 1)
+
+
+def test_ivfflat_accepts_probes_up_to_lists() -> None:
+    index = IndexSpec(type="ivfflat", lists=10, probes=10)
+    assert (index.lists, index.probes) == (10, 10)
+
+
+def test_cross_field_errors_name_the_field_to_change() -> None:
+    with pytest.raises(ValidationError) as raised:
+        IndexSpec(m=32, ef_construction=40)
+    (error,) = raised.value.errors()
+    cause = error["ctx"]["error"]
+    assert isinstance(cause, InvalidField)
+    assert (cause.field, cause.message) == ("ef_construction", "must be at least 2 * m = 64, got 40")
+    assert "ef_construction: must be at least" in str(raised.value)
+
+
+def test_output_asset_equal_to_default_source_is_refused() -> None:
+    with pytest.raises(ValidationError, match="trigger itself"):
+        CollectionSpec.model_validate({"collection": "faq", "output_asset": "faq.enriched"})
+
+
+def test_unknown_keys_are_refused_at_every_level() -> None:
+    for data in ({"collection": "faq", "colour": 1}, {"collection": "faq", "index": {"colour": 1}}):
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            CollectionSpec.model_validate(data)
