@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test lint typecheck unit demo validate schema clean db-stop
+.PHONY: test lint typecheck demo up down validate schema clean db-stop
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,21 +16,30 @@ $(VENV)/.installed-local: $(VENV)/.installed-dev
 	$(PY) -m pip install -q -e '.[dev,local]'
 	touch $@
 
-lint: $(VENV)/.installed-dev
+lint: $(VENV)/.installed-local
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: $(VENV)/.installed-dev
+typecheck: $(VENV)/.installed-local
 	$(VENV)/bin/mypy
 
-## make test: lint, type-check and run the whole suite (starts the embedded Postgres itself)
+## make test: lint, type-check and run the whole suite: unit, integration (real Postgres + pgvector,
+## the local model), e2e (real Airflow services). It starts the embedded Postgres itself.
 test: lint typecheck
-	$(PY) -m pytest -q -m "not local_model"
+	$(PY) -m pytest -q
 
-## make demo: validate the configs and index the Python language reference with dag.test()
+## make demo: the asset chain on a real local Airflow: enrich -> documents -> documents.indexed
 demo: $(VENV)/.installed-local
 	$(PY) -m dag_factory validate configs/
 	$(PY) -m dag_factory.demo
+
+## make up: like demo, then leave Airflow running for the UI; make down stops it
+up: $(VENV)/.installed-local
+	$(PY) -m dag_factory validate configs/
+	$(PY) -m dag_factory.demo --keep-running
+
+down: $(VENV)/.installed-dev
+	$(PY) -m dag_factory.stack down
 
 validate: $(VENV)/.installed-dev
 	$(PY) -m dag_factory validate configs/
@@ -41,5 +50,5 @@ schema: $(VENV)/.installed-dev
 db-stop: $(VENV)/.installed-dev
 	$(PY) -m capstone db stop
 
-clean: db-stop
+clean: down db-stop
 	rm -rf $(VENV) .data .airflow

@@ -269,6 +269,7 @@ def upsert_vectors(settings: PipelineSettings, aggregate: dict[str, Any]) -> dic
     table = settings.store_table
     with _connect(settings) as conn:
         store.ensure_collection_table(conn, table)
+        store.analyze_staged_vectors(conn)
         ids = store.staged_vector_ids(conn, run_key)
         spans = [
             ids[i : i + settings.upsert_batch_size] for i in range(0, len(ids), settings.upsert_batch_size)

@@ -1,135 +1,158 @@
-"""``python -m dag_factory.demo``: index the Python language reference end to end with ``dag.test()``.
+"""``python -m dag_factory.demo``: the asset chain on a real local Airflow, end to end.
 
-Runs the upstream ``enrich_documents`` DAG, then the ``documents`` collection DAG on the batch it
-announced, against the embedded Postgres, and prints what happened. Running it again shows the
-incremental path: nothing is re-embedded.
+Starts the embedded Postgres and Airflow's four services (see :mod:`dag_factory.stack`),
+triggers the upstream ``enrich_documents`` DAG through the REST API, follows the
+asset-triggered ``documents`` run stage by stage, and prints the stage table, the validation
+report, the ``documents.indexed`` event and two searches. Run it again and the incremental path
+shows: nothing is re-embedded. ``--keep-running`` (``make up``) leaves Airflow up for the UI.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
+from datetime import datetime
 from typing import Any
+
+from dag_factory.api import AirflowApi
+from dag_factory.stack import AirflowStack
 
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parent.parent
+SEARCHES = ("how do I handle exceptions", "what does the with statement do")
 
 
-def _prepare_environment(collection: str) -> None:
-    # Airflow reads its configuration at import: set it before anything imports airflow.
-    data = Path(os.environ.setdefault("CAPSTONE_DATA_DIR", str(ROOT / ".data")))
-    os.environ.setdefault("AIRFLOW_HOME", str(data / "airflow-demo"))
-    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
-    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    os.environ.setdefault("DAG_FACTORY_CONFIGS", str(ROOT / "configs"))
-    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+def _seconds(ti: dict[str, Any]) -> float:
+    start, end = ti.get("start_date"), ti.get("end_date")
+    if not start or not end:
+        return 0.0
+    return (
+        datetime.fromisoformat(end.replace("Z", "+00:00"))
+        - datetime.fromisoformat(start.replace("Z", "+00:00"))
+    ).total_seconds()
 
 
-def _start_postgres() -> None:
-    from capstone.embedded_pg import default_server
-
-    server = default_server().start()
-    os.environ.setdefault("AIRFLOW_CONN_VECTOR_STORE_DEFAULT", server.uri())
-    print(f"postgres    embedded PostgreSQL 18 + pgvector on {server.host}:{server.port} ({server.pgdata})")
-
-
-def _migrate_airflow() -> None:
-    Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    print(f"airflow     metadata DB ready in {os.environ['AIRFLOW_HOME']}")
+def _stages(tis: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    stages: dict[str, dict[str, Any]] = {}
+    for ti in sorted(tis, key=lambda ti: ti.get("start_date") or "9999"):
+        stage = stages.setdefault(ti["task_id"], {"instances": 0, "states": {}, "seconds": 0.0})
+        stage["instances"] += 1
+        stage["states"][str(ti["state"])] = stage["states"].get(str(ti["state"]), 0) + 1
+        stage["seconds"] += _seconds(ti)
+    return stages
 
 
-def _run(dag_id: str, conf: dict[str, Any] | None = None) -> Any:
-    from dag_factory.factory import generate_dags
+def _progress_line(stages: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for task_id, stage in stages.items():
+        done = sum(n for state, n in stage["states"].items() if state in ("success", "skipped"))
+        state = "/".join(stage["states"])
+        parts.append(
+            f"{task_id}" + (f" {done}/{stage['instances']}" if stage["instances"] > 1 else f" {state}")
+        )
+    return " | ".join(parts)
 
-    dags = generate_dags()
-    if dag_id == "enrich_documents":
-        from airflow.dag_processing.dagbag import DagBag
 
-        dag = DagBag(dag_folder=str(ROOT / "dags" / "enrich_documents.py")).dags[dag_id]
+def _wait_for_run(api: AirflowApi, dag_id: str, after: set[str], timeout: float) -> dict[str, Any]:
+    """Follow the first new run of ``dag_id``, printing each change of progress."""
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        runs = [run for run in api.runs(dag_id) if run["dag_run_id"] not in after]
+        if runs:
+            run = runs[-1]
+            line = _progress_line(_stages(api.task_instances(dag_id, run["dag_run_id"])))
+            if line != last:
+                print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
+                last = line
+            if run["state"] in ("success", "failed"):
+                return run
+        time.sleep(1)
+    raise TimeoutError(f"no finished {dag_id} run within {timeout:.0f}s")
+
+
+def _print_stage_table(tis: list[dict[str, Any]]) -> None:
+    print(f"\n  {'stage':26} {'tasks':>5}  {'states':28} {'task seconds':>12}")
+    for task_id, stage in _stages(tis).items():
+        states = ", ".join(f"{n} {state}" for state, n in stage["states"].items())
+        print(f"  {task_id:26} {stage['instances']:>5}  {states:28} {stage['seconds']:12.1f}")
+
+
+def _print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
+    loaded = api.xcom(dag_id, run_id, "load_enriched_documents")
+    upserted = api.xcom(dag_id, run_id, "batch_upsert_vectors")
+    aggregated = api.xcom(dag_id, run_id, "aggregate_embeddings")
+    if loaded:
+        print(
+            f"\n  documents {loaded['documents']}, chunks {loaded['chunks']}, "
+            f"set aside {loaded['rejected_count']}"
+        )
+    if aggregated is None:
+        print("  incremental run: 0 chunks re-embedded, 0 rows written (every chunk already indexed)")
     else:
-        dag = dags[dag_id]
-    started = time.monotonic()
-    print(f"running     {dag_id} ...", flush=True)
-    run = dag.test(run_conf=conf)
-    print(f"            {dag_id}: {run.state} in {time.monotonic() - started:.1f}s")
-    return run
+        print(
+            f"  chunks embedded {aggregated['embedded']}, rows upserted {upserted and upserted['upserted']}"
+        )
+    report = api.xcom(dag_id, run_id, "validate_index_health")
+    if report:
+        print("\nvalidation")
+        for name, check in report["checks"].items():
+            print(f"  {name:30} {str(check['status']).upper():5} {check.get('detail', '')}")
+    events = api.asset_events(source_dag_id=dag_id, source_run_id=run_id)
+    if events:
+        print(f"\n{events[0]['name']} event extra")
+        for key, value in events[0]["extra"].items():
+            print(f"  {key:22} {value}")
+    else:
+        print("\n  no documents.indexed event for this run (nothing new to publish)")
 
 
-def _stage_table(dag_id: str, run_id: str) -> str:
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
+def _print_searches(collection: str) -> None:
+    from capstone.search import search_collection
 
-    with create_session() as session:
-        rows = session.execute(
-            select(TaskInstance.task_id, TaskInstance.map_index, TaskInstance.state, TaskInstance.duration)
-            .where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)
-            .order_by(TaskInstance.start_date)
-        ).all()
-    stages: dict[str, list[Any]] = {}
-    for task_id, _map_index, state, duration in rows:
-        stage = stages.setdefault(task_id, [0, set(), 0.0])
-        stage[0] += 1
-        stage[1].add(str(state))
-        stage[2] += duration or 0.0
-    lines = [f"  {'task':28} {'instances':>9}  {'state':10} {'seconds':>8}"]
-    for task_id, (count, states, seconds) in stages.items():
-        lines.append(f"  {task_id:28} {count:>9}  {'/'.join(sorted(states)):10} {seconds:8.2f}")
-    return "\n".join(lines)
-
-
-def _xcom(dag_id: str, run_id: str, task_id: str) -> Any:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        row = session.scalars(
-            select(XComModel).where(
-                XComModel.dag_id == dag_id,
-                XComModel.run_id == run_id,
-                XComModel.task_id == task_id,
-                XComModel.key == "return_value",
-                XComModel.map_index == -1,
-            )
-        ).first()
-        return XComModel.deserialize_value(row) if row is not None else None
+    for query in SEARCHES:
+        print(f"\nsearch: {query!r}")
+        for hit in search_collection(collection, query, k=3):
+            print(f"  {hit.rank}. {hit.score:.3f}  {hit.document_id:14} {hit.chunk_id:22} {hit.snippet[:60]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m dag_factory.demo", description=__doc__)
-    parser.add_argument("--collection", default="documents")
+    parser.add_argument("--keep-running", action="store_true", help="leave Airflow running (make up)")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the run")
     args = parser.parse_args(argv)
-    _prepare_environment(args.collection)
-    _start_postgres()
-    _migrate_airflow()
 
-    upstream = _run("enrich_documents")
-    extra = _xcom("enrich_documents", upstream.run_id, "write_enriched_batch")
-    print(f"            documents.enriched event extra: {extra}")
-    run = _run(args.collection, {"batches": [extra]})
-    print("\nstages\n" + _stage_table(args.collection, run.run_id))
-    prepared = _xcom(args.collection, run.run_id, "prepare_chunks")
-    if prepared is None:
-        print("\nnothing new: every chunk is already indexed with the same text and model (0 re-embedded)")
-    report = _xcom(args.collection, run.run_id, "validate_index_health")
-    if report:
-        print("\nvalidation")
-        for name, check in report["checks"].items():
-            print(f"  {name:28} {check['status'].upper():5} {check['detail']}")
-    summary = _xcom(args.collection, run.run_id, "publish_indexed_asset")
-    if summary:
-        print(f"\n{args.collection}.indexed event extra:")
-        for key, value in summary.items():
-            print(f"  {key:22} {value}")
-    return 0 if str(run.state) == "success" else 1
+    stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)))
+    print("setting up: embedded Postgres, Airflow metadata DB, pools, connection ...", flush=True)
+    stack.setup()
+    print(
+        f"starting Airflow services: {', '.join(('api-server', 'scheduler', 'dag-processor', 'triggerer'))}"
+    )
+    stack.start()
+    try:
+        api = AirflowApi(stack.api_url, "admin", stack.password)
+        api.wait_for_dag("documents", timeout=180)
+        api.wait_for_dag("enrich_documents", timeout=180)
+        for error in api.import_errors():
+            print(f"import error in {error['filename']}:\n{error['stack_trace']}")
+        before = {run["dag_run_id"] for run in api.runs("documents")}
+        upstream = api.trigger("enrich_documents")
+        print(f"\ntriggered enrich_documents ({upstream['dag_run_id']}); following the asset-triggered run:")
+        run = _wait_for_run(api, "documents", before, args.timeout)
+        print(f"\ndocuments run {run['dag_run_id']} ({run['run_type']}): {run['state']}")
+        _print_stage_table(api.task_instances("documents", run["dag_run_id"]))
+        _print_report(api, "documents", run["dag_run_id"])
+        if run["state"] == "success":
+            _print_searches("documents")
+        if args.keep_running:
+            print(f"\nAirflow UI: {stack.api_url}  (user admin, password {stack.password})")
+            print("stop it with: make down")
+        return 0 if run["state"] == "success" else 1
+    finally:
+        if not args.keep_running:
+            stack.stop()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,13 @@ def enrich_documents() -> None:
         from capstone.corpus import reference_documents, write_jsonl_batch
 
         context = get_current_context()
-        documents = reference_documents()
+        # A run's conf may ask for the corpus several times over (ids suffixed), for load tests.
+        copies = int((context["dag_run"].conf or {}).get("copies", 1))
+        documents = [
+            {**doc, "id": doc["id"] if copy == 0 else f"{doc['id']}~{copy}"}
+            for copy in range(copies)
+            for doc in reference_documents()
+        ]
         batch_id = re.sub(r"[^A-Za-z0-9_.-]", "_", context["run_id"])
         path = write_jsonl_batch(documents, _batch_dir() / f"documents-{batch_id}.jsonl")
         extra: dict[str, Any] = {

@@ -1,0 +1,34 @@
+"""Chunk texts to vectors behind one interface: ``create_embedder(...).embed(texts)``.
+
+Providers: ``hash`` (deterministic and offline, for tests and demos), ``sentence-transformers``
+(a local model, offline; the ``[local]`` extra) and ``openai`` (the official client; ``base_url``
+points it at any OpenAI-compatible server).
+"""
+
+from __future__ import annotations
+
+from capstone.embeddings.api_key import resolve_api_key
+from capstone.embeddings.base import Embedder
+from capstone.embeddings.errors import (
+    EmbeddingAuthenticationError,
+    EmbeddingDimensionError,
+    EmbeddingResponseError,
+    MissingAPIKeyError,
+    MissingExtraError,
+    ModelNotAvailableError,
+)
+from capstone.embeddings.factory import PROVIDERS, Provider, create_embedder
+
+__all__ = [
+    "PROVIDERS",
+    "Embedder",
+    "EmbeddingAuthenticationError",
+    "EmbeddingDimensionError",
+    "EmbeddingResponseError",
+    "MissingAPIKeyError",
+    "MissingExtraError",
+    "ModelNotAvailableError",
+    "Provider",
+    "create_embedder",
+    "resolve_api_key",
+]

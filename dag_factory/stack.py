@@ -1,0 +1,306 @@
+"""A local Airflow 3 for the demo and the end-to-end test: real api-server, scheduler,
+dag-processor and triggerer, each its own process, in a project-local ``AIRFLOW_HOME``.
+
+Set-up is idempotent: the embedded Postgres is started, the metadata DB (SQLite) migrated, the
+pools the collection files declare created (the scheduler never schedules a task whose pool does
+not exist) and the ``vector_store_default`` connection written. Services log to
+``$AIRFLOW_HOME/logs/services/<name>.log`` and run in their own process groups, so stopping the
+stack stops every process a service started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import httpx
+
+from dag_factory.loader import configs_dir, load_collections
+
+__all__ = ["SERVICES", "AirflowStack"]
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
+ADMIN = "admin"
+
+
+@dataclass
+class AirflowStack:
+    """Airflow's four services for this project; use as a context manager or start()/stop()."""
+
+    home: Path = field(default_factory=lambda: ROOT / ".airflow")
+    api_port: int = 28080
+    configs: Path = field(default_factory=configs_dir)
+    dags: Path = ROOT / "dags"
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("CAPSTONE_DATA_DIR", ROOT / ".data")))
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def service_logs(self) -> Path:
+        return self.home / "logs" / "services"
+
+    @property
+    def password(self) -> str:
+        return str(json.loads(self._passwords_file.read_text())[ADMIN])
+
+    @property
+    def _passwords_file(self) -> Path:
+        return self.home / "simple_auth_manager_passwords.json.generated"
+
+    # -- environment ------------------------------------------------------------------------
+
+    def environment(self) -> dict[str, str]:
+        """The environment every Airflow command of this stack runs with."""
+        secrets_file = self.home / "secrets.json"
+        if not secrets_file.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            from cryptography.fernet import Fernet
+
+            keys = {"fernet_key": Fernet.generate_key().decode(), "jwt_secret": secrets.token_urlsafe(32)}
+            secrets_file.write_text(json.dumps(keys))
+            secrets_file.chmod(0o600)
+        keys = json.loads(secrets_file.read_text())
+        env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW")}
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "CAPSTONE_DATA_DIR": str(self.data_dir),
+                "DAG_FACTORY_CONFIGS": str(self.configs),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
+                "AIRFLOW__CORE__PARALLELISM": "8",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
+                "AIRFLOW__API__BASE_URL": self.api_url,
+                "AIRFLOW__API__PORT": str(self.api_port),
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self._passwords_file),
+                # Quiet, fast local settings (see DESIGN.md, "Facts measured").
+                "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+                "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+                "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+                "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Start Postgres, migrate the metadata DB, create pools, connection and the admin login."""
+        from capstone.embedded_pg import EmbeddedPostgres
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        server = EmbeddedPostgres(root=self.data_dir, port=int(os.environ.get("CAPSTONE_PG_PORT", 55432)))
+        server.start()
+        self._airflow("db", "migrate")
+        if not self._passwords_file.exists():
+            self._passwords_file.write_text(json.dumps({ADMIN: secrets.token_urlsafe(12)}))
+            self._passwords_file.chmod(0o600)
+        self._import_pools()
+        self._import_connection(server.uri())
+
+    def _airflow(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "airflow", *args],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"airflow {' '.join(args[:2])} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
+            )
+        return result.stdout
+
+    def pools(self) -> dict[str, int]:
+        """Pool name -> slots declared by the collection files (the largest wins when shared)."""
+        declared: dict[str, int] = {}
+        for _path, spec in load_collections([self.configs]).specs:
+            pool = spec.embedding.pool
+            declared[pool] = max(declared.get(pool, 0), spec.embedding.pool_slots)
+        return declared
+
+    def _import_pools(self) -> None:
+        pools = {
+            name: {
+                "slots": slots,
+                "description": "embedding calls of capstone collections",
+                "include_deferred": False,
+            }
+            for name, slots in self.pools().items()
+        }
+        path = self.home / "pools.json"
+        path.write_text(json.dumps(pools))
+        self._airflow("pools", "import", str(path))
+        log.info("pools: %s", ", ".join(f"{name}={p['slots']}" for name, p in pools.items()))
+
+    def _import_connection(self, uri: str) -> None:
+        parts = urlsplit(uri)
+        connection = {
+            "vector_store_default": {
+                "conn_type": "postgres",
+                "host": parts.hostname,
+                "port": parts.port,
+                "login": parts.username,
+                "password": parts.password,
+                "schema": parts.path.lstrip("/"),
+                "description": "embedded PostgreSQL + pgvector started by capstone",
+            }
+        }
+        path = self.home / "connections.json"
+        path.write_text(json.dumps(connection))
+        path.chmod(0o600)
+        try:
+            self._airflow("connections", "import", "--overwrite", str(path))
+        finally:
+            path.unlink(missing_ok=True)
+
+    # -- services ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the four services (after set-up) and wait until all report healthy."""
+        self._check_port_free()
+        self.service_logs.mkdir(parents=True, exist_ok=True)
+        env = self.environment()
+        for name in SERVICES:
+            args = [sys.executable, "-m", "airflow", name]
+            if name == "api-server":
+                args += ["--port", str(self.api_port), "--host", "127.0.0.1"]
+            with (self.service_logs / f"{name}.log").open("ab") as log_file:
+                self.processes[name] = subprocess.Popen(
+                    args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+                )
+        (self.home / "services.json").write_text(json.dumps({n: p.pid for n, p in self.processes.items()}))
+        self.wait_healthy()
+
+    def _check_port_free(self) -> None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.api_port)) == 0:
+                raise RuntimeError(
+                    f"port {self.api_port} is in use (another stack still running? `make down` stops it, "
+                    "or set AIRFLOW_API_PORT)"
+                )
+
+    def wait_healthy(self, timeout: float = 180.0) -> dict[str, object]:
+        """Poll ``/api/v2/monitor/health`` until every component is healthy."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                health = httpx.get(f"{self.api_url}/api/v2/monitor/health", timeout=5).json()
+                last = health
+                if all(
+                    (health.get(part) or {}).get("status") == "healthy"
+                    for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+                ):
+                    return dict(health)
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(1)
+        raise TimeoutError(
+            f"Airflow did not become healthy within {timeout:.0f}s (last: {last}); logs: {self.service_logs}"
+        )
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                tail = (self.service_logs / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"airflow {name} exited with {process.returncode}:\n{tail}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop every service's process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        pids = {name: process.pid for name, process in self.processes.items()}
+        if not pids and (self.home / "services.json").exists():
+            pids = json.loads((self.home / "services.json").read_text())
+        for pid in pids.values():
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_group_alive(pid) for pid in pids.values()):
+            time.sleep(0.2)
+        for pid in pids.values():
+            _signal_group(pid, signal.SIGKILL)
+        for process in self.processes.values():
+            process.wait(timeout=10)
+        self.processes.clear()
+        (self.home / "services.json").unlink(missing_ok=True)
+
+    def __enter__(self) -> AirflowStack:
+        self.setup()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dag_factory.stack up|down``: start or stop the local Airflow."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dag_factory.stack", description=main.__doc__)
+    parser.add_argument("action", choices=["up", "down"])
+    args = parser.parse_args(argv)
+    stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)))
+    if args.action == "down":
+        stack.stop()
+        print("Airflow services stopped")
+        return 0
+    stack.setup()
+    stack.start()
+    print(f"Airflow UI: {stack.api_url}  (user {ADMIN}, password {stack.password}); stop with: make down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The asset chain on real Airflow services: api-server, scheduler, dag-processor and triggerer.
+
+``enrich_documents`` is triggered through the REST API; its ``documents.enriched`` event must
+start the ``documents`` DAG, whose sensor defers to the triggerer while the index builds, whose
+embedding tasks respect their pool, and whose last task publishes ``documents.indexed``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from dag_factory.api import AirflowApi
+from dag_factory.stack import AirflowStack
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).resolve().parent
+COPIES = 30  # 30 x the language reference: ~22k chunks, so the index build takes a few seconds
+CHUNKS = 733 * COPIES
+TRIGGER = "capstone.triggers.VectorStoreIndexingTrigger"
+
+
+@pytest.fixture(scope="module")
+def stack(pg_dsn: str) -> Iterator[AirflowStack]:
+    home = HERE.parents[1] / ".data" / "airflow-e2e"
+    shutil.rmtree(home, ignore_errors=True)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS e2e CASCADE")
+    with AirflowStack(home=home, api_port=28081, configs=HERE / "configs") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def api(stack: AirflowStack) -> AirflowApi:
+    return AirflowApi(stack.api_url, "admin", stack.password)
+
+
+def _parse(stamp: str | None) -> datetime | None:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+
+
+def _max_overlap(instances: list[dict[str, Any]]) -> int:
+    edges: list[tuple[datetime, int]] = []
+    for ti in instances:
+        start, end = _parse(ti["start_date"]), _parse(ti["end_date"])
+        if start and end:
+            edges += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _, step in sorted(edges, key=lambda edge: (edge[0], edge[1])):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def _follow_downstream_run(
+    api: AirflowApi, timeout: float = 420.0
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Wait for the asset-triggered documents run to finish, recording what wait_for_indexing did."""
+    deadline = time.monotonic() + timeout
+    deferred_seen: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        runs = api.runs("documents")
+        if runs:
+            run = runs[0]
+            for ti in api.task_instances("documents", run["dag_run_id"]):
+                if ti["task_id"] == "wait_for_indexing" and ti["state"] == "deferred":
+                    deferred_seen.append(ti)
+            if run["state"] in ("success", "failed"):
+                return run, deferred_seen
+        time.sleep(0.25)
+    raise TimeoutError("the documents run did not finish in time")
+
+
+def test_asset_chain_runs_on_real_services(stack: AirflowStack, api: AirflowApi, pg_dsn: str) -> None:
+    api.wait_for_dag("documents")
+    api.wait_for_dag("enrich_documents")
+    assert api.import_errors() == []
+
+    upstream = api.trigger("enrich_documents", conf={"copies": COPIES})
+    run, deferred_seen = _follow_downstream_run(api)
+    tis = api.task_instances("documents", run["dag_run_id"])
+    states = {ti["task_id"]: ti["state"] for ti in tis if ti["map_index"] < 1}
+    assert run["state"] == "success", states
+
+    # started by the upstream asset event, not by hand
+    assert run["run_type"] == "asset_triggered"
+    (event,) = api.upstream_events("documents", run["dag_run_id"])
+    assert event["name"] == "documents.enriched"
+    assert event["source_run_id"] == upstream["dag_run_id"]
+
+    # the sensor freed its worker slot: it deferred, and its trigger ran in the triggerer
+    assert deferred_seen, "wait_for_indexing was never seen deferred"
+    assert any(ti["trigger"] and ti["trigger"]["classpath"] == TRIGGER for ti in deferred_seen)
+    assert any(
+        ti["triggerer_job"] and ti["triggerer_job"]["job_type"] == "TriggererJob" for ti in deferred_seen
+    )
+
+    # the pool bounded the mapped embedding tasks
+    embedding = [ti for ti in tis if ti["task_id"] == "generate_embedding"]
+    assert len(embedding) == -(-CHUNKS // 1500)
+    assert {ti["pool"] for ti in embedding} == {"embedding_e2e"}
+    assert 1 <= _max_overlap(embedding) <= 2
+
+    # the indexed asset was published with the run's summary
+    (published,) = api.asset_events(source_dag_id="documents", source_run_id=run["dag_run_id"])
+    assert published["name"] == "documents.indexed"
+    assert published["extra"]["vector_count"] == CHUNKS
+    assert published["extra"]["chunks_embedded"] == CHUNKS
+    published_index = published["extra"]["index_name"]
+    assert published_index.startswith("documents_hnsw_")
+    # ... and the build was logged by the triggerer process (its own log file), not by a worker
+    trigger_logs = list(
+        stack.home.glob(
+            f"logs/dag_id=documents/run_id={run['dag_run_id']}/*task_id=wait_for_indexing/*.log.trigger.*.log"
+        )
+    )
+    trigger_text = "".join(path.read_text(errors="replace") for path in trigger_logs)
+    assert f'{published_index}\\": built in' in trigger_text
+    assert '"logger":"capstone.triggers.VectorStoreIndexingTrigger"' in trigger_text
+
+    with psycopg.connect(pg_dsn) as conn:
+        count = conn.execute("SELECT count(*), count(DISTINCT document_id) FROM e2e.documents").fetchone()
+    assert count == (CHUNKS, 79 * COPIES)

