@@ -118,7 +118,9 @@ def load_documents(
         stale = store.drop_stale_staging(conn, settings.collection)
         if stale:
             log.info("removed staging rows of %d abandoned runs", stale)
-        document_count, chunk_count = store.stage_documents(conn, run_key, settings.collection, documents())
+        document_count, chunk_count = store.stage_documents(
+            conn, run_key, settings.collection, documents(), settings.model
+        )
     log.info(
         "staged %d documents (%d chunks) from %d batch(es); %d set aside",
         document_count,
@@ -147,9 +149,7 @@ def prepare_chunks(settings: PipelineSettings, run_key: str, max_batches: int) -
     table = settings.store_table
     with _connect(settings) as conn:
         store.ensure_collection_table(conn, table)
-        batches = store.assign_batches(
-            conn, run_key, table, settings.model, settings.embed_batch_size, max_batches
-        )
+        batches = store.assign_batches(conn, run_key, table, settings.embed_batch_size, max_batches)
         lost = store.count_lost_chunks(conn, run_key, table)
         staged = conn.execute(
             "SELECT count(*) FROM capstone.staged_chunks WHERE run_key = %s", (run_key,)
@@ -175,21 +175,21 @@ def prepare_chunks(settings: PipelineSettings, run_key: str, max_batches: int) -
         "to_embed": to_embed,
         "unchanged": staged - to_embed,
         "to_delete": lost,
-        "batches": [{"run_key": run_key, **batch} for batch in batches],
+        "batches": batches,
     }
 
 
 # -- generate_embedding ---------------------------------------------------------------------
 
 
-def embed_batch(settings: PipelineSettings, batch: dict[str, Any]) -> dict[str, Any]:
+def embed_batch(settings: PipelineSettings, run_key: str, batch: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch's texts and stage their vectors; returns a small manifest."""
     from capstone.embeddings import create_embedder, resolve_api_key
 
-    run_key, batch_no = str(batch["run_key"]), int(batch["batch_no"])
+    batch_no = int(batch["batch_no"])
     started = time.monotonic()
     with _connect(settings) as conn:
-        ids, texts = store.read_batch_texts(conn, run_key, batch_no)
+        ids, texts = store.read_batch_texts(conn, run_key, settings.store_table, batch_no)
         if not ids:
             log.warning("batch %d has no staged chunks (already merged?): nothing to embed", batch_no)
             return {"batch_no": batch_no, "embedded": 0, "failed_ids": [], "seconds": 0.0}
@@ -270,10 +270,8 @@ def upsert_vectors(settings: PipelineSettings, aggregate: dict[str, Any]) -> dic
     with _connect(settings) as conn:
         store.ensure_collection_table(conn, table)
         store.analyze_staged_vectors(conn)
-        ids = store.staged_vector_ids(conn, run_key)
-        spans = [
-            ids[i : i + settings.upsert_batch_size] for i in range(0, len(ids), settings.upsert_batch_size)
-        ]
+        _check_staging_complete(store.count_staged_vectors(conn, run_key), aggregate)
+        spans = store.merge_spans(conn, run_key, settings.upsert_batch_size)
         upserted, failures = _merge_spans(conn, settings, run_key, spans)
         if failures:
             raise RuntimeError(
@@ -300,16 +298,27 @@ def upsert_vectors(settings: PipelineSettings, aggregate: dict[str, Any]) -> dic
     }
 
 
+def _check_staging_complete(staged: int, aggregate: dict[str, Any]) -> None:
+    if staged != int(aggregate["embedded"]):
+        raise store.StagingIncomplete(
+            f"{aggregate['embedded']} vectors were embedded but {staged} are in staging (did Postgres "
+            "crash? it empties unlogged staging tables): nothing was merged; re-run the DAG and the "
+            "missing chunks are embedded again"
+        )
+
+
 def _merge_spans(
-    conn: psycopg.Connection, settings: PipelineSettings, run_key: str, spans: list[list[str]]
+    conn: psycopg.Connection, settings: PipelineSettings, run_key: str, spans: list[tuple[str, str, int]]
 ) -> tuple[int, list[str]]:
     upserted, failures = 0, []
     started = time.monotonic()
-    for number, span in enumerate(spans, start=1):
+    for number, (first_id, last_id, expected) in enumerate(spans, start=1):
         try:
-            count = store.merge_batch(conn, run_key, settings.store_table, settings.model, span[0], span[-1])
-        except psycopg.OperationalError:
-            raise  # the database is gone: nothing else will succeed, let the task retry
+            count = store.merge_batch(
+                conn, run_key, settings.store_table, settings.model, first_id, last_id, expected
+            )
+        except (psycopg.OperationalError, store.StagingIncomplete):
+            raise  # the database or the staging is gone: no other batch can succeed
         except psycopg.Error as exc:
             failures.append(f"batch {number}: {exc.diag.message_primary or exc}")
             log.error("upsert batch %d/%d failed and was rolled back: %s", number, len(spans), exc)

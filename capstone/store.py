@@ -9,6 +9,7 @@ what the same run wrote before, and the merge is an upsert.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,17 +26,20 @@ __all__ = [
     "STAGING_SCHEMA",
     "CollectionTable",
     "DimensionMismatch",
+    "StagingIncomplete",
     "assign_batches",
+    "batch_spans",
     "chunk_id",
     "count_lost_chunks",
+    "count_staged_vectors",
     "delete_lost_chunks",
     "drop_run_staging",
     "ensure_collection_table",
     "ensure_staging",
     "merge_batch",
+    "merge_spans",
     "read_batch_texts",
     "stage_documents",
-    "staged_vector_ids",
     "write_batch_vectors",
 ]
 
@@ -43,6 +47,10 @@ log = logging.getLogger(__name__)
 
 STAGING_SCHEMA = "capstone"
 _STAGING_LOCK = 7_245_021_113  # advisory lock serialising DDL of the shared staging tables
+
+
+class StagingIncomplete(RuntimeError):
+    """Fewer staged rows than the run embedded: Postgres crashed and emptied the unlogged staging."""
 
 
 class DimensionMismatch(ValueError):
@@ -71,6 +79,11 @@ def chunk_id(document_id: str, chunk_index: int) -> str:
     return f"{document_id}_chunk_{chunk_index}"
 
 
+def content_hash(text: str, metadata_json: str, model: str) -> str:
+    """sha256 over (text, metadata, model): a chunk whose hash is stored needs no new embedding."""
+    return hashlib.sha256("\x1f".join((text, metadata_json, model)).encode("utf-8")).hexdigest()
+
+
 # -- DDL ------------------------------------------------------------------------------------
 
 
@@ -91,30 +104,38 @@ def ensure_staging(conn: psycopg.Connection) -> None:
 def _staging_exists(conn: psycopg.Connection) -> bool:
     row = conn.execute(
         "SELECT to_regclass('capstone.staged_chunks') IS NOT NULL"
-        " AND to_regclass('capstone.staged_chunks_batch') IS NOT NULL"
         " AND to_regclass('capstone.staged_documents') IS NOT NULL"
         " AND to_regclass('capstone.staged_vectors') IS NOT NULL"
+        " AND to_regclass('capstone.staged_batches') IS NOT NULL"
     ).fetchone()
     return bool(row and row[0])
 
 
+# Staging is UNLOGGED: it is rebuilt from the batch by re-running the DAG, and skipping the WAL
+# halves the cost of writing every vector twice. A crash empties unlogged tables; the merge
+# notices (fewer rows than staged) and fails with a clear message instead of losing chunks.
 _STAGING_DDL = [
     sql.SQL(
-        "CREATE TABLE IF NOT EXISTS capstone.staged_chunks ("
+        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_chunks ("
         " run_key text NOT NULL, collection text NOT NULL, id text NOT NULL,"
         " document_id text NOT NULL, chunk_index int NOT NULL, content text NOT NULL,"
-        " metadata jsonb NOT NULL, content_hash text, batch_no int,"
+        " metadata jsonb NOT NULL, content_hash text NOT NULL,"
         " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_key, id))"
     ),
-    sql.SQL("CREATE INDEX IF NOT EXISTS staged_chunks_batch ON capstone.staged_chunks (run_key, batch_no)"),
     sql.SQL(
-        "CREATE TABLE IF NOT EXISTS capstone.staged_documents ("
+        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_documents ("
         " run_key text NOT NULL, collection text NOT NULL, document_id text NOT NULL,"
         " chunk_count int NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
         " PRIMARY KEY (run_key, document_id))"
     ),
     sql.SQL(
-        "CREATE TABLE IF NOT EXISTS capstone.staged_vectors ("
+        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_batches ("
+        " run_key text NOT NULL, batch_no int NOT NULL, first_id text NOT NULL,"
+        " last_id text NOT NULL, chunks int NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
+        " PRIMARY KEY (run_key, batch_no))"
+    ),
+    sql.SQL(
+        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_vectors ("
         " run_key text NOT NULL, id text NOT NULL, embedding vector NOT NULL,"
         " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_key, id))"
     ),
@@ -166,9 +187,16 @@ def stored_dimension(conn: psycopg.Connection, table: CollectionTable) -> int | 
 
 
 def stage_documents(
-    conn: psycopg.Connection, run_key: str, collection: str, documents: Iterable[EnrichedDocument]
+    conn: psycopg.Connection,
+    run_key: str,
+    collection: str,
+    documents: Iterable[EnrichedDocument],
+    model: str,
 ) -> tuple[int, int]:
-    """Replace the run's staged documents and chunks with ``documents``; returns (docs, chunks)."""
+    """Replace the run's staged documents and chunks with ``documents``; returns (docs, chunks).
+
+    Each chunk is staged with its content hash for ``model`` (see :func:`content_hash`).
+    """
     document_count = chunk_count = 0
     with conn.transaction():
         _drop_run_rows(conn, run_key)
@@ -176,21 +204,15 @@ def stage_documents(
             doc_rows: list[tuple[str, str, str, int]] = []
             with cur.copy(
                 "COPY capstone.staged_chunks (run_key, collection, id, document_id, chunk_index, content,"
-                " metadata) FROM STDIN"
+                " metadata, content_hash) FROM STDIN"
             ) as copy:
                 for document in documents:
-                    metadata = json.dumps(document.metadata, ensure_ascii=False)
+                    metadata = json.dumps(document.metadata, ensure_ascii=False, sort_keys=True)
                     for index, text in enumerate(document.chunks):
+                        row_hash = content_hash(text, metadata, model)
+                        row_id = chunk_id(document.id, index)
                         copy.write_row(
-                            (
-                                run_key,
-                                collection,
-                                chunk_id(document.id, index),
-                                document.id,
-                                index,
-                                text,
-                                metadata,
-                            )
+                            (run_key, collection, row_id, document.id, index, text, metadata, row_hash)
                         )
                     doc_rows.append((run_key, collection, document.id, len(document.chunks)))
                     document_count += 1
@@ -213,7 +235,7 @@ def drop_run_staging(conn: psycopg.Connection, run_key: str) -> None:
 
 
 def _drop_run_rows(conn: psycopg.Connection, run_key: str) -> None:
-    for name in ("staged_chunks", "staged_documents", "staged_vectors"):
+    for name in ("staged_chunks", "staged_documents", "staged_batches", "staged_vectors"):
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE run_key = %s").format(sql.Identifier(STAGING_SCHEMA, name)),
             (run_key,),
@@ -239,55 +261,56 @@ def drop_stale_staging(conn: psycopg.Connection, collection: str, older_than_day
 # -- deciding what to embed -----------------------------------------------------------------
 
 
+_CHANGED = (
+    "FROM capstone.staged_chunks s LEFT JOIN {table} t ON t.id = s.id"
+    " WHERE s.run_key = %s AND (t.id IS NULL OR t.embedding IS NULL OR t.content_hash <> s.content_hash)"
+)
+
+
+def changed_chunk_ids(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> list[str]:
+    """Ids of the run's staged chunks that are new, changed, or stored without an embedding, in order."""
+    query = sql.SQL("SELECT s.id " + _CHANGED + " ORDER BY s.id").format(table=table.ident)
+    return [row[0] for row in conn.execute(query, (run_key,))]
+
+
 def assign_batches(
     conn: psycopg.Connection,
     run_key: str,
     table: CollectionTable,
-    model: str,
     batch_size: int,
     max_batches: int,
 ) -> list[dict[str, int]]:
-    """Hash the run's chunks, keep those new or changed, and number them into batches.
+    """Cut the run's new or changed chunks into batches for mapping: ``[{"batch_no", "chunks"}]``.
 
-    The hash is sha256 over (text, metadata, model): a chunk whose hash is already stored with an
-    embedding is skipped. Batches grow beyond ``batch_size`` when needed so that there are never
-    more than ``max_batches`` (Airflow's ``max_map_length``). Returns ``[{"batch_no", "chunks"}]``.
+    A chunk whose hash is already stored with an embedding is skipped. Batches grow beyond
+    ``batch_size`` when needed so that there are never more than ``max_batches`` (Airflow's
+    ``max_map_length``). Each batch is an id range kept in ``capstone.staged_batches``, so the
+    descriptors that go through XCom stay tiny whatever the size of the run.
     """
-    with conn.transaction():
-        conn.execute(
-            "UPDATE capstone.staged_chunks SET batch_no = NULL, content_hash = encode(sha256(convert_to("
-            " jsonb_build_array(content, metadata, %s::text)::text, 'UTF8')), 'hex') WHERE run_key = %s",
-            (model, run_key),
-        )
-        todo = conn.execute(
-            sql.SQL(
-                "SELECT count(*) FROM capstone.staged_chunks s LEFT JOIN {} t ON t.id = s.id"
-                " WHERE s.run_key = %s AND (t.id IS NULL OR t.embedding IS NULL"
-                " OR t.content_hash IS DISTINCT FROM s.content_hash)"
-            ).format(table.ident),
-            (run_key,),
-        ).fetchone()[0]  # type: ignore[index]
-        if todo == 0:
-            return []
-        size = max(batch_size, math.ceil(todo / max_batches))
-        conn.execute(
-            sql.SQL(
-                "WITH todo AS ("
-                " SELECT s.id, (row_number() OVER (ORDER BY s.id) - 1) / %s AS batch_no"
-                " FROM capstone.staged_chunks s LEFT JOIN {} t ON t.id = s.id"
-                " WHERE s.run_key = %s AND (t.id IS NULL OR t.embedding IS NULL"
-                " OR t.content_hash IS DISTINCT FROM s.content_hash))"
-                " UPDATE capstone.staged_chunks s SET batch_no = todo.batch_no FROM todo"
-                " WHERE s.run_key = %s AND s.id = todo.id"
-            ).format(table.ident),
-            (size, run_key, run_key),
-        )
-        rows = conn.execute(
-            "SELECT batch_no, count(*) FROM capstone.staged_chunks"
-            " WHERE run_key = %s AND batch_no IS NOT NULL GROUP BY batch_no ORDER BY batch_no",
-            (run_key,),
-        ).fetchall()
-    return [{"batch_no": int(batch_no), "chunks": int(count)} for batch_no, count in rows]
+    ids = changed_chunk_ids(conn, run_key, table)
+    size = max(batch_size, math.ceil(len(ids) / max_batches)) if ids else batch_size
+    rows = [
+        (run_key, number, ids[start], ids[min(start + size, len(ids)) - 1], min(size, len(ids) - start))
+        for number, start in enumerate(range(0, len(ids), size))
+    ]
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("DELETE FROM capstone.staged_batches WHERE run_key = %s", (run_key,))
+        with cur.copy(
+            "COPY capstone.staged_batches (run_key, batch_no, first_id, last_id, chunks) FROM STDIN"
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
+    return [{"batch_no": number, "chunks": chunks} for _key, number, _first, _last, chunks in rows]
+
+
+def batch_spans(conn: psycopg.Connection, run_key: str) -> list[tuple[int, str, str, int]]:
+    """The run's embedding batches: ``[(batch_no, first_id, last_id, chunks)]`` in id order."""
+    rows = conn.execute(
+        "SELECT batch_no, first_id, last_id, chunks FROM capstone.staged_batches"
+        " WHERE run_key = %s ORDER BY batch_no",
+        (run_key,),
+    ).fetchall()
+    return [(int(n), str(first), str(last), int(chunks)) for n, first, last, chunks in rows]
 
 
 def count_lost_chunks(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> int:
@@ -305,12 +328,18 @@ def count_lost_chunks(conn: psycopg.Connection, run_key: str, table: CollectionT
 # -- embedding batches ----------------------------------------------------------------------
 
 
-def read_batch_texts(conn: psycopg.Connection, run_key: str, batch_no: int) -> tuple[list[str], list[str]]:
-    """The (ids, texts) of one batch, in id order."""
-    rows = conn.execute(
-        "SELECT id, content FROM capstone.staged_chunks WHERE run_key = %s AND batch_no = %s ORDER BY id",
+def read_batch_texts(
+    conn: psycopg.Connection, run_key: str, table: CollectionTable, batch_no: int
+) -> tuple[list[str], list[str]]:
+    """The (ids, texts) of the new or changed chunks of one batch, in id order."""
+    span = conn.execute(
+        "SELECT first_id, last_id FROM capstone.staged_batches WHERE run_key = %s AND batch_no = %s",
         (run_key, batch_no),
-    ).fetchall()
+    ).fetchone()
+    if span is None:
+        return [], []
+    query = sql.SQL("SELECT s.id, s.content " + _CHANGED + " AND s.id >= %s AND s.id <= %s ORDER BY s.id")
+    rows = conn.execute(query.format(table=table.ident), (run_key, span[0], span[1])).fetchall()
     return [row[0] for row in rows], [row[1] for row in rows]
 
 
@@ -335,13 +364,43 @@ def write_batch_vectors(
                 copy.write_row((run_key, chunk, header + row.tobytes()))
 
 
-def staged_vector_ids(conn: psycopg.Connection, run_key: str) -> list[str]:
-    """Ids of the chunks with a staged vector, in order."""
-    return [
+def count_staged_vectors(conn: psycopg.Connection, run_key: str) -> int:
+    """How many vectors the run has staged."""
+    row = conn.execute(
+        "SELECT count(*) FROM capstone.staged_vectors WHERE run_key = %s", (run_key,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def merge_spans(conn: psycopg.Connection, run_key: str, span_size: int) -> list[tuple[str, str, int]]:
+    """Id ranges of about ``span_size`` staged vectors each: ``[(first_id, last_id, count)]``.
+
+    Consecutive embedding batches are grouped; a batch larger than ``span_size`` is split.
+    """
+    spans: list[tuple[str, str, int]] = []
+    for _number, first, last, chunks in batch_spans(conn, run_key):
+        if chunks > span_size:
+            spans += _split_range(conn, run_key, first, last, span_size)
+        elif spans and spans[-1][2] + chunks <= span_size:
+            spans[-1] = (spans[-1][0], last, spans[-1][2] + chunks)
+        else:
+            spans.append((first, last, chunks))
+    return spans
+
+
+def _split_range(
+    conn: psycopg.Connection, run_key: str, first: str, last: str, span_size: int
+) -> list[tuple[str, str, int]]:
+    ids = [
         row[0]
         for row in conn.execute(
-            "SELECT id FROM capstone.staged_vectors WHERE run_key = %s ORDER BY id", (run_key,)
+            "SELECT id FROM capstone.staged_vectors WHERE run_key = %s AND id >= %s AND id <= %s ORDER BY id",
+            (run_key, first, last),
         )
+    ]
+    return [
+        (ids[i], ids[min(i + span_size, len(ids)) - 1], len(ids[i : i + span_size]))
+        for i in range(0, len(ids), span_size)
     ]
 
 
@@ -354,9 +413,19 @@ def analyze_staged_vectors(conn: psycopg.Connection) -> None:
 
 
 def merge_batch(
-    conn: psycopg.Connection, run_key: str, table: CollectionTable, model: str, first_id: str, last_id: str
+    conn: psycopg.Connection,
+    run_key: str,
+    table: CollectionTable,
+    model: str,
+    first_id: str,
+    last_id: str,
+    expected: int | None = None,
 ) -> int:
-    """Upsert the staged chunks with ids in ``[first_id, last_id]`` into the table; one transaction."""
+    """Upsert the staged chunks with ids in ``[first_id, last_id]`` into the table; one transaction.
+
+    With ``expected``, a merge of fewer rows (staged chunk texts gone) is rolled back and raises
+    :class:`StagingIncomplete`.
+    """
     with conn.transaction():
         cursor = conn.execute(
             sql.SQL(
@@ -367,14 +436,20 @@ def merge_batch(
                 " FROM capstone.staged_vectors v JOIN capstone.staged_chunks c"
                 " ON c.run_key = v.run_key AND c.id = v.id"
                 " WHERE v.run_key = %s AND v.id >= %s AND v.id <= %s"
+                " AND c.run_key = %s AND c.id >= %s AND c.id <= %s"
                 " ON CONFLICT (id) DO UPDATE SET document_id = EXCLUDED.document_id,"
                 " chunk_index = EXCLUDED.chunk_index, content = EXCLUDED.content,"
                 " metadata = EXCLUDED.metadata, content_hash = EXCLUDED.content_hash,"
                 " embedding = EXCLUDED.embedding, embedding_model = EXCLUDED.embedding_model,"
                 " updated_at = EXCLUDED.updated_at"
             ).format(table.ident),
-            (model, run_key, first_id, last_id),
+            (model, run_key, first_id, last_id, run_key, first_id, last_id),
         )
+        if expected is not None and cursor.rowcount != expected:
+            raise StagingIncomplete(
+                f"merging {first_id}..{last_id} wrote {cursor.rowcount} rows where {expected} vectors were "
+                "staged: the staged chunk texts are gone (did Postgres crash?); rolled back, re-run the DAG"
+            )
         return cursor.rowcount
 
 

@@ -167,7 +167,7 @@ def _embed_task(spec: CollectionSpec, settings: PipelineSettings) -> Any:
         """Embed one batch of chunks and stage the vectors in Postgres."""
         from capstone.pipeline import embed_batch
 
-        return embed_batch(settings, batch)
+        return embed_batch(settings, _run_key(), batch)
 
     return generate_embedding
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import psycopg
 import pytest
@@ -25,10 +27,12 @@ def _docs(n: int, chunks: int = 3, tag: str = "v1") -> list[EnrichedDocument]:
     ]
 
 
-def _embed_all(conn: psycopg.Connection, run_key: str, batches: list[dict[str, int]]) -> None:
+def _embed_all(
+    conn: psycopg.Connection, table: store.CollectionTable, run_key: str, batches: list[dict[str, Any]]
+) -> None:
     rng = np.random.default_rng(0)
     for batch in batches:
-        ids, _texts = store.read_batch_texts(conn, run_key, batch["batch_no"])
+        ids, _texts = store.read_batch_texts(conn, run_key, table, batch["batch_no"])
         store.write_batch_vectors(conn, run_key, ids, rng.random((len(ids), DIM), dtype=np.float32))
 
 
@@ -37,11 +41,13 @@ def _index(
 ) -> int:
     store.ensure_staging(conn)
     store.ensure_collection_table(conn, table)
-    store.stage_documents(conn, run_key, "c", docs)
-    batches = store.assign_batches(conn, run_key, table, "m", batch_size=4, max_batches=1024)
-    _embed_all(conn, run_key, batches)
-    ids = store.staged_vector_ids(conn, run_key)
-    merged = store.merge_batch(conn, run_key, table, "m", ids[0], ids[-1]) if ids else 0
+    store.stage_documents(conn, run_key, "c", docs, "m")
+    batches = store.assign_batches(conn, run_key, table, batch_size=4, max_batches=1024)
+    _embed_all(conn, table, run_key, batches)
+    merged = sum(
+        store.merge_batch(conn, run_key, table, "m", first, last, count)
+        for first, last, count in store.merge_spans(conn, run_key, 7)
+    )
     store.delete_lost_chunks(conn, run_key, table)
     store.drop_run_staging(conn, run_key)
     return merged
@@ -69,10 +75,11 @@ def test_first_run_stores_every_chunk_with_its_document_and_index(
 def test_unchanged_chunks_are_not_batched_again(pg_conn: psycopg.Connection, pg_schema: str) -> None:
     table = store.CollectionTable(pg_schema, "chunks", DIM)
     _index(pg_conn, table, "run1", _docs(5))
-    store.stage_documents(pg_conn, "run2", "c", _docs(5))
-    assert store.assign_batches(pg_conn, "run2", table, "m", 4, 1024) == []
+    store.stage_documents(pg_conn, "run2", "c", _docs(5), "m")
+    assert store.assign_batches(pg_conn, "run2", table, 4, 1024) == []
     # the same text under another model must be embedded again
-    assert sum(b["chunks"] for b in store.assign_batches(pg_conn, "run2", table, "m2", 4, 1024)) == 15
+    store.stage_documents(pg_conn, "run3", "c", _docs(5), "m2")
+    assert sum(b["chunks"] for b in store.assign_batches(pg_conn, "run3", table, 4, 1024)) == 15
 
 
 def test_changed_document_replaces_its_chunks_and_drops_the_ones_it_lost(
@@ -85,8 +92,8 @@ def test_changed_document_replaces_its_chunks_and_drops_the_ones_it_lost(
             id="doc1", content="new", chunks=["doc 1 chunk 0 v1", "rewritten"], metadata={"n": 1, "tag": "v1"}
         )
     ]
-    store.stage_documents(pg_conn, "run2", "c", changed)
-    batches = store.assign_batches(pg_conn, "run2", table, "m", 4, 1024)
+    store.stage_documents(pg_conn, "run2", "c", changed, "m")
+    batches = store.assign_batches(pg_conn, "run2", table, 4, 1024)
     assert sum(b["chunks"] for b in batches) == 1  # only the rewritten chunk
     assert store.count_lost_chunks(pg_conn, "run2", table) == 2
     _index(pg_conn, table, "run2", changed)
@@ -99,8 +106,8 @@ def test_batches_never_exceed_the_map_limit(pg_conn: psycopg.Connection, pg_sche
     table = store.CollectionTable(pg_schema, "chunks", DIM)
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
-    store.stage_documents(pg_conn, "run1", "c", _docs(100, chunks=10))
-    batches = store.assign_batches(pg_conn, "run1", table, "m", batch_size=1, max_batches=7)
+    store.stage_documents(pg_conn, "run1", "c", _docs(100, chunks=10), "m")
+    batches = store.assign_batches(pg_conn, "run1", table, batch_size=1, max_batches=7)
     assert len(batches) <= 7
     assert sum(b["chunks"] for b in batches) == 1000
 
@@ -115,6 +122,20 @@ def test_rewriting_a_batch_replaces_its_vectors(pg_conn: psycopg.Connection, pg_
     ).fetchall()
     assert vectors == [("[" + ",".join(["2"] * DIM) + "]",)] * 2
     store.drop_run_staging(pg_conn, "rerun")
+
+
+def test_a_merge_missing_staged_chunks_rolls_back(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    store.ensure_staging(pg_conn)
+    store.ensure_collection_table(pg_conn, table)
+    store.stage_documents(pg_conn, "lost", "c", _docs(2), "m")
+    _embed_all(pg_conn, table, "lost", store.assign_batches(pg_conn, "lost", table, 10, 1024))
+    pg_conn.execute("DELETE FROM capstone.staged_chunks WHERE run_key = 'lost' AND id = 'doc1_chunk_1'")
+    ((first, last, count),) = store.merge_spans(pg_conn, "lost", 100)
+    with pytest.raises(store.StagingIncomplete, match="wrote 5 rows where 6 vectors were staged"):
+        store.merge_batch(pg_conn, "lost", table, "m", first, last, count)
+    assert store.count_vectors(pg_conn, table) == 0
+    store.drop_run_staging(pg_conn, "lost")
 
 
 def test_dimension_mismatch_fails_before_writing(pg_conn: psycopg.Connection, pg_schema: str) -> None:

@@ -1,0 +1,158 @@
+"""``VectorStoreIndexingSensor``: the ``wait_for_indexing`` task of every collection DAG.
+
+It checks synchronously first (a valid index matching the spec that holds every upserted vector
+means there is nothing to wait for), otherwise defers to ``VectorStoreIndexingTrigger``, which
+builds the index in the triggerer. With ``deferrable=False`` it runs the same build coroutine in
+the worker instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowException
+
+from capstone.connections import DEFAULT_CONNECTION_ID, postgres_dsn
+from capstone.index_build import IndexParams, IndexType, Metric, build_index, check_index
+from capstone.triggers import VectorStoreIndexingTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+__all__ = ["VectorStoreIndexingSensor"]
+
+# Airflow's own deferral timeout is set a little beyond the trigger's, so that on a slow build the
+# trigger's clean timeout (cancel, drop the INVALID index, clear message) fires first.
+_DEFERRAL_GRACE_S = 60.0
+
+
+class VectorStoreIndexingSensor(BaseSensorOperator):
+    """Wait until the collection's vector index is valid and holds ``expected_count`` vectors.
+
+    :param collection_name: the collection, for messages.
+    :param expected_count: vectors the upsert wrote (templated; an XComArg or a Jinja string).
+    :param deferrable: build in the triggerer (True) or in this worker (False).
+    :param timeout: seconds the build may take before it is cancelled and the task fails.
+
+    The other parameters are those of :class:`capstone.triggers.VectorStoreIndexingTrigger`.
+    The returned value (pushed to XCom) is the trigger's success event.
+    """
+
+    template_fields: Sequence[str] = ("expected_count",)
+    ui_color = "#d8e9f3"
+
+    def __init__(
+        self,
+        *,
+        collection_name: str,
+        expected_count: int | str | Any,
+        schema: str,
+        table: str,
+        index_type: IndexType = "hnsw",
+        metric: Metric = "cosine",
+        m: int = 16,
+        ef_construction: int = 64,
+        lists: int | None = None,
+        maintenance_work_mem: str = "auto",
+        column: str = "embedding",
+        connection_id: str = DEFAULT_CONNECTION_ID,
+        poll_interval: float = 30.0,
+        timeout: float = 3600.0,
+        deferrable: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(timeout=timeout, poke_interval=poll_interval, **kwargs)
+        self.collection_name = collection_name
+        self.expected_count = expected_count  # resolved at run time: may be an XComArg or a string
+        self.connection_id = connection_id
+        self.poll_interval = float(poll_interval)
+        self.deferrable = deferrable
+        self.index_params = IndexParams(
+            schema=schema,
+            table=table,
+            index_type=index_type,
+            metric=metric,
+            m=m,
+            ef_construction=ef_construction,
+            lists=lists,
+            maintenance_work_mem=maintenance_work_mem,
+            column=column,
+        )
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Return at once when the index is ready; otherwise build it (deferred or in-process)."""
+        expected = self._expected_count()
+        dsn = postgres_dsn(self.connection_id)
+        ready = asyncio.run(check_index(dsn, self.index_params, expected, self.log))
+        if ready is not None:
+            self.log.info(
+                "collection %s: index already valid over %d vectors", self.collection_name, expected
+            )
+            return ready
+        if not self.deferrable:
+            event = asyncio.run(
+                build_index(dsn, self.index_params, expected, self.poll_interval, self.timeout, self.log)
+            )
+            return self.execute_complete(context, event)
+        self.defer(
+            trigger=self._trigger(expected),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout + self.poll_interval + _DEFERRAL_GRACE_S),
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger: return the success event, raise on a timeout or error event."""
+        if not event or "status" not in event:
+            raise AirflowException(
+                f"collection {self.collection_name!r}: the index trigger ended without an event; "
+                "see the triggerer log"
+            )
+        if event["status"] != "success":
+            raise AirflowException(
+                f"collection {self.collection_name!r}: index build {event['status']}: "
+                f"{event.get('message', 'no message')}"
+            )
+        self.log.info(
+            "collection %s: index %s valid with %s vectors (%s bytes)",
+            self.collection_name,
+            event.get("index_name"),
+            event.get("indexed_count"),
+            event.get("index_size_bytes"),
+        )
+        return event
+
+    def _expected_count(self) -> int:
+        # Jinja renders to a string unless the DAG renders native objects: accept both.
+        value = self.expected_count
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            raise AirflowException(
+                f"collection {self.collection_name!r}: expected_count must be a whole number of vectors "
+                f"(the upsert task's count), got {value!r}"
+            ) from None
+
+    def _trigger(self, expected: int) -> VectorStoreIndexingTrigger:
+        p = self.index_params
+        return VectorStoreIndexingTrigger(
+            collection_name=self.collection_name,
+            expected_count=expected,
+            schema=p.schema,
+            table=p.table,
+            index_type=p.index_type,
+            metric=p.metric,
+            m=p.m,
+            ef_construction=p.ef_construction,
+            lists=p.lists,
+            maintenance_work_mem=p.maintenance_work_mem,
+            column=p.column,
+            connection_id=self.connection_id,
+            poll_interval=self.poll_interval,
+            timeout=self.timeout,
+        )

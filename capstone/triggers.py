@@ -1,0 +1,127 @@
+"""``VectorStoreIndexingTrigger``: builds a collection's vector index in Airflow's triggerer.
+
+The triggerer imports this class by its path, ``capstone.triggers.VectorStoreIndexingTrigger``,
+from the installed package (never from the DAGs folder). The build itself lives in
+:mod:`capstone.index_build`, shared with the sensor's non-deferrable mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from capstone.connections import DEFAULT_CONNECTION_ID, apostgres_dsn
+from capstone.index_build import IndexParams, IndexType, Metric, build_index
+
+__all__ = ["VectorStoreIndexingTrigger"]
+
+
+class VectorStoreIndexingTrigger(BaseTrigger):
+    """Build (or follow the build of) a collection's HNSW/IVFFlat index; fire one event when done.
+
+    :param collection_name: the collection, for messages.
+    :param expected_count: rows that must have an embedding before the index counts as ready.
+    :param connection_id: Airflow connection of the Postgres holding the collection.
+    :param poll_interval: seconds between progress checks of the build.
+    :param timeout: seconds before the build is cancelled and a ``timeout`` event fires.
+    :param schema: schema of the collection table.
+    :param table: the collection table.
+    :param index_type: ``hnsw`` or ``ivfflat``.
+    :param metric: ``cosine``, ``l2`` or ``inner_product`` (picks the operator class).
+    :param m: HNSW links per node.
+    :param ef_construction: HNSW candidate list size while building.
+    :param lists: IVFFlat number of lists.
+    :param maintenance_work_mem: ``auto`` (sized from the data) or a Postgres size such as ``512MB``.
+    :param column: the vector column.
+    """
+
+    def __init__(
+        self,
+        *,
+        collection_name: str,
+        expected_count: int,
+        schema: str,
+        table: str,
+        index_type: IndexType = "hnsw",
+        metric: Metric = "cosine",
+        m: int = 16,
+        ef_construction: int = 64,
+        lists: int | None = None,
+        maintenance_work_mem: str = "auto",
+        column: str = "embedding",
+        connection_id: str = DEFAULT_CONNECTION_ID,
+        poll_interval: float = 30.0,
+        timeout: float = 3600.0,
+    ) -> None:
+        super().__init__()
+        self.collection_name = collection_name
+        self.expected_count = int(expected_count)
+        self.connection_id = connection_id
+        self.poll_interval = float(poll_interval)
+        self.timeout = float(timeout)
+        # Validated here, so a bad spec fails the task when it defers, not later in the triggerer.
+        self.params = IndexParams(
+            schema=schema,
+            table=table,
+            index_type=index_type,
+            metric=metric,
+            m=m,
+            ef_construction=ef_construction,
+            lists=lists,
+            maintenance_work_mem=maintenance_work_mem,
+            column=column,
+        )
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Class path and the keyword arguments that re-create this trigger in the triggerer."""
+        p = self.params
+        return (
+            "capstone.triggers.VectorStoreIndexingTrigger",
+            {
+                "collection_name": self.collection_name,
+                "expected_count": self.expected_count,
+                "schema": p.schema,
+                "table": p.table,
+                "index_type": p.index_type,
+                "metric": p.metric,
+                "m": p.m,
+                "ef_construction": p.ef_construction,
+                "lists": p.lists,
+                "maintenance_work_mem": p.maintenance_work_mem,
+                "column": p.column,
+                "connection_id": self.connection_id,
+                "poll_interval": self.poll_interval,
+                "timeout": self.timeout,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Build the index and yield exactly one event: success, timeout or error."""
+        self.log.info(
+            "collection %s: making index %s valid over %d vectors (timeout %gs)",
+            self.collection_name,
+            self.params.qualified_index(),
+            self.expected_count,
+            self.timeout,
+        )
+        try:
+            dsn = await apostgres_dsn(self.connection_id)
+        except Exception as exc:  # any failure to resolve the connection ends in an error event
+            yield TriggerEvent(self._event({"status": "error", "message": self._connection_error(exc)}))
+            return
+        event = await build_index(
+            dsn, self.params, self.expected_count, self.poll_interval, self.timeout, self.log
+        )
+        yield TriggerEvent(self._event(event))
+
+    def _event(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {**payload, "collection_name": self.collection_name}
+
+    def _connection_error(self, exc: Exception) -> str:
+        return (
+            f"collection {self.collection_name!r}: Airflow connection {self.connection_id!r} could not be "
+            f"resolved ({type(exc).__name__}: {exc}); define it, or use 'vector_store_default' for the "
+            "embedded Postgres"
+        )

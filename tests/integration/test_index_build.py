@@ -1,0 +1,312 @@
+"""``build_index`` against the real embedded Postgres + pgvector: builds, reuse, timeouts,
+INVALID leftovers, following another backend's build, and parameter changes without downtime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector_async
+from psycopg import sql
+
+from capstone.index_build import (
+    DISTANCE_OPERATORS,
+    IndexParams,
+    build_index,
+    build_memory,
+    is_managed_index_name,
+)
+from tests.integration.index_build_helpers import IndexRow, create_collection, indexes_on, random_unit_vectors
+
+log = logging.getLogger("test_index_build")
+
+# -- parameters (no database) -------------------------------------------------------------------
+
+
+def test_index_name_carries_a_hash_of_the_parameters() -> None:
+    a = IndexParams("public", "docs", "hnsw", "cosine")
+    b = IndexParams("public", "docs", "hnsw", "cosine", m=8, ef_construction=32)
+    assert a.index_name.startswith("docs_hnsw_") and len(a.index_name) == len("docs_hnsw_") + 8
+    assert a.index_name != b.index_name
+    # Options the index type ignores do not change the name (no needless rebuild).
+    assert a.index_name == IndexParams("public", "docs", "hnsw", "cosine", lists=100).index_name
+    assert a.index_name != IndexParams("public", "docs", "hnsw", "l2").index_name
+
+
+def test_index_name_fits_63_bytes_and_keeps_the_hash() -> None:
+    params = IndexParams("public", "é" * 31, "ivfflat", "l2", lists=10)  # 62 bytes of table name
+    name = params.index_name
+    assert len(name.encode()) <= 63
+    assert name.endswith(f"_ivfflat_{params.params_hash}")
+    assert is_managed_index_name(name, params.table)
+    assert not is_managed_index_name(f"{params.table}_other", params.table)
+
+
+def test_create_sql_quotes_identifiers_and_uses_the_metric_opclass() -> None:
+    params = IndexParams("my schema", 'odd"table', "ivfflat", "inner_product", lists=50)
+    assert params.opclass == "vector_ip_ops" and DISTANCE_OPERATORS["inner_product"] == "<#>"
+    assert params.create_sql() == (
+        f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{params.index_name.replace(chr(34), chr(34) * 2)}" '
+        'ON "my schema"."odd""table" USING ivfflat ("embedding" vector_ip_ops) WITH (lists = 50)'
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"index_type": "ivfflat"}, "lists"),
+        ({"m": 16, "ef_construction": 20}, "ef_construction"),
+        ({"maintenance_work_mem": "lots"}, "maintenance_work_mem"),
+        ({"table": "x" * 64}, "identifier"),
+    ],
+)
+def test_bad_parameters_are_refused_with_the_reason(kwargs: dict[str, Any], error: str) -> None:
+    base: dict[str, Any] = {"schema": "public", "table": "docs", "index_type": "hnsw", "metric": "cosine"}
+    with pytest.raises(ValueError, match=error):
+        IndexParams(**{**base, **kwargs})
+
+
+def test_build_memory_is_sized_from_the_data_and_clamped() -> None:
+    assert build_memory(1_000, 64, "hnsw") == "64MB"  # never below the server default
+    assert build_memory(100_000, 384, "hnsw") == "293MB"  # 100k * 384 * 4 bytes * 2
+    assert build_memory(100_000, 384, "ivfflat") == "147MB"
+    assert build_memory(10_000_000, 1536, "hnsw") == "1024MB"  # capped at 1GB
+    assert build_memory(100_000, 384, "hnsw", "128MB") == "128MB"  # never above the spec's value
+    assert build_memory(1_000, 64, "hnsw", "512MB") == "64MB"
+
+
+# -- builds ------------------------------------------------------------------------------------
+
+
+def _params(schema: str, **overrides: Any) -> IndexParams:
+    base: dict[str, Any] = {"schema": schema, "table": "docs", "index_type": "hnsw", "metric": "cosine"}
+    return IndexParams(**{**base, **overrides})
+
+
+async def test_builds_a_fresh_table_and_logs_progress(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 20_000)
+    params = _params(pg_schema)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        event = await build_index(pg_dsn, params, 20_000, poll_interval=0.05, timeout=120, log=log)
+
+    assert event["status"] == "success", event
+    assert event["index_name"] == params.index_name
+    assert event["indexed_count"] == 20_000 and event["builds_started"] == 1
+    assert event["index_size_bytes"] > 0 and event["duration_s"] > 0 and event["freshness_ms"] >= 0
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(params.index_name, "hnsw", True)]
+    progress = [r.getMessage() for r in caplog.records if "tuples (" in r.getMessage()]
+    assert progress, caplog.text
+    assert any("loading tuples" in line and "%" in line and "elapsed" in line for line in progress)
+
+
+async def test_returns_at_once_when_the_index_already_exists(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 1_000)
+    params = _params(pg_schema)
+    first = await build_index(pg_dsn, params, 1_000, poll_interval=0.05, timeout=60, log=log)
+    again = await build_index(pg_dsn, params, 1_000, poll_interval=0.05, timeout=60, log=log)
+
+    assert first["builds_started"] == 1
+    assert again["status"] == "success" and again["builds_started"] == 0
+    assert again["index_size_bytes"] == first["index_size_bytes"] and again["duration_s"] < 1
+
+
+async def test_timeout_cancels_the_build_and_leaves_no_invalid_index(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 10_000)
+    params = _params(pg_schema)
+    event = await build_index(pg_dsn, params, 10_000, poll_interval=0.05, timeout=0.5, log=log)
+
+    assert event["status"] == "timeout"
+    assert f'index "{pg_schema}"."{params.index_name}" was not built within 0.5s' in event["message"]
+    assert indexes_on(pg_conn, pg_schema, "docs") == []
+    builds = pg_conn.execute(
+        "SELECT count(*) FROM pg_stat_progress_create_index p JOIN pg_class t ON t.oid = p.relid "
+        "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = %s",
+        (pg_schema,),
+    )
+    assert builds.fetchone() == (0,)
+
+
+async def test_invalid_leftover_is_dropped_and_rebuilt(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 1_000)
+    params = _params(pg_schema)
+    # A failed CONCURRENTLY build leaves an INVALID index behind: a unique one over duplicates fails.
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pg_conn.execute(
+            sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} (document_id)").format(
+                sql.Identifier(params.index_name), sql.Identifier(pg_schema, "docs")
+            )
+        )
+    assert _validity(pg_conn, pg_schema, params.index_name) is False
+
+    with caplog.at_level(logging.INFO, logger=log.name):
+        event = await build_index(pg_dsn, params, 1_000, poll_interval=0.05, timeout=60, log=log)
+
+    assert event["status"] == "success" and event["builds_started"] == 1
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(params.index_name, "hnsw", True)]
+    assert "is INVALID (left by a failed build): dropping it" in caplog.text
+
+
+async def test_follows_a_build_another_backend_is_running(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 8_000)
+    params = _params(pg_schema)
+    # Another backend (say, a trigger before a triggerer restart) already runs the same build.
+    other = threading.Thread(target=_run_sql, args=(pg_dsn, params.create_sql()))
+    other.start()
+    try:
+        await _wait_for_build(pg_conn, pg_schema, params.index_name)
+        with caplog.at_level(logging.INFO, logger=log.name):
+            event = await build_index(pg_dsn, params, 8_000, poll_interval=0.05, timeout=60, log=log)
+    finally:
+        other.join()
+
+    assert event["status"] == "success" and event["builds_started"] == 0
+    assert "following the build run by another backend" in caplog.text
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(params.index_name, "hnsw", True)]
+
+
+async def test_cancelled_build_stops_on_the_server_and_the_next_run_rebuilds(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 8_000)
+    params = _params(pg_schema)
+    # Airflow cancels a trigger when its task is cleared or marked failed, or the triggerer stops.
+    running = asyncio.create_task(build_index(pg_dsn, params, 8_000, poll_interval=0.05, timeout=60, log=log))
+    builder = await _wait_for_build(pg_conn, pg_schema, params.index_name)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+    await _wait_until_gone(pg_conn, builder)
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(params.index_name, "hnsw", False)]
+    event = await build_index(pg_dsn, params, 8_000, poll_interval=0.05, timeout=60, log=log)
+    assert event["status"] == "success" and event["builds_started"] == 1
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(params.index_name, "hnsw", True)]
+
+
+async def test_changed_parameters_swap_indexes_without_losing_search(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 3_000)
+    old, new = _params(pg_schema), _params(pg_schema, m=8, ef_construction=32)
+    assert (await build_index(pg_dsn, old, 3_000, 0.05, 60, log))["status"] == "success"
+
+    stop = asyncio.Event()
+    searches = asyncio.create_task(_search_while(pg_dsn, pg_schema, stop))
+    await asyncio.sleep(0.2)  # some searches on the old index first
+    event = await build_index(pg_dsn, new, 3_000, poll_interval=0.05, timeout=60, log=log)
+    await asyncio.sleep(0.2)
+    stop.set()
+    valid_indexes, index_scans = await searches
+
+    assert event["status"] == "success" and event["index_name"] == new.index_name
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(new.index_name, "hnsw", True)]
+    assert len(valid_indexes) > 10
+    assert min(valid_indexes) >= 1, "a moment came when the column had no valid index"
+    assert all(index_scans), "a search ran without an index"
+
+
+async def test_build_error_is_reported_and_leaves_no_invalid_index(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 10, dimension=2001)  # too wide for HNSW
+    event = await build_index(pg_dsn, _params(pg_schema), 10, poll_interval=0.05, timeout=60, log=log)
+
+    assert event["status"] == "error"
+    assert "could not be built" in event["message"] and "2000 dimensions" in event["message"]
+    assert indexes_on(pg_conn, pg_schema, "docs") == []
+
+
+async def test_missing_table_is_an_error_naming_it(pg_dsn: str, pg_schema: str) -> None:
+    event = await build_index(pg_dsn, _params(pg_schema), 10, poll_interval=0.05, timeout=60, log=log)
+
+    assert event["status"] == "error"
+    assert f'table "{pg_schema}"."docs" does not exist' in event["message"]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _validity(conn: psycopg.Connection, schema: str, name: str) -> bool | None:
+    row = conn.execute(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, name),
+    ).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def _run_sql(dsn: str, statement: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement.encode())
+
+
+async def _wait_for_build(conn: psycopg.Connection, schema: str, name: str, within: float = 30.0) -> int:
+    """Pid of the backend building index ``name``, once the build is loading tuples."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        row = conn.execute(
+            "SELECT p.pid FROM pg_stat_progress_create_index p JOIN pg_class c ON c.oid = p.index_relid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = %s AND p.phase LIKE 'building index%%'",
+            (schema, name),
+        ).fetchone()
+        if row:
+            return int(row[0])
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no build of {name} started within {within}s")
+
+
+async def _wait_until_gone(conn: psycopg.Connection, pid: int, within: float = 5.0) -> None:
+    for _ in range(int(within / 0.05)):
+        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"backend {pid} still ran {within}s after its client went away")
+
+
+async def _search_while(dsn: str, schema: str, stop: asyncio.Event) -> tuple[list[int], list[bool]]:
+    """Run nearest-neighbour searches until ``stop``; per search, the valid ANN indexes and
+    whether the plan used one."""
+    valid_indexes, index_scans = [], []
+    target = sql.Identifier(schema, "docs")
+    search = sql.SQL("SELECT id FROM {} ORDER BY embedding <=> %s LIMIT 5").format(target)
+    vector = random_unit_vectors(1, seed=7)[0]
+    plan = sql.SQL("EXPLAIN SELECT id FROM {} ORDER BY embedding <=> {}::vector LIMIT 5").format(
+        target, sql.Literal(str(vector.tolist()))
+    )
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await register_vector_async(conn)
+        await conn.execute("SET enable_seqscan = off")  # so any valid index is used
+        while not stop.is_set():
+            valid = await (await conn.execute(_VALID_ANN_INDEXES, (schema, "docs"))).fetchone()
+            lines = [row[0] for row in await (await conn.execute(plan)).fetchall()]
+            rows = await (await conn.execute(search, (vector,))).fetchall()
+            assert len(rows) == 5
+            valid_indexes.append(valid[0] if valid else 0)
+            index_scans.append(any("Index Scan using docs_hnsw_" in line for line in lines))
+            await asyncio.sleep(0.005)
+    return valid_indexes, index_scans
+
+
+_VALID_ANN_INDEXES = """
+SELECT count(*) FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_am am ON am.oid = c.relam
+JOIN pg_class t ON t.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+WHERE n.nspname = %s AND t.relname = %s AND i.indisvalid AND am.amname IN ('hnsw', 'ivfflat')
+"""

@@ -1,0 +1,153 @@
+"""``VectorStoreIndexingTrigger``: serialisation, concurrent triggers for one index, and a
+triggerer killed in the middle of a build."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+from airflow.sdk.module_loading import import_string
+
+from capstone.triggers import VectorStoreIndexingTrigger
+from tests.integration.index_build_helpers import (
+    IndexRow,
+    create_collection,
+    indexes_on,
+    params_of,
+    run_trigger,
+    trigger_kwargs,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+_BUILDERS_SQL = """
+SELECT p.pid, p.phase FROM pg_stat_progress_create_index p
+JOIN pg_class c ON c.oid = p.index_relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = %s
+"""
+
+
+def test_serialize_round_trips_through_the_class_path() -> None:
+    trigger = VectorStoreIndexingTrigger(
+        collection_name="docs",
+        expected_count=42,
+        schema="public",
+        table="docs",
+        index_type="ivfflat",
+        metric="l2",
+        lists=10,
+        maintenance_work_mem="256MB",
+        connection_id="my_pg",
+        poll_interval=5,
+        timeout=60,
+    )
+    classpath, kwargs = trigger.serialize()
+
+    assert classpath == "capstone.triggers.VectorStoreIndexingTrigger"
+    rebuilt = import_string(classpath)(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert rebuilt.params == trigger.params
+    assert kwargs["expected_count"] == 42 and kwargs["timeout"] == 60.0 and kwargs["lists"] == 10
+
+
+async def test_success_event_carries_the_index_summary(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 1_000)
+    kwargs = trigger_kwargs(pg_schema, "docs", 1_000)
+
+    event = await run_trigger(kwargs)
+
+    assert event["status"] == "success" and event["collection_name"] == "docs"
+    assert event["index_name"] == params_of(kwargs).index_name and event["indexed_count"] == 1_000
+    assert {"index_size_bytes", "duration_s", "freshness_ms"} <= set(event)
+
+
+async def test_unknown_connection_ends_in_an_error_event(pg_schema: str) -> None:
+    event = await run_trigger(trigger_kwargs(pg_schema, "docs", 1, connection_id="no_such_connection"))
+
+    assert event["status"] == "error"
+    assert "'no_such_connection' could not be resolved" in str(event["message"])
+
+
+async def test_two_triggers_for_one_index_build_it_once(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 5_000)
+    kwargs = trigger_kwargs(pg_schema, "docs", 5_000)
+    name = params_of(kwargs).index_name
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_builder_pids(pg_dsn, pg_schema, name, stop))
+
+    first, second = await asyncio.gather(run_trigger(kwargs), run_trigger(kwargs))
+    stop.set()
+
+    assert first["status"] == second["status"] == "success"
+    assert sorted([first["builds_started"], second["builds_started"]]) == [0, 1]
+    assert len(await watcher) == 1, "more than one backend built the index"
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(name, "hnsw", True)]
+
+
+async def test_killed_triggerer_build_is_aborted_and_a_fresh_trigger_finishes(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 20_000)
+    kwargs = trigger_kwargs(pg_schema, "docs", 20_000)
+    name = params_of(kwargs).index_name
+    triggerer = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.index_build_helpers", pg_schema, "docs", "20000"],
+        cwd=PROJECT_ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        orphan = await _wait_for_loading(pg_conn, pg_schema, name)
+        triggerer.send_signal(signal.SIGKILL)
+    finally:
+        triggerer.kill()
+        triggerer.wait()
+
+    # The server notices the dead client (client_connection_check_interval) and aborts the build,
+    # well before it could have finished: what is left is an INVALID index, not a built one.
+    await _wait_until_gone(pg_conn, orphan, within=5.0)
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(name, "hnsw", False)]
+
+    event = await run_trigger(kwargs)
+
+    assert event["status"] == "success" and event["builds_started"] == 1
+    assert event["indexed_count"] == 20_000
+    assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(name, "hnsw", True)]
+
+
+async def _builder_pids(dsn: str, schema: str, name: str, stop: asyncio.Event) -> set[int]:
+    """Every backend seen building index ``name`` until ``stop``."""
+    pids: set[int] = set()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while not stop.is_set():
+            rows = await (await conn.execute(_BUILDERS_SQL, (schema, name))).fetchall()
+            pids.update(pid for pid, _phase in rows)
+            await asyncio.sleep(0.005)
+    return pids
+
+
+async def _wait_for_loading(conn: psycopg.Connection, schema: str, name: str, within: float = 30.0) -> int:
+    """Pid of the backend building ``name`` once it loads tuples (i.e. mid-build)."""
+    for _ in range(int(within / 0.02)):
+        for pid, phase in conn.execute(_BUILDERS_SQL, (schema, name)).fetchall():
+            if phase == "building index: loading tuples":
+                return int(pid)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no build of {name} was seen loading tuples within {within}s")
+
+
+async def _wait_until_gone(conn: psycopg.Connection, pid: int, within: float) -> None:
+    for _ in range(int(within / 0.05)):
+        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"backend {pid} still ran {within}s after its client was killed")
