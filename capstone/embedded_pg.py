@@ -132,6 +132,11 @@ class EmbeddedPostgres:
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
             if not self.is_running():
+                if self._port_taken():
+                    raise RuntimeError(
+                        f"port {self.port} on {self.host} is used by another server, not by the embedded "
+                        f"Postgres of {self.root}: stop it, or set CAPSTONE_PG_PORT to a free port"
+                    )
                 self._pg_ctl_start()
             self._ensure_database()
         return self
@@ -145,12 +150,30 @@ class EmbeddedPostgres:
                 self._run(["pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop"])
 
     def is_running(self) -> bool:
-        """True when the server accepts connections on its TCP port."""
+        """True when this cluster's server runs and accepts connections on its TCP port."""
+        if not self._owns_port():
+            return False
         result = subprocess.run(
             [str(_bin_dir() / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"],
             check=False,
         )
         return result.returncode == 0
+
+    def _owns_port(self) -> bool:
+        """Our postmaster is alive and listening on our port (postmaster.pid: pid, ..., port on line 4)."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            pid, port = int(lines[0]), int(lines[3])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return False
+        return port == self.port
+
+    def _port_taken(self) -> bool:
+        import socket
+
+        with socket.socket() as probe:
+            return probe.connect_ex((self.host, self.port)) == 0
 
     # -- internals -------------------------------------------------------------------------
 
