@@ -1,11 +1,24 @@
-"""``python -m capstone``: operate the embedded Postgres (and, later, search a collection)."""
+"""``python -m capstone``: operate the embedded Postgres, and search an indexed collection.
+
+python -m capstone db start|stop|status|uri
+python -m capstone search --collection documents "how do I handle exceptions" [-k 5]
+    [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from capstone.registry import CollectionRecord
+    from capstone.search import Hit
+
+__all__ = ["format_hits", "main"]
+
+_SNIPPET_WIDTH = 90
 
 
 def _db(action: str) -> int:
@@ -27,15 +40,126 @@ def _db(action: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``capstone`` console script."""
-    parser = argparse.ArgumentParser(prog="capstone", description=__doc__)
+# -- search -----------------------------------------------------------------------------------
+
+
+def _one_line(text: str, width: int = _SNIPPET_WIDTH) -> str:
+    line = re.sub(r"\s+", " ", text).strip()
+    return line if len(line) <= width else line[: width - 1].rstrip() + "…"
+
+
+def format_hits(record: CollectionRecord, query: str, hits: list[Hit]) -> str:
+    """The results as printed: a header, then rank, score, document id, chunk id and a snippet."""
+    knob = f"ef_search={record.ef_search}" if record.index_type == "hnsw" else f"probes={record.probes}"
+    score = "distance" if record.metric == "l2" else "similarity"
+    header = (
+        f"{record.name} ({record.schema}.{record.table}): {len(hits)} nearest chunks to {query!r} "
+        f"[{record.provider} {record.model}, {record.index_type} {record.metric} {knob}; score = {score}]"
+    )
+    rows = [("rank", "score", "document", "chunk", "snippet")] + [
+        (str(hit.rank), f"{hit.score:.4f}", hit.document_id, hit.chunk_id, _one_line(hit.snippet))
+        for hit in hits
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    lines = [
+        f"{row[0].rjust(widths[0])}  {row[1].rjust(widths[1])}  {row[2].ljust(widths[2])}  "
+        f"{row[3].ljust(widths[3])}  {row[4]}"
+        for row in rows
+    ]
+    return "\n".join([header, *lines])
+
+
+def _search(collection: str, query: str, limit: int, dsn: str | None, connection_id: str | None) -> int:
+    import psycopg
+
+    from capstone.registry import lookup
+    from capstone.search import resolve_dsn, search_record
+
+    target_dsn = resolve_dsn(dsn, connection_id)
+    try:
+        conn = psycopg.connect(target_dsn, autocommit=True, application_name="capstone search")
+    except psycopg.OperationalError as err:
+        source = "--dsn" if dsn else f"Airflow connection {connection_id or 'vector_store_default'!r}"
+        raise LookupError(f"cannot connect to the Postgres given by {source}: {err}") from err
+    with conn:
+        record = lookup(conn, collection)
+    failed = (record.last_validation or {}).get("failed")
+    if failed:
+        print(
+            f"warning: the last validation of {collection} failed {', '.join(failed)}: "
+            "results may be incomplete or poorly ranked",
+            file=sys.stderr,
+        )
+    try:
+        hits = search_record(target_dsn, record, query, limit)
+    except psycopg.errors.UndefinedTable as err:
+        raise LookupError(
+            f"table {record.schema}.{record.table} of collection {collection!r} does not exist any more: "
+            f"run the Airflow DAG {collection!r} to index it again"
+        ) from err
+    print(format_hits(record, query, hits))
+    return 0
+
+
+def _search_command(args: argparse.Namespace) -> int:
+    """Run ``search``; an error the user can act on is one line on stderr and exit code 1."""
+    import psycopg
+
+    from capstone.embeddings import MissingAPIKeyError, MissingExtraError, ModelNotAvailableError
+
+    try:
+        return _search(args.collection, " ".join(args.query), args.k, args.dsn, args.connection)
+    except (
+        LookupError,
+        psycopg.OperationalError,
+        MissingAPIKeyError,
+        MissingExtraError,
+        ModelNotAvailableError,
+    ) as err:
+        print(f"capstone search: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capstone", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     db = commands.add_parser("db", help="start, stop or inspect the embedded Postgres")
     db.add_argument("action", choices=["start", "stop", "status", "uri"])
-    args = parser.parse_args(argv)
+    search = commands.add_parser(
+        "search",
+        help="search an indexed collection by meaning",
+        description="Embed the query with the collection's model and print its nearest chunks, found "
+        "through the collection's index with the ef_search/probes its spec sets.",
+    )
+    search.add_argument("--collection", required=True, help="collection name (the DAG id)")
+    search.add_argument("query", nargs="+", help="the query text")
+    search.add_argument("-k", type=_positive, default=5, help="how many chunks to print (default 5)")
+    where = search.add_mutually_exclusive_group()
+    where.add_argument("--dsn", help="a libpq URI, e.g. postgresql://user:pass@host:5432/db")
+    where.add_argument(
+        "--connection",
+        metavar="ID",
+        help="an Airflow connection id (default vector_store_default, else the embedded Postgres)",
+    )
+    return parser
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000, got {number}")
+    return number
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``capstone`` console script."""
+    args = _parser().parse_args(argv)
     if args.command == "db":
         return _db(args.action)
+    if args.command == "search":
+        return _search_command(args)
     return 2
 
 

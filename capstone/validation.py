@@ -1,87 +1,593 @@
-"""Index health validation: is the index there, and does it hold every vector it should?
+"""Index health: does the collection's index hold every vector, and does it answer well?
 
-The report's checks each have a status (``pass`` / ``warn`` / ``fail``); a check named in the
-spec's ``fail_on`` that does not pass fails the task, so no ``<collection>.indexed`` event is
-published.
+:func:`validate_collection` runs four kinds of checks against the collection's table and index
+and returns a small report (the task's XCom: counts, ranks and ids, never vectors):
+
+- ``vector_count``: rows with an embedding vs the table's expected total after the upsert;
+- ``query_relevance_<id>``: each sample query of the spec, embedded with the collection's model
+  and searched through the index (:func:`capstone.search.ann_session`), must find its expected
+  document among the ``top_k`` distinct documents; the rank found is reported;
+- ``recall_at_k``: ``recall_sample_size`` stored vectors (a seeded random sample) searched through
+  the index and exactly (index scans off, on a separate connection), compared as recall@k over
+  their ``k`` nearest *other* rows (the row itself is found for free and would flatter the
+  index); under the threshold, larger ``ef_search`` / ``probes`` are tried and the first that
+  reaches it is suggested;
+- ``index_freshness``: the newest row (by ``updated_at``) must come back through the index when its
+  own vector is the query.
+
+What "fresh" means. pgvector updates its index in the writing transaction, so once the index is
+valid a committed row is searchable. The limit (``freshness_limit_seconds``) therefore bounds the
+*lag* of a run that wrote rows: how long after its newest write the index was confirmed to serve
+every row -- the ``freshness_ms`` the indexing sensor measured, which stays true if validation is
+re-run later. A run that wrote no rows (it only deleted chunks, or re-validated) has nothing new to
+be fresh about: the newest row must still be searchable, and its age is reported, but an old
+collection whose source has not changed is not stale, so no limit applies.
+
+Each check passes, fails, or is skipped (nothing to measure); a failing check whose family is
+listed in the spec's ``fail_on`` fails the task (:class:`IndexHealthError`, so no
+``<collection>.indexed`` event is published), any other failing check only warns. The collection
+is recorded in the registry (:mod:`capstone.registry`) with the summary either way, so that
+``capstone search`` knows it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
 
-from capstone import store
+from capstone import registry
 from capstone.connections import postgres_dsn
+from capstone.pipeline import PipelineSettings
+from capstone.registry import CollectionRecord
+from capstone.search import (
+    MAX_EF_SEARCH,
+    Hit,
+    SearchTarget,
+    ann_search,
+    ann_session,
+    ann_statement,
+    distinct_documents,
+    exact_connection,
+    exact_search,
+    explain,
+)
 
-__all__ = ["IndexHealthError", "validate_collection"]
+__all__ = [
+    "Check",
+    "IndexHealthError",
+    "ValidationOptions",
+    "check_freshness",
+    "check_query_relevance",
+    "check_recall",
+    "check_vector_count",
+    "family_of",
+    "format_report",
+    "index_facts",
+    "measure_recall",
+    "sample_vectors",
+    "suggest_knob",
+    "validate_collection",
+]
 
 log = logging.getLogger(__name__)
+
+RECALL_SEED = 0.42  # setseed() value: the same rows are sampled on every run over the same table
+# Sample queries fetch this many chunks per wanted document, so that a document whose chunks
+# crowd the top of the list does not hide the next documents.
+_CHUNKS_PER_DOCUMENT = 10
+_MAX_CANDIDATES = 1000
+_FRESHNESS_K = 10
+_FAMILIES = (
+    ("vector_count", "vector_count"),
+    ("query_relevance_", "query_relevance"),
+    ("recall_at_k", "recall"),
+    ("index_freshness", "freshness"),
+)
 
 
 class IndexHealthError(RuntimeError):
     """A check listed in ``validation.fail_on`` did not pass."""
 
 
+@dataclass(frozen=True)
+class ValidationOptions:
+    """The spec's ``validation`` section, with the spec's defaults."""
+
+    sample_queries: list[dict[str, str]] = field(default_factory=list)
+    top_k: int = 5
+    recall_k: int = 10
+    recall_sample_size: int = 50
+    recall_threshold: float = 0.9
+    freshness_limit_seconds: float = 3600.0
+    fail_on: tuple[str, ...] = ("vector_count",)
+
+    @classmethod
+    def from_spec(cls, validation: dict[str, Any]) -> ValidationOptions:
+        """Options from the ``ValidationSpec`` dumped to a dict; missing keys take the defaults."""
+        known = {key: validation[key] for key in cls.__dataclass_fields__ if key in validation}
+        if "fail_on" in known:
+            known["fail_on"] = tuple(known["fail_on"])
+        return cls(**known)
+
+
+@dataclass
+class Check:
+    """One check's outcome: ``passed`` is None when there was nothing to measure."""
+
+    passed: bool | None
+    value: str
+    detail: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def status(self, family: str, fail_on: Sequence[str]) -> str:
+        """``pass`` or ``skip``; a failing check is ``fail`` if its family is in fail_on, else ``warn``."""
+        if self.passed is None:
+            return "skip"
+        if self.passed:
+            return "pass"
+        return "fail" if family in fail_on else "warn"
+
+
+def family_of(check_name: str) -> str:
+    """The ``fail_on`` entry governing a check: ``query_relevance_try`` -> ``query_relevance``."""
+    for prefix, family in _FAMILIES:
+        if check_name.startswith(prefix):
+            return family
+    return check_name
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
 def validate_collection(
-    settings: Any,
+    settings: PipelineSettings,
     index: dict[str, Any],
     validation: dict[str, Any],
     upserted: dict[str, Any],
     indexed: dict[str, Any],
 ) -> dict[str, Any]:
-    """Run the checks, log them as a table, raise when a ``fail_on`` check fails; returns the report."""
-    table = store.CollectionTable(settings.schema, settings.table, settings.dimension)
-    with psycopg.connect(postgres_dsn(settings.connection_id), autocommit=True) as conn:
-        checks = {"vector_count": _vector_count(conn, table, int(upserted["expected_count"]))}
-    return _finish(settings.collection, checks, validation.get("fail_on", []), indexed)
+    """Run the checks, log them as a table, register the collection; raise when a ``fail_on`` check fails.
 
-
-def _vector_count(conn: psycopg.Connection, table: store.CollectionTable, expected: int) -> dict[str, Any]:
-    found = store.count_vectors(conn, table)
-    return {
-        "status": "pass" if found >= expected else "fail",
-        "value": found,
-        "expected": expected,
-        "detail": f"{found} rows with embeddings, {expected} expected",
-    }
-
-
-def _finish(
-    collection: str, checks: dict[str, dict[str, Any]], fail_on: list[str], indexed: dict[str, Any]
-) -> dict[str, Any]:
-    failed = [
-        name for name, check in checks.items() if check["status"] != "pass" and _family(name) in fail_on
-    ]
-    for name, check in checks.items():
-        if check["status"] != "pass" and name not in failed:
-            check["status"] = "warn"
-    width = max(len(name) for name in checks)
-    lines = [
-        f"{name.ljust(width)}  {check['status'].upper():4}  {check['detail']}"
-        for name, check in checks.items()
-    ]
-    log.info("index health of %s:\n%s", collection, "\n".join(lines))
-    report = {
-        "collection": collection,
-        "checks": checks,
-        "index": {key: indexed.get(key) for key in ("index_name", "index_size_bytes", "indexed_count")},
-        "summary": {name: check["status"] for name, check in checks.items()} | {"failed": failed},
-    }
+    ``index`` and ``validation`` are the spec's sections as dicts, ``upserted`` the upsert task's
+    result (``expected_count``: rows the table should hold), ``indexed`` the indexing sensor's event.
+    Returns the report (small enough for XCom); its ``summary`` goes into the asset event.
+    """
+    record = CollectionRecord.from_settings(settings, index)
+    target = SearchTarget.of(record)
+    options = ValidationOptions.from_spec(validation)
+    dsn = postgres_dsn(settings.connection_id)
+    log.info(
+        "validating %s (%s): %d sample queries, recall@%d over %d sampled vectors with %s",
+        record.name,
+        record.store_table.qualified,
+        len(options.sample_queries),
+        options.recall_k,
+        options.recall_sample_size,
+        target.describe_knob(),
+    )
+    with psycopg.connect(dsn, autocommit=True, application_name="capstone validation") as conn:
+        register_vector(conn)
+        facts = index_facts(conn, record, target)
+        checks = _run_checks(conn, dsn, record, target, facts, options, upserted, indexed)
+        report = _report(record, target, facts, checks, options.fail_on)
+        registry.register(conn, record, report["summary"])
+    table = format_report(report)
+    failed, warned = report["summary"]["failed"], report["summary"]["warned"]
+    (log.error if failed else log.warning if warned else log.info)("%s", table)
     if failed:
         raise IndexHealthError(
-            f"index health of {collection}: {', '.join(failed)} failed (listed in validation.fail_on), "
-            "so the indexed asset is not published:\n" + "\n".join(lines)
+            f"index health of collection {record.name!r}: {', '.join(failed)} failed, and validation.fail_on "
+            f"lists {'it' if len(failed) == 1 else 'them'}, so {record.name}.indexed is not published "
+            f"(remove a check from fail_on to only warn about it):\n{table}"
         )
     return report
 
 
-def _family(check: str) -> str:
-    if check.startswith("query_relevance"):
-        return "query_relevance"
-    if check.startswith("recall"):
-        return "recall"
-    if check.startswith("index_freshness"):
-        return "freshness"
-    return check
+def _run_checks(
+    conn: psycopg.Connection,
+    dsn: str,
+    record: CollectionRecord,
+    target: SearchTarget,
+    facts: dict[str, Any],
+    options: ValidationOptions,
+    upserted: dict[str, Any],
+    indexed: dict[str, Any],
+) -> dict[str, Check]:
+    checks = {"vector_count": check_vector_count(conn, target, int(upserted["expected_count"]))}
+    checks |= check_query_relevance(conn, record, target, options.sample_queries, options.top_k)
+    checks["recall_at_k"] = check_recall(
+        conn, dsn, target, facts, options.recall_k, options.recall_sample_size, options.recall_threshold
+    )
+    wrote_rows = int(upserted.get("upserted", 0)) > 0
+    checks["index_freshness"] = check_freshness(
+        conn, target, facts, options.freshness_limit_seconds, wrote_rows, indexed.get("freshness_ms")
+    )
+    return checks
+
+
+# -- index facts ------------------------------------------------------------------------------
+
+_INDEX_SQL = """
+SELECT am.amname, i.indisvalid, i.indisready, pg_relation_size(c.oid), coalesce(c.reloptions, '{}')
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_index i ON i.indexrelid = c.oid
+JOIN pg_am am ON am.oid = c.relam
+WHERE n.nspname = %s AND c.relname = %s
+"""
+
+
+def index_facts(conn: psycopg.Connection, record: CollectionRecord, target: SearchTarget) -> dict[str, Any]:
+    """Name, type, parameters, size and validity of the collection's index (pg_index, pg_class), and
+    whether the ANN query's plan scans it."""
+    name = record.index.index_name
+    row = conn.execute(_INDEX_SQL, (record.schema, name)).fetchone()
+    if row is None:
+        return {"name": name, "exists": False, "valid": False, "scan": None, "usable": False}
+    method, valid, ready, size, options = row
+    scan = _ann_scan(conn, target, record.dimension)
+    return {
+        "name": name,
+        "exists": True,
+        "type": method,
+        "params": dict(_parse_option(option) for option in options),
+        "size_bytes": int(size),
+        "valid": bool(valid and ready),
+        "scan": scan,
+        "usable": bool(valid and ready) and scan == f"Index Scan using {name}",
+    }
+
+
+def _parse_option(option: str) -> tuple[str, int | str]:
+    key, _, value = option.partition("=")
+    return key, int(value) if value.isdigit() else value
+
+
+def _ann_scan(conn: psycopg.Connection, target: SearchTarget, dimension: int) -> str:
+    """How the ANN query reads the table: ``Index Scan using <name>``, or the scan it does instead."""
+    probe = np.ones(dimension, dtype=np.float32)
+    with ann_session(conn, target):
+        nodes = explain(conn, ann_statement(target), probe, 10)
+    for node in nodes:
+        if "Index Name" in node:
+            return f"{node['Node Type']} using {node['Index Name']}"
+    scans = [node["Node Type"] for node in nodes if node["Node Type"].endswith("Scan")]
+    return scans[0] if scans else nodes[0]["Node Type"]
+
+
+def _unusable(facts: dict[str, Any]) -> str:
+    if not facts["exists"]:
+        return f"index {facts['name']} does not exist: searches scan the whole table"
+    if not facts["valid"]:
+        return f"index {facts['name']} is INVALID (a failed build): searches scan the whole table"
+    return f"the ANN query does not use index {facts['name']} (plan: {facts['scan']})"
+
+
+# -- vector_count -----------------------------------------------------------------------------
+
+
+def check_vector_count(conn: psycopg.Connection, target: SearchTarget, expected: int) -> Check:
+    """Rows with an embedding vs ``expected``, the table's total after the run's upsert."""
+    row = conn.execute(
+        sql.SQL("SELECT count(*), count(embedding) FROM {}").format(target.table.ident)
+    ).fetchone()
+    total, found = (int(row[0]), int(row[1])) if row else (0, 0)
+    detail = f"{found} rows with embeddings, {expected} expected after the upsert"
+    if total > found:
+        detail += f"; {total - found} rows have no embedding and cannot be found"
+    if found < expected:
+        detail += f" ({expected - found} missing: deleted since the upsert, or a concurrent write)"
+    return Check(found >= expected, f"{found}/{expected}", detail, {"found": found, "expected": expected})
+
+
+# -- query_relevance --------------------------------------------------------------------------
+
+
+def check_query_relevance(
+    conn: psycopg.Connection,
+    record: CollectionRecord,
+    target: SearchTarget,
+    queries: Sequence[dict[str, str]],
+    top_k: int,
+) -> dict[str, Check]:
+    """One check per sample query: its expected document among the ``top_k`` documents found."""
+    if not queries:
+        return {}
+    vectors = record.embedder().embed([query["query"] for query in queries])
+    candidates = min(_MAX_CANDIDATES, top_k * _CHUNKS_PER_DOCUMENT)
+    with ann_session(conn, target):
+        found = [ann_search(conn, target, vector, candidates) for vector in vectors]
+    return {
+        f"query_relevance_{query['id']}": _relevance(conn, target, query, hits, top_k)
+        for query, hits in zip(queries, found, strict=True)
+    }
+
+
+def _relevance(
+    conn: psycopg.Connection, target: SearchTarget, query: dict[str, str], hits: list[Hit], top_k: int
+) -> Check:
+    expected = query["expected_document_id"]
+    documents = distinct_documents(hits)
+    rank = next((hit.rank for hit in documents if hit.document_id == expected), None)
+    top = [hit.document_id for hit in documents[:top_k]]
+    facts = {"rank": rank, "expected_document_id": expected, "top_documents": top}
+    asked = f"for {query['query']!r}"
+    if rank is not None and rank <= top_k:
+        return Check(True, f"rank {rank}", f"{expected!r} at rank {rank} of top {top_k} {asked}", facts)
+    if not _document_exists(conn, target, expected):
+        detail = (
+            f"{expected!r} has no rows in {target.table.qualified} {asked}: check the sample query's "
+            "expected_document_id, or why the document was not indexed"
+        )
+    else:
+        where = f"found at rank {rank}" if rank else f"not among the {len(documents)} documents fetched"
+        detail = f"{expected!r} not in the top {top_k} {asked} ({where}); top: {', '.join(top)}"
+    return Check(False, f"rank {rank}" if rank else "absent", detail, facts)
+
+
+def _document_exists(conn: psycopg.Connection, target: SearchTarget, document_id: str) -> bool:
+    row = conn.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE document_id = %s)").format(target.table.ident),
+        (document_id,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+# -- recall_at_k ------------------------------------------------------------------------------
+
+
+def check_recall(
+    conn: psycopg.Connection,
+    dsn: str,
+    target: SearchTarget,
+    facts: dict[str, Any],
+    k: int,
+    sample_size: int,
+    threshold: float,
+) -> Check:
+    """Mean recall@k of ANN vs exact search over a seeded sample of stored vectors."""
+    knob_name, knob = target.knob
+    base: dict[str, Any] = {"k": k, "threshold": threshold, knob_name: knob}
+    if not facts["usable"]:
+        return Check(False, "n/a", f"recall not measured: {_unusable(facts)}", {**base, "recall": None})
+    sample = sample_vectors(conn, target, sample_size)
+    if not sample:
+        return Check(None, "n/a", "the table holds no vectors to sample", {**base, "recall": None})
+    with exact_connection(dsn) as exact:
+        truth = [
+            _others(exact_search(exact, target, vector, k + 1), chunk_id, k) for chunk_id, vector in sample
+        ]
+    recall = measure_recall(conn, target, sample, truth)
+    facts_out: dict[str, Any] = {**base, "recall": round(recall, 4), "sample_size": len(sample)}
+    detail = f"recall@{k} {recall:.3f} over {len(sample)} sampled vectors with {target.describe_knob()}"
+    if recall >= threshold:
+        return Check(
+            True, f"{recall:.3f}", f"{detail} (threshold {threshold})", facts_out | {"suggestion": None}
+        )
+    suggestion = suggest_knob(conn, target, sample, truth, threshold)
+    facts_out["suggestion"] = suggestion
+    return Check(
+        False, f"{recall:.3f}", f"{detail}, under the threshold {threshold}: {suggestion}", facts_out
+    )
+
+
+def sample_vectors(conn: psycopg.Connection, target: SearchTarget, size: int) -> list[tuple[str, np.ndarray]]:
+    """``size`` stored (id, vector) pairs picked by ``ORDER BY random()`` after ``setseed``: the same
+    rows on every run over the same table."""
+    with conn.transaction():
+        # A synchronised scan may start mid-table, which would change the rows random() is paired with.
+        conn.execute("SELECT set_config('synchronize_seqscans', 'off', true), setseed(%s)", (RECALL_SEED,))
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT id, embedding FROM {} WHERE embedding IS NOT NULL ORDER BY random() LIMIT %s"
+            ).format(target.table.ident),
+            (size,),
+        ).fetchall()
+    return [(chunk_id, embedding.to_numpy()) for chunk_id, embedding in rows]
+
+
+def _others(hits: list[Hit], own_id: str, k: int) -> list[Hit]:
+    """The first ``k`` hits other than the query's own row, which any search finds for free."""
+    return [hit for hit in hits if hit.chunk_id != own_id][:k]
+
+
+def measure_recall(
+    conn: psycopg.Connection,
+    target: SearchTarget,
+    sample: Sequence[tuple[str, np.ndarray]],
+    truth: Sequence[list[Hit]],
+) -> float:
+    """Mean recall of ANN search for the sampled rows against their exact neighbours ``truth``.
+
+    An ANN hit counts when it is one of the exact hits or ties with the last of them (rows with
+    the same distance are interchangeable: duplicates must not lower recall).
+    """
+    with ann_session(conn, target):
+        scores = [
+            _recall(_others(ann_search(conn, target, vector, len(exact) + 1), chunk_id, len(exact)), exact)
+            for (chunk_id, vector), exact in zip(sample, truth, strict=True)
+            if exact
+        ]
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _recall(found: list[Hit], exact: list[Hit]) -> float:
+    ids = {hit.chunk_id for hit in exact}
+    worst = exact[-1].distance
+    tolerance = 1e-6 * max(1.0, abs(worst))
+    hits = sum(1 for hit in found if hit.chunk_id in ids or hit.distance <= worst + tolerance)
+    return min(hits, len(exact)) / len(exact)
+
+
+def suggest_knob(
+    conn: psycopg.Connection,
+    target: SearchTarget,
+    sample: Sequence[tuple[str, np.ndarray]],
+    truth: Sequence[list[Hit]],
+    threshold: float,
+) -> str:
+    """The smallest larger ``ef_search`` / ``probes`` (by doubling) that reaches ``threshold``."""
+    name, _ = target.knob
+    recall, value = 0.0, target.knob[1]
+    for value in _larger_knobs(target):
+        recall = measure_recall(conn, target.with_knob(value), sample, truth)
+        if recall >= threshold:
+            return f"raise index.{name} to {value} (recall {recall:.3f} measured with {name}={value})"
+    if value == target.knob[1]:
+        return f"{name} is already at its maximum: rebuild the index with larger parameters"
+    rebuild = "m and ef_construction" if target.index_type == "hnsw" else "lists (rows / 1000)"
+    return f"recall stays at {recall:.3f} even with {name}={value}: rebuild the index with larger {rebuild}"
+
+
+def _larger_knobs(target: SearchTarget) -> Iterator[int]:
+    _, value = target.knob
+    ceiling = MAX_EF_SEARCH if target.index_type == "hnsw" else _ivfflat_lists(target)
+    while value < ceiling:
+        value = min(ceiling, value * 2)
+        yield value
+
+
+def _ivfflat_lists(target: SearchTarget) -> int:
+    # More probes than lists search nothing more.
+    return max(target.probes, target.lists or target.probes)
+
+
+# -- index_freshness --------------------------------------------------------------------------
+
+
+def check_freshness(
+    conn: psycopg.Connection,
+    target: SearchTarget,
+    facts: dict[str, Any],
+    limit_seconds: float,
+    wrote_rows: bool,
+    lag_ms: float | None,
+) -> Check:
+    """The newest row comes back through the index for its own vector; see the module docstring for
+    what the limit applies to."""
+    newest = _newest_row(conn, target)
+    if newest is None:
+        return Check(None, "n/a", "the table holds no vectors", {"age_ms": None})
+    chunk_id, vector, age_ms = newest
+    lag = (age_ms if lag_ms is None else float(lag_ms)) if wrote_rows else None
+    found = {"newest_id": chunk_id, "age_ms": round(age_ms), "lag_ms": None if lag is None else round(lag)}
+    if not facts["usable"]:
+        return Check(
+            False, _duration(age_ms), f"newest row {chunk_id} not checked: {_unusable(facts)}", found
+        )
+    searchable = _returned_for_itself(conn, target, chunk_id, vector)
+    found["searchable"] = searchable
+    if not searchable:
+        detail = (
+            f"newest row {chunk_id} is not among the {_FRESHNESS_K} rows the index returns for its vector"
+        )
+        return Check(False, _duration(age_ms), detail, found)
+    detail = f"newest row {chunk_id} is returned through the index; "
+    if lag is None:
+        detail += f"this run wrote no rows, so its age ({_duration(age_ms)}) is the collection's, not a lag"
+        return Check(True, _duration(age_ms), detail, found)
+    within = lag <= limit_seconds * 1000
+    detail += f"searchable {_duration(lag)} after it was written (limit {_duration(limit_seconds * 1000)})"
+    return Check(within, _duration(lag), detail, found)
+
+
+def _newest_row(conn: psycopg.Connection, target: SearchTarget) -> tuple[str, np.ndarray, float] | None:
+    row = conn.execute(
+        sql.SQL(
+            "SELECT id, embedding, extract(epoch FROM clock_timestamp() - updated_at)::float8 * 1000"
+            " FROM {} WHERE embedding IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT 1"
+        ).format(target.table.ident)
+    ).fetchone()
+    return None if row is None else (row[0], row[1].to_numpy(), float(row[2]))
+
+
+def _returned_for_itself(
+    conn: psycopg.Connection, target: SearchTarget, chunk_id: str, vector: np.ndarray
+) -> bool:
+    """True when the index returns the row for its own vector, or returns only rows at least as close
+    (exact duplicates, or larger inner products) so that it could not have."""
+    with ann_session(conn, target):
+        hits = ann_search(conn, target, vector, _FRESHNESS_K)
+    if any(hit.chunk_id == chunk_id for hit in hits):
+        return True
+    own = -float(vector @ vector) if target.metric == "inner_product" else 0.0
+    return len(hits) == _FRESHNESS_K and hits[-1].distance <= own + 1e-6
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _report(
+    record: CollectionRecord,
+    target: SearchTarget,
+    facts: dict[str, Any],
+    checks: dict[str, Check],
+    fail_on: Sequence[str],
+) -> dict[str, Any]:
+    statuses = {name: check.status(family_of(name), fail_on) for name, check in checks.items()}
+    knob_name, knob = target.knob
+    recall = checks["recall_at_k"].facts.get("recall")
+    return {
+        "collection": record.name,
+        "table": record.store_table.qualified,
+        "index": facts,
+        "search": {knob_name: knob},
+        "checks": {
+            name: {"status": statuses[name], "value": check.value, "detail": check.detail, **check.facts}
+            for name, check in checks.items()
+        },
+        "summary": {
+            **statuses,
+            "recall": recall,
+            knob_name: knob,
+            "failed": [name for name, status in statuses.items() if status == "fail"],
+            "warned": [name for name, status in statuses.items() if status == "warn"],
+        },
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as the table the task logs: one line of index facts, then one line per check."""
+    index = report["index"]
+    search = ", ".join(f"{name}={value}" for name, value in report["search"].items())
+    if index["exists"]:
+        params = ", ".join(f"{key}={value}" for key, value in index["params"].items())
+        state = "valid" if index["valid"] else "INVALID"
+        about = f"{index['type']} ({params}), {_size(index['size_bytes'])}, {state}, {index['scan']}"
+    else:
+        about = "MISSING"
+    rows = [("check", "status", "value", "detail")] + [
+        (name, check["status"].upper(), check["value"], check["detail"])
+        for name, check in report["checks"].items()
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines = [
+        f"index health of {report['collection']} ({report['table']}), searched with {search}",
+        f"index {index['name']}: {about}",
+        *(
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
+            for row in rows
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _duration(ms: float) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f} {unit}"
+    return f"{ms:.0f} ms"
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"

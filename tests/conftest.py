@@ -68,6 +68,8 @@ def pg_schema(pg_dsn: str) -> Iterator[str]:
     yield name
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        if conn.execute("SELECT to_regclass('capstone.collections')").fetchone() != (None,):
+            conn.execute("DELETE FROM capstone.collections WHERE schema_name = %s", (name,))
 
 
 @pytest.fixture

@@ -1,0 +1,259 @@
+"""Nearest-neighbour search over a collection: through its ANN index, or exactly, to compare with.
+
+ANN search runs inside :func:`ann_session`, a transaction that sets the index's query-time knob
+(``hnsw.ef_search`` or ``ivfflat.probes``) with ``set_config(..., is_local => true)`` -- that is
+``SET LOCAL`` with the value passed as a parameter -- and turns sequential scans off, so that even
+a small table is searched through its index: what validation measures and what ``capstone search``
+shows is what the index answers, not what a sequential scan would.
+
+Exact search runs on a connection of its own (:func:`exact_connection`) with index scans turned
+off for the whole session, and with SQL text of its own: a plan prepared under one set of planner
+settings must never be reused under the other (drivers cache prepared statements per text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from capstone.index_build import DISTANCE_OPERATORS
+from capstone.registry import CollectionRecord, lookup
+from capstone.store import CollectionTable
+
+__all__ = [
+    "MAX_EF_SEARCH",
+    "Hit",
+    "SearchTarget",
+    "ann_search",
+    "ann_session",
+    "ann_statement",
+    "distinct_documents",
+    "exact_connection",
+    "exact_search",
+    "exact_statement",
+    "explain",
+    "resolve_dsn",
+    "search_collection",
+    "search_record",
+]
+
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+_EXACT_SESSION = ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan")
+_SNIPPET_CHARS = 300
+
+
+@dataclass(frozen=True)
+class SearchTarget:
+    """What to search and how: the collection table, its metric, and the index's query-time knob."""
+
+    table: CollectionTable
+    metric: str
+    index_type: str
+    ef_search: int = 100
+    probes: int = 10
+    lists: int | None = None
+
+    @classmethod
+    def of(cls, record: CollectionRecord) -> SearchTarget:
+        """The target of a registered collection."""
+        lists = record.index_params.get("lists")
+        return cls(
+            record.store_table, record.metric, record.index_type, record.ef_search, record.probes, lists
+        )
+
+    @property
+    def knob(self) -> tuple[str, int]:
+        """The query-time setting searches use: ``("ef_search", n)`` or ``("probes", n)``."""
+        return ("ef_search", self.ef_search) if self.index_type == "hnsw" else ("probes", self.probes)
+
+    def with_knob(self, value: int) -> SearchTarget:
+        """This target searched with another ``ef_search`` (HNSW) or ``probes`` (IVFFlat)."""
+        if self.index_type == "hnsw":
+            return replace(self, ef_search=value)
+        return replace(self, probes=value)
+
+    def describe_knob(self) -> str:
+        """``ef_search=100`` or ``probes=10``."""
+        name, value = self.knob
+        return f"{name}={value}"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One chunk a search returned, ``rank`` 1 first; ``distance`` as the metric's operator gives it."""
+
+    rank: int
+    chunk_id: str
+    document_id: str
+    chunk_index: int
+    distance: float
+    snippet: str
+    metric: str
+
+    @property
+    def score(self) -> float:
+        """Similarity for cosine (``1 - distance``) and inner product (``-distance``); distance for l2."""
+        if self.metric == "cosine":
+            return 1.0 - self.distance
+        if self.metric == "inner_product":
+            return -self.distance
+        return self.distance
+
+
+# -- statements -------------------------------------------------------------------------------
+
+
+def _nearest(target: CollectionTable, metric: str, comment: str) -> sql.Composed:
+    operator = sql.SQL(DISTANCE_OPERATORS[metric])  # from a fixed table of pgvector operators
+    return sql.SQL(
+        "{comment}SELECT id, document_id, chunk_index, embedding {op} %(query)s AS distance,"
+        " left(content, {snippet}) FROM {table} WHERE embedding IS NOT NULL"
+        " ORDER BY embedding {op} %(query)s LIMIT %(limit)s"
+    ).format(
+        comment=sql.SQL(comment),
+        op=operator,
+        snippet=sql.Literal(_SNIPPET_CHARS),
+        table=target.ident,
+    )
+
+
+def ann_statement(target: SearchTarget) -> sql.Composed:
+    """The ANN query: ``ORDER BY embedding <op> %(query)s LIMIT %(limit)s``, served by the index."""
+    return _nearest(target.table, target.metric, "")
+
+
+def exact_statement(target: SearchTarget) -> sql.Composed:
+    """The exact query: same result shape, different text, for :func:`exact_connection` only."""
+    return _nearest(target.table, target.metric, "/* exact search: index scans off */ ")
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def ann_session(conn: psycopg.Connection, target: SearchTarget) -> Iterator[dict[str, str]]:
+    """A transaction in which ANN queries go through the index with the target's ef_search/probes.
+
+    Yields the settings applied; they end with the transaction, leaving the connection as it was.
+    """
+    name, value = target.knob
+    settings = {f"{'hnsw' if target.index_type == 'hnsw' else 'ivfflat'}.{name}": str(value)}
+    settings["enable_seqscan"] = "off"
+    with conn.transaction():
+        for setting, setting_value in settings.items():
+            conn.execute("SELECT set_config(%s, %s, true)", (setting, setting_value))
+        yield settings
+
+
+@contextmanager
+def exact_connection(dsn: str) -> Iterator[psycopg.Connection]:
+    """A connection of its own for exact search: index scans off for the session, nothing prepared."""
+    with psycopg.connect(
+        dsn, autocommit=True, prepare_threshold=None, application_name="capstone exact search"
+    ) as conn:
+        for setting in _EXACT_SESSION:
+            conn.execute("SELECT set_config(%s, 'off', false)", (setting,))
+        register_vector(conn)
+        yield conn
+
+
+# -- searching --------------------------------------------------------------------------------
+
+
+def _hits(
+    conn: psycopg.Connection, statement: sql.Composed, vector: np.ndarray, limit: int, metric: str
+) -> list[Hit]:
+    rows = conn.execute(statement, {"query": np.asarray(vector, dtype=np.float32), "limit": limit}).fetchall()
+    return [
+        Hit(rank, chunk_id, document_id, chunk_index, float(distance), snippet, metric)
+        for rank, (chunk_id, document_id, chunk_index, distance, snippet) in enumerate(rows, start=1)
+    ]
+
+
+def ann_search(conn: psycopg.Connection, target: SearchTarget, vector: np.ndarray, limit: int) -> list[Hit]:
+    """The ``limit`` nearest chunks through the index; call inside :func:`ann_session`."""
+    return _hits(conn, ann_statement(target), vector, limit, target.metric)
+
+
+def exact_search(conn: psycopg.Connection, target: SearchTarget, vector: np.ndarray, limit: int) -> list[Hit]:
+    """The true ``limit`` nearest chunks; call on an :func:`exact_connection`."""
+    return _hits(conn, exact_statement(target), vector, limit, target.metric)
+
+
+def distinct_documents(hits: Sequence[Hit], limit: int | None = None) -> list[Hit]:
+    """The best hit of each document, in rank order (re-ranked 1..n), at most ``limit`` of them."""
+    best: dict[str, Hit] = {}
+    for hit in hits:
+        best.setdefault(hit.document_id, hit)
+    ranked = [replace(hit, rank=rank) for rank, hit in enumerate(best.values(), start=1)]
+    return ranked if limit is None else ranked[:limit]
+
+
+def explain(
+    conn: psycopg.Connection, statement: sql.Composed, vector: np.ndarray, limit: int
+) -> list[dict[str, Any]]:
+    """The plan nodes (``EXPLAIN (FORMAT JSON)``, flattened, outermost first) of a search statement."""
+    row = conn.execute(
+        sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement),
+        {"query": np.asarray(vector, dtype=np.float32), "limit": limit},
+    ).fetchone()
+    nodes: list[dict[str, Any]] = []
+    pending = [row[0][0]["Plan"]] if row else []
+    while pending:
+        node = pending.pop(0)
+        nodes.append(node)
+        pending.extend(node.get("Plans", []))
+    return nodes
+
+
+def search_record(dsn: str, record: CollectionRecord, query: str, k: int = 5) -> list[Hit]:
+    """Embed ``query`` with the registered collection's model and return its ``k`` nearest chunks."""
+    vector = record.embedder().embed([query])[0]
+    target = SearchTarget.of(record)
+    if target.index_type == "hnsw":
+        # HNSW returns at most ef_search rows: a longer result list needs a longer candidate list.
+        target = target.with_knob(min(MAX_EF_SEARCH, max(target.ef_search, k)))
+    with psycopg.connect(dsn, autocommit=True, application_name="capstone search") as conn:
+        register_vector(conn)
+        with ann_session(conn, target):
+            return ann_search(conn, target, vector, k)
+
+
+def search_collection(
+    collection: str, query: str, k: int = 5, *, dsn: str | None = None, connection_id: str | None = None
+) -> list[Hit]:
+    """The ``k`` chunks of ``collection`` nearest to ``query``, in the Postgres of ``dsn``, else of
+    Airflow connection ``connection_id`` (default ``vector_store_default``, else the embedded one).
+
+    Raises :class:`capstone.registry.CollectionNotRegistered` when the collection was never validated there.
+    """
+    target_dsn = resolve_dsn(dsn, connection_id)
+    with psycopg.connect(target_dsn, autocommit=True, application_name="capstone search") as conn:
+        record = lookup(conn, collection)
+    return search_record(target_dsn, record, query, k)
+
+
+def resolve_dsn(dsn: str | None = None, connection_id: str | None = None) -> str:
+    """``dsn`` as given, else the URI of the Airflow connection (``vector_store_default`` by default,
+    which falls back to the embedded Postgres); :class:`LookupError` for an undefined connection."""
+    if dsn:
+        return dsn
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from capstone.connections import DEFAULT_CONNECTION_ID, postgres_dsn
+
+    connection_id = connection_id or DEFAULT_CONNECTION_ID
+    try:
+        return postgres_dsn(connection_id)
+    except AirflowNotFoundException as err:
+        raise LookupError(
+            f"Airflow connection {connection_id!r} is not defined: define it (`airflow connections add` or "
+            f"AIRFLOW_CONN_{connection_id.upper()}), or give the database's postgresql:// URI instead (--dsn)"
+        ) from err

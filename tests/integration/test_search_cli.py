@@ -1,0 +1,129 @@
+"""``python -m capstone search`` end to end, in a subprocess, on a collection indexed by ``dag.test()``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from capstone.corpus import reference_documents, write_jsonl_batch
+from capstone.search import search_collection
+from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection, xcom_value
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+COLLECTION = "cli_reference"
+KNOWN_QUERY = "try statement exception handlers finally clause"
+
+
+@dataclass(frozen=True)
+class IndexedRun:
+    """The collection's DAG run that indexed the language reference with the hash provider."""
+
+    run_id: str
+    state: str
+    schema: str
+
+
+@pytest.fixture(scope="module")
+def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IndexedRun]:
+    folder = tmp_path_factory.mktemp("search_cli")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    batch = write_jsonl_batch(reference_documents(), folder / "reference.jsonl")
+    spec = write_collection(
+        folder / "configs",
+        COLLECTION,
+        schema,
+        validation={
+            "sample_queries": [{"id": "try", "query": KNOWN_QUERY, "expected_document_id": "try"}],
+            "fail_on": ["vector_count", "query_relevance", "recall", "freshness"],
+        },
+    )
+    run = run_collection(spec, [{"format": "jsonl", "path": str(batch)}])
+    yield IndexedRun(run.run_id, str(run.state), schema)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM capstone.collections WHERE name = %s", (COLLECTION,))
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def search(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m capstone search ARGS`` in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "capstone", "search", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env or os.environ.copy(),
+    )
+
+
+def results(output: str) -> list[list[str]]:
+    """The result rows of the search output: ``[rank, score, document, chunk, snippet...]``."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "score"])
+    return [line.split() for line in lines[start + 1 :]]
+
+
+def test_the_dag_run_validates_the_collection_and_publishes_the_summary(indexed: IndexedRun) -> None:
+    assert indexed.state == "success", task_states(COLLECTION, indexed.run_id)
+    report: dict[str, Any] = xcom_value(COLLECTION, indexed.run_id, "validate_index_health")
+    summary = report["summary"]
+
+    assert {summary[check] for check in report["checks"]} == {"pass"}
+    assert asset_events(f"{COLLECTION}.indexed")[-1]["validation"] == summary
+
+
+def test_search_prints_the_document_that_answers_a_known_query(indexed: IndexedRun, pg_dsn: str) -> None:
+    completed = search("--collection", COLLECTION, KNOWN_QUERY, "-k", "3", "--dsn", pg_dsn)
+
+    assert completed.returncode == 0, completed.stderr
+    header = completed.stdout.splitlines()[0]
+    assert header.startswith(f"{COLLECTION} ({indexed.schema}.{COLLECTION}): 3 nearest chunks to ")
+    assert "hash hash-v1, hnsw cosine ef_search=100; score = similarity" in header
+    rows = results(completed.stdout)
+    assert [row[0] for row in rows] == ["1", "2", "3"]
+    _rank, score, document, chunk, *snippet = rows[0]
+    assert (document, chunk.startswith("try_chunk_")) == ("try", True)
+    assert 0 < float(score) <= 1 and float(rows[1][1]) <= float(score)
+    assert snippet
+
+
+def test_search_finds_the_collection_through_the_default_connection(indexed: IndexedRun) -> None:
+    # No --dsn: vector_store_default, which the test session exports as AIRFLOW_CONN_VECTOR_STORE_DEFAULT.
+    completed = search("--collection", COLLECTION, *KNOWN_QUERY.split())  # unquoted words: one query
+
+    assert completed.returncode == 0, completed.stderr
+    assert results(completed.stdout)[0][2] == "try"
+    assert len(results(completed.stdout)) == 5
+
+
+def test_search_collection_answers_in_process_through_the_default_connection(indexed: IndexedRun) -> None:
+    hits = search_collection(COLLECTION, KNOWN_QUERY, k=3)
+
+    assert [hit.rank for hit in hits] == [1, 2, 3]
+    assert hits[0].document_id == "try" and hits[0].chunk_id.startswith("try_chunk_")
+    assert hits[0].score == pytest.approx(1 - hits[0].distance)
+
+
+def test_searching_a_collection_never_indexed_says_which_dag_to_run(indexed: IndexedRun, pg_dsn: str) -> None:
+    completed = search("--collection", "never_indexed", "anything", "--dsn", pg_dsn)
+
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    assert "collection 'never_indexed' is not indexed yet" in completed.stderr
+    assert "run its Airflow DAG 'never_indexed'" in completed.stderr
+    assert "Traceback" not in completed.stderr
