@@ -7,6 +7,7 @@ embedding tasks respect their pool, and whose last task publishes ``documents.in
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ def stack(pg_dsn: str) -> Iterator[AirflowStack]:
     shutil.rmtree(home, ignore_errors=True)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS e2e CASCADE")
-    with AirflowStack(home=home, api_port=28081, configs=HERE / "configs") as running:
+    port = int(os.environ.get("E2E_API_PORT", 28081))
+    with AirflowStack(home=home, api_port=port, configs=HERE / "configs") as running:
         yield running
 
 
