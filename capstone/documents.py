@@ -170,14 +170,16 @@ def _check(
     doc_id = raw.get("id")
     if isinstance(doc_id, int) and not isinstance(doc_id, bool):
         doc_id = str(doc_id)
-    if not isinstance(doc_id, str) or not _DOCUMENT_ID.fullmatch(doc_id):
+    if not isinstance(doc_id, str) or not _DOCUMENT_ID.fullmatch(doc_id) or not _encodable(doc_id):
         return RejectedDocument(
             None, where, "missing or invalid 'id' (a string of 1-200 printable characters)"
         )
     reason = _chunk_problem(raw.get("chunks"), max_chunk_chars, max_chunks)
     if reason is None:
         reason = _content_problem(raw.get("content"))
-    metadata = raw.get("metadata") or {}
+    metadata = raw.get("metadata")
+    if metadata is None:  # not `or {}`: metadata of [], "" or false is an error, not "no metadata"
+        metadata = {}
     if reason is None and not isinstance(metadata, dict):
         reason = "'metadata' must be a JSON object"
     if reason is None:
@@ -192,6 +194,8 @@ def _content_problem(content: Any) -> str | None:
         return "'content' is missing or empty"
     if "\x00" in content:
         return "'content' contains NUL bytes"
+    if not _encodable(content):
+        return f"'content' is not valid Unicode {_SURROGATE_HINT}"
     return None
 
 
@@ -207,6 +211,8 @@ def _chunk_problem(chunks: Any, max_chunk_chars: int, max_chunks: int) -> str | 
             return f"chunk {index} is empty"
         if "\x00" in chunk:
             return f"chunk {index} contains NUL bytes"
+        if not _encodable(chunk):
+            return f"chunk {index} is not valid Unicode {_SURROGATE_HINT}"
         if len(chunk) > max_chunk_chars:
             return (
                 f"chunk {index} has {len(chunk)} characters, more than the limit of {max_chunk_chars} "
@@ -217,9 +223,24 @@ def _chunk_problem(chunks: Any, max_chunk_chars: int, max_chunks: int) -> str | 
 
 def _metadata_problem(metadata: dict[str, Any]) -> str | None:
     try:
-        text = json.dumps(metadata, allow_nan=False)
+        text = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         return f"'metadata' is not JSON-serialisable: {exc}"
     if "\\u0000" in text:
         return "'metadata' contains NUL characters (Postgres jsonb cannot store them)"
+    if not _encodable(text):
+        return f"'metadata' is not valid Unicode {_SURROGATE_HINT}"
     return None
+
+
+# JSON may escape half of a UTF-16 surrogate pair ("\\ud800"); Python decodes it to a string that no
+# UTF-8 database can store, and one such document would fail the whole batch's COPY.
+_SURROGATE_HINT = "(a lone UTF-16 surrogate such as \\ud800, from a bad \\u escape): fix the text upstream"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

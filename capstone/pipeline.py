@@ -88,6 +88,21 @@ def _connect(settings: PipelineSettings) -> psycopg.Connection:
 # -- load_enriched_documents ----------------------------------------------------------------
 
 
+def _chunk_limit(settings: PipelineSettings) -> int:
+    """chunking.max_chunk_chars, lowered to what the model accepts when the API would reject more.
+
+    Only a hard API limit counts: sentence-transformers truncates long inputs by design, and
+    loading a local model in this task just to ask would cost seconds on every run.
+    """
+    if settings.provider == "openai":
+        from capstone.embeddings.openai_api import input_limit
+
+        model_limit = input_limit(settings.model)
+        if model_limit is not None:
+            return min(settings.max_chunk_chars, model_limit)
+    return settings.max_chunk_chars
+
+
 def load_documents(
     settings: PipelineSettings, run_key: str, locations: Sequence[BatchLocation]
 ) -> dict[str, Any]:
@@ -96,7 +111,7 @@ def load_documents(
     ``locations`` are newest first: when two batches carry the same document id, the newest wins.
     """
     rejected: list[RejectedDocument] = []
-    limit = settings.max_chunk_chars
+    limit = _chunk_limit(settings)
 
     def records() -> Iterator[tuple[str, Any]]:
         for location in locations:

@@ -107,6 +107,8 @@ class AirflowStack:
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
                 "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
                 "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+                # A broken collection file shows as the list of its problems, not as a traceback.
+                "AIRFLOW__CORE__DAGBAG_IMPORT_ERROR_TRACEBACKS": "False",
                 "PYTHONUNBUFFERED": "1",
             }
         )

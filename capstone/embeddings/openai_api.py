@@ -24,7 +24,7 @@ from capstone.embeddings.errors import (
     MissingAPIKeyError,
 )
 
-__all__ = ["MAX_INPUTS_PER_REQUEST", "OpenAIEmbedder"]
+__all__ = ["MAX_INPUTS_PER_REQUEST", "OpenAIEmbedder", "input_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ def _make_client(*, base_url: str | None, api_key: str | None, timeout: float, m
         ) from err
 
 
+def input_limit(model: str) -> int | None:
+    """Longest text (characters) OpenAI's own ``model`` accepts; None for models we know nothing of."""
+    return _MAX_INPUT_CHARS_OPENAI if model in _NATIVE_DIMENSIONS else None
+
+
 class OpenAIEmbedder:
     """Embeds through ``POST /embeddings``, in requests of at most ``request_batch_size`` texts."""
 
@@ -106,7 +111,7 @@ class OpenAIEmbedder:
         self.dimension = dimension
         self.normalize = normalize
         self.request_batch_size = min(request_batch_size, MAX_INPUTS_PER_REQUEST)
-        self.max_input_chars: int | None = _MAX_INPUT_CHARS_OPENAI if model in _NATIVE_DIMENSIONS else None
+        self.max_input_chars: int | None = input_limit(model)
         self._base_url = base_url
         self._client = _make_client(
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries

@@ -93,3 +93,28 @@ def test_reference_corpus_chunks_cover_every_topic_within_the_size() -> None:
     assert len(documents) == 79
     assert all(0 < len(chunk) <= 800 for doc in documents for chunk in doc["chunks"])
     assert "".join(chunk_text("a\n\nb", 10)).replace("\n", "") == "ab"
+
+
+def test_chunk_limit_is_lowered_to_the_models_hard_input_limit() -> None:
+    from capstone.pipeline import PipelineSettings, _chunk_limit
+
+    openai = PipelineSettings("c", "s", "t", 1536, provider="openai", model="text-embedding-3-small")
+    assert _chunk_limit(openai) == 8000  # the spec's limit is lower than the model's
+    assert (
+        _chunk_limit(
+            PipelineSettings(
+                "c",
+                "s",
+                "t",
+                1536,
+                provider="openai",
+                model="text-embedding-3-small",
+                max_chunk_chars=100_000,
+            )
+        )
+        == 8191 * 3
+    )
+    assert (
+        _chunk_limit(PipelineSettings("c", "s", "t", 384, provider="hash", max_chunk_chars=100_000))
+        == 100_000
+    )

@@ -1,0 +1,201 @@
+"""Postgres stopped in the middle of ``batch_upsert_vectors``, then started again.
+
+These tests stop a private server (``private_pg``), never the shared one. The upsert runs in a
+thread; a row lock held by the test parks one merge transaction mid-way, so the stop lands inside
+a merge for certain, not between two. Whatever happens, the table never shows part of a batch, and
+the retry (or a re-run) ends with exactly the new version of every document.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from capstone.embedded_pg import EmbeddedPostgres
+from capstone.pipeline import PipelineSettings, run_key_for, upsert_vectors
+from tests.reliability.support import (
+    PRIVATE_CONNECTION_ID,
+    assert_table_holds_exactly,
+    jsonl_batch,
+    run_pipeline,
+    run_until_upsert,
+    stored_chunks,
+)
+
+pytestmark = pytest.mark.slow
+
+DIMENSION = 32
+UPSERT_BATCH = 100
+LOCKED_SPAN = 3  # the merge of the 4th span (0-based 3) is the one the stop interrupts
+
+
+def _settings(schema: str) -> PipelineSettings:
+    return PipelineSettings(
+        collection=schema,
+        schema=schema,
+        table="chunks",
+        dimension=DIMENSION,
+        connection_id=PRIVATE_CONNECTION_ID,
+        embed_batch_size=5000,
+        upsert_batch_size=UPSERT_BATCH,
+    )
+
+
+def _version(number: int, documents: int) -> list[dict[str, Any]]:
+    """Version 2 changes every chunk, drops two chunks of every fifth document and adds documents."""
+    result = []
+    for i in range(documents):
+        chunks = 4 if number == 1 or i % 5 else 2
+        result.append(
+            {
+                "id": f"doc-{i:04d}",
+                "content": f"document {i} v{number}",
+                "chunks": [f"document {i} chunk {j} version {number}" for j in range(chunks)],
+                "metadata": {"version": number},
+            }
+        )
+    return result
+
+
+V1 = _version(1, 300)
+V2 = _version(2, 350)
+
+
+def _staged_ids(dsn: str, run_key: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM capstone.staged_vectors WHERE run_key = %s ORDER BY id", (run_key,)
+            )
+        ]
+
+
+def _merge_waiting_on_lock(conn: psycopg.Connection, table: str) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+        (f"INSERT INTO %{table}%",),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _interrupt_a_merge(
+    server: EmbeddedPostgres, locked_id: str, upsert: Callable[[], Any], stop: Callable[[], None]
+) -> BaseException | None:
+    """Run ``upsert`` in a thread, park one merge on a row lock, ``stop`` the server; the upsert's error."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            upsert()
+        except BaseException as exc:
+            errors.append(exc)
+
+    blocker = psycopg.connect(server.uri())  # closed, never committed: the stop kills it
+    try:
+        blocker.execute("SELECT 1 FROM db_fault.chunks WHERE id = %s FOR UPDATE", (locked_id,))
+        worker = threading.Thread(target=target, name="upsert")
+        worker.start()
+        with psycopg.connect(server.uri(), autocommit=True) as watcher:
+            deadline = time.monotonic() + 60
+            while not _merge_waiting_on_lock(watcher, '"db_fault"."chunks"'):
+                assert worker.is_alive() and time.monotonic() < deadline, "the merge never reached the lock"
+                time.sleep(0.02)
+        stop()
+        worker.join(timeout=60)
+    finally:
+        blocker.close()
+    return errors[0] if errors else None
+
+
+def _new_and_old(dsn: str, ids_done: set[str]) -> None:
+    """Only whole spans are in: the rows of finished spans are version 2, every other row version 1."""
+    chunks, _ = stored_chunks(dsn, "db_fault", "chunks")
+    v1_ids = {f"{d['id']}_chunk_{j}" for d in V1 for j in range(len(d["chunks"]))}
+    assert set(chunks) == v1_ids | ids_done, "rows deleted before every batch was in, or a partial span"
+    for chunk_id, chunk in chunks.items():
+        assert chunk.metadata == {"version": 2 if chunk_id in ids_done else 1}, chunk_id
+
+
+@pytest.fixture
+def collection(running_private_pg: EmbeddedPostgres, tmp_path: Path) -> dict[str, Any]:
+    """The private server holds version 1; version 2 is embedded and staged, ready to upsert."""
+    dsn = running_private_pg.uri()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS db_fault CASCADE")
+    settings = _settings("db_fault")
+    run_pipeline(settings, run_key_for("db_fault", "v1"), [jsonl_batch(tmp_path / "v1.jsonl", V1)])
+    assert_table_holds_exactly(dsn, "db_fault", "chunks", V1, model="hash-v1", dimension=DIMENSION)
+    batch = jsonl_batch(tmp_path / "v2.jsonl", V2)
+    run_key = run_key_for("db_fault", "v2")
+    aggregate = run_until_upsert(settings, run_key, [batch])
+    assert aggregate is not None and aggregate["to_delete"] == 60 * 2
+    staged = _staged_ids(dsn, run_key)
+    spans = [staged[i : i + UPSERT_BATCH] for i in range(0, len(staged), UPSERT_BATCH)]
+    # Lock a row version 1 already has, past the start of its span: the merge writes some rows of
+    # the span, then waits.
+    locked = next(chunk for chunk in spans[LOCKED_SPAN][UPSERT_BATCH // 2 :] if chunk.endswith("_chunk_1"))
+    done = {chunk for span in spans[:LOCKED_SPAN] for chunk in span}
+    return {"settings": settings, "aggregate": aggregate, "locked": locked, "done": done, "batch": batch}
+
+
+def test_fast_stop_mid_merge_then_the_retry_finishes_exactly(
+    running_private_pg: EmbeddedPostgres, collection: dict[str, Any]
+) -> None:
+    server, settings, aggregate = running_private_pg, collection["settings"], collection["aggregate"]
+
+    error = _interrupt_a_merge(
+        server, collection["locked"], lambda: upsert_vectors(settings, aggregate), server.stop
+    )
+
+    assert isinstance(error, psycopg.OperationalError), repr(error)
+    server.start()
+    _new_and_old(server.uri(), collection["done"])  # the interrupted span rolled back whole
+
+    result = upsert_vectors(settings, aggregate)  # the task's retry
+
+    assert result["deleted"] == 120 and result["expected_count"] == sum(len(d["chunks"]) for d in V2)
+    assert_table_holds_exactly(server.uri(), "db_fault", "chunks", V2, model="hash-v1", dimension=DIMENSION)
+    assert _staged_ids(server.uri(), aggregate["run_key"]) == []
+
+
+def test_crash_mid_merge_then_a_rerun_finishes_exactly(
+    running_private_pg: EmbeddedPostgres, collection: dict[str, Any]
+) -> None:
+    server, settings, aggregate = running_private_pg, collection["settings"], collection["aggregate"]
+
+    def crash() -> None:  # what a power cut or an OOM kill does: no shutdown, recovery on start
+        server._run(["pg_ctl", "-D", str(server.pgdata), "-m", "immediate", "-w", "stop"])
+
+    error = _interrupt_a_merge(
+        server, collection["locked"], lambda: upsert_vectors(settings, aggregate), crash
+    )
+
+    assert isinstance(error, psycopg.OperationalError), repr(error)
+    server.start()
+    _new_and_old(server.uri(), collection["done"])
+    if _staging_is_unlogged(server.uri()):
+        # Crash recovery empties unlogged staging: the retry must say so and leave the table alone,
+        with pytest.raises(Exception, match="re-run the DAG"):
+            upsert_vectors(settings, aggregate)
+        _new_and_old(server.uri(), collection["done"])
+        # and a new run of the same batch embeds what is missing and finishes the job.
+        result = run_pipeline(settings, run_key_for("db_fault", "v2 again"), [collection["batch"]])
+        assert result["upserted"] == sum(len(d["chunks"]) for d in V2) - len(collection["done"])
+    else:
+        upsert_vectors(settings, aggregate)  # logged staging survives: the retry finishes
+    assert_table_holds_exactly(server.uri(), "db_fault", "chunks", V2, model="hash-v1", dimension=DIMENSION)
+
+
+def _staging_is_unlogged(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT relpersistence FROM pg_class WHERE oid = 'capstone.staged_vectors'::regclass"
+        )
+        return row.fetchone() == ("u",)

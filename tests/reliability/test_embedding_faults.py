@@ -1,0 +1,143 @@
+"""Embedding faults through ``dag.test()``: the real ``openai`` client against a fake that fails.
+
+Random 429s (with Retry-After), 500s and hangs past the client's timeout are absorbed by the
+client's retries and Airflow's task retries; a batch that fails every retry fails the run without
+touching the table, and the next run indexes its chunks once the fault is gone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.airflow_helpers import run_collection, task_states, write_collection, xcom_value, xcoms
+from tests.reliability.support import FaultPlanServer, assert_table_holds_exactly, jsonl_batch, stored_chunks
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
+
+MODEL = "text-embedding-3-small"
+DIMENSION = 64
+CLIENT_ATTEMPTS = 6  # the openai client's first try plus its 5 retries (create_embedder's default)
+
+
+def _documents(count: int, chunks: int = 4, marker: str = "") -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"doc-{i:03d}",
+            "content": f"document {i}",
+            "chunks": [
+                f"document {i} section {j} on retries and faults {marker if i == 7 else ''}"
+                for j in range(chunks)
+            ],
+            "metadata": {"n": i},
+        }
+        for i in range(count)
+    ]
+
+
+def _openai_collection(configs: Path, name: str, schema: str, server: FaultPlanServer, retries: int) -> Path:
+    return write_collection(
+        configs,
+        name,
+        schema,
+        embedding={
+            "provider": "openai",
+            "model": MODEL,
+            "dimension": DIMENSION,
+            "base_url": server.base_url,
+            "batch_size": 40,
+            "request_batch_size": 10,
+            "retries": retries,
+            "retry_delay_seconds": 0,
+            "max_retry_delay_seconds": 1,
+            "request_timeout_seconds": 0.5,
+        },
+    )
+
+
+def try_numbers(dag_id: str, run_id: str, task_id: str) -> list[int]:
+    """The try number each map index of ``task_id`` ended on, by map index."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(
+            select(TaskInstance.map_index, TaskInstance.try_number)
+            .where(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id
+            )
+            .order_by(TaskInstance.map_index)
+        ).all()
+    return [int(try_number) for _map_index, try_number in rows]
+
+
+def test_random_429_500_and_timeouts_are_retried_to_an_exact_table(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    documents = _documents(50)
+    spec = _openai_collection(tmp_path / "configs", "flaky_api", pg_schema, fake_openai, retries=3)
+    # The first request fails more often than the client retries: its task fails once and
+    # Airflow's retry finishes it. Then one fault of each kind, then 30% of calls fail at random.
+    fake_openai.fail_next(CLIENT_ATTEMPTS, "500", retry_after=0.05)
+    fake_openai.fail_next(1, "429", retry_after=0.05)
+    fake_openai.fail_next(1, "hang")
+    fake_openai.fail_next(1, "500", retry_after=0.05)
+    fake_openai.mixed_failure_rate = 0.3
+
+    run = run_collection(spec, [jsonl_batch(tmp_path / "batch.jsonl", documents)])
+
+    states = task_states("flaky_api", run.run_id)
+    assert str(run.state) == "success", states
+    assert_table_holds_exactly(pg_dsn, pg_schema, "flaky_api", documents, model=MODEL, dimension=DIMENSION)
+    # Failures are visible: in the server's record (by kind) and in Airflow's try numbers.
+    failures = Counter(request.status for request in fake_openai.failed_requests())
+    planned = CLIENT_ATTEMPTS + 3
+    assert failures[500] >= CLIENT_ATTEMPTS + 1 and failures[429] >= 1 and failures[0] >= 1, failures
+    assert sum(failures.values()) > planned, f"no random failure at a 30% rate: {failures}"
+    assert any((request.retry_count or 0) > 0 for request in fake_openai.embedding_requests())
+    tries = try_numbers("flaky_api", run.run_id, "generate_embedding")
+    # The planned burst fails one task's first try for sure; random faults rarely fail another.
+    assert len(tries) == 5 and max(tries) >= 2 and tries.count(1) >= 3, tries
+    # Every chunk was answered at least once, and stored once.
+    texts = {text for doc in documents for text in doc["chunks"]}
+    assert texts <= set(fake_openai.answered_texts())
+    upserted = xcom_value("flaky_api", run.run_id, "batch_upsert_vectors")
+    assert upserted["expected_count"] == len(texts) == 200
+
+
+def test_a_batch_failing_every_retry_leaves_its_chunks_for_the_next_run(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    marker = "POISON-PILL"
+    documents = _documents(30, marker=marker)
+    spec = _openai_collection(tmp_path / "configs", "poisoned", pg_schema, fake_openai, retries=1)
+    batch = jsonl_batch(tmp_path / "batch.jsonl", documents)
+    fake_openai.poison_marker = marker
+
+    failed = run_collection(spec, [batch])
+
+    states = task_states("poisoned", failed.run_id)
+    assert str(failed.state) == "failed", states
+    assert sorted(states["generate_embedding"]) == ["failed", "success", "success"]
+    assert states["batch_upsert_vectors"] == ["upstream_failed"]
+    assert states["publish_indexed_asset"] == ["upstream_failed"]
+    poisoned = [r for r in fake_openai.embedding_requests() if any(marker in text for text in r.inputs)]
+    assert len(poisoned) == 2 * CLIENT_ATTEMPTS  # two Airflow tries, each retried by the client
+    assert {r.status for r in poisoned} == {500}
+    assert max(try_numbers("poisoned", failed.run_id, "generate_embedding")) == 2
+    # Nothing half-written: the good batches were embedded but nothing reached the table.
+    assert stored_chunks(pg_dsn, pg_schema, "poisoned") == ({}, {})
+
+    fake_openai.poison_marker = None
+    run = run_collection(spec, [batch])
+
+    assert str(run.state) == "success", task_states("poisoned", run.run_id)
+    prepared = [value for task, _, key, value in xcoms("poisoned", run.run_id) if key == "summary"]
+    assert prepared[0]["to_embed"] == 120  # every chunk: the failed run stored none of them
+    assert_table_holds_exactly(pg_dsn, pg_schema, "poisoned", documents, model=MODEL, dimension=DIMENSION)
