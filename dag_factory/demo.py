@@ -10,6 +10,7 @@ shows: nothing is re-embedded. ``--keep-running`` (``make up``) leaves Airflow u
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,21 @@ from dag_factory.stack import AirflowStack
 
 __all__ = ["main"]
 
+_ORDER = {
+    task_id: position
+    for position, task_id in enumerate(
+        [
+            "load_enriched_documents",
+            "prepare_chunks",
+            "generate_embedding",
+            "aggregate_embeddings",
+            "batch_upsert_vectors",
+            "wait_for_indexing",
+            "validate_index_health",
+            "publish_indexed_asset",
+        ]
+    )
+}
 SEARCHES = ("how do I handle exceptions", "what does the with statement do")
 
 
@@ -36,23 +52,36 @@ def _seconds(ti: dict[str, Any]) -> float:
 
 def _stages(tis: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     stages: dict[str, dict[str, Any]] = {}
-    for ti in sorted(tis, key=lambda ti: ti.get("start_date") or "9999"):
-        stage = stages.setdefault(ti["task_id"], {"instances": 0, "states": {}, "seconds": 0.0})
+    for ti in sorted(tis, key=lambda ti: (_ORDER.get(ti["task_id"], 99), ti.get("map_index", -1))):
+        stage = stages.setdefault(ti["task_id"], {"instances": 0, "states": {}, "seconds": 0.0, "span": []})
         stage["instances"] += 1
         stage["states"][str(ti["state"])] = stage["states"].get(str(ti["state"]), 0) + 1
         stage["seconds"] += _seconds(ti)
+        stage["span"] += [stamp for stamp in (ti.get("start_date"), ti.get("end_date")) if stamp]
     return stages
 
 
+def _wall(stage: dict[str, Any]) -> float:
+    """Seconds from the stage's first start to its last end (mapped tasks overlap)."""
+    if len(stage["span"]) < 2:
+        return 0.0
+    first, last = min(stage["span"]), max(stage["span"])
+    return _seconds({"start_date": first, "end_date": last})
+
+
 def _progress_line(stages: dict[str, dict[str, Any]]) -> str:
-    parts = []
+    """One line: stages finished, and what the stage in progress is doing."""
+    finished, current = 0, ""
     for task_id, stage in stages.items():
-        done = sum(n for state, n in stage["states"].items() if state in ("success", "skipped"))
-        state = "/".join(stage["states"])
-        parts.append(
-            f"{task_id}" + (f" {done}/{stage['instances']}" if stage["instances"] > 1 else f" {state}")
-        )
-    return " | ".join(parts)
+        states = stage["states"]
+        done = sum(n for state, n in states.items() if state in ("success", "skipped"))
+        if done == stage["instances"]:
+            finished += 1
+        elif any(state not in ("None", "scheduled") for state in states) and not current:
+            active = "/".join(state for state in states if state not in ("success", "None"))
+            count = f" {done}/{stage['instances']} done" if stage["instances"] > 1 else ""
+            current = f"{task_id} ({active}{count})"
+    return f"{finished}/{len(stages)} stages done" + (f", now: {current}" if current else "")
 
 
 def _wait_for_run(api: AirflowApi, dag_id: str, after: set[str], timeout: float) -> dict[str, Any]:
@@ -73,10 +102,12 @@ def _wait_for_run(api: AirflowApi, dag_id: str, after: set[str], timeout: float)
 
 
 def _print_stage_table(tis: list[dict[str, Any]]) -> None:
-    print(f"\n  {'stage':26} {'tasks':>5}  {'states':28} {'task seconds':>12}")
+    print(f"\n  {'stage':26} {'tasks':>5}  {'states':22} {'wall s':>7} {'task s':>7}")
     for task_id, stage in _stages(tis).items():
         states = ", ".join(f"{n} {state}" for state, n in stage["states"].items())
-        print(f"  {task_id:26} {stage['instances']:>5}  {states:28} {stage['seconds']:12.1f}")
+        print(
+            f"  {task_id:26} {stage['instances']:>5}  {states:22} {_wall(stage):7.1f} {stage['seconds']:7.1f}"
+        )
 
 
 def _print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
@@ -108,13 +139,14 @@ def _print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
         print("\n  no documents.indexed event for this run (nothing new to publish)")
 
 
-def _print_searches(collection: str) -> None:
+def _print_searches(collection: str, dsn: str) -> None:
     from capstone.search import search_collection
 
     for query in SEARCHES:
-        print(f"\nsearch: {query!r}")
-        for hit in search_collection(collection, query, k=3):
-            print(f"  {hit.rank}. {hit.score:.3f}  {hit.document_id:14} {hit.chunk_id:22} {hit.snippet[:60]}")
+        print(f"\nsearch: {query!r}   (rank, similarity, document, chunk, text)")
+        for hit in search_collection(collection, query, k=3, dsn=dsn):
+            snippet = " ".join(hit.snippet.split())[:60]
+            print(f"  {hit.rank}. {hit.score:.3f}  {hit.document_id:12} {hit.chunk_id:20} {snippet}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-running", action="store_true", help="leave Airflow running (make up)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the run")
     args = parser.parse_args(argv)
+    # This process only talks to the REST API and Postgres: keep library chatter out of the report.
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    logging.basicConfig(level=logging.WARNING)
 
     stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)))
     print("setting up: embedded Postgres, Airflow metadata DB, pools, connection ...", flush=True)
@@ -145,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_stage_table(api.task_instances("documents", run["dag_run_id"]))
         _print_report(api, "documents", run["dag_run_id"])
         if run["state"] == "success":
-            _print_searches("documents")
+            _print_searches("documents", stack.postgres_uri())
         if args.keep_running:
             print(f"\nAirflow UI: {stack.api_url}  (user admin, password {stack.password})")
             print("stop it with: make down")

@@ -23,11 +23,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
 
 from dag_factory.loader import configs_dir, load_collections
+
+if TYPE_CHECKING:
+    from capstone.embedded_pg import EmbeddedPostgres
 
 __all__ = ["SERVICES", "AirflowStack"]
 
@@ -117,13 +121,19 @@ class AirflowStack:
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Start Postgres, migrate the metadata DB, create pools, connection and the admin login."""
+    def postgres(self) -> EmbeddedPostgres:
+        """The embedded Postgres this stack uses (``$CAPSTONE_PG_PORT``, data under ``data_dir``)."""
         from capstone.embedded_pg import EmbeddedPostgres
 
+        return EmbeddedPostgres(root=self.data_dir, port=int(os.environ.get("CAPSTONE_PG_PORT", 55432)))
+
+    def postgres_uri(self) -> str:
+        return self.postgres().start().uri()
+
+    def setup(self) -> None:
+        """Start Postgres, migrate the metadata DB, create pools, connection and the admin login."""
         self.home.mkdir(parents=True, exist_ok=True)
-        server = EmbeddedPostgres(root=self.data_dir, port=int(os.environ.get("CAPSTONE_PG_PORT", 55432)))
-        server.start()
+        server = self.postgres().start()
         self._airflow("db", "migrate")
         if not self._passwords_file.exists():
             self._passwords_file.write_text(json.dumps({ADMIN: secrets.token_urlsafe(12)}))
