@@ -77,7 +77,7 @@ class PipelineSettings:
 
 
 def run_key_for(dag_id: str, run_id: str) -> str:
-    """A short stable key naming one DAG run's staging rows."""
+    """A short stable key naming one DAG run's staging tables."""
     return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:20]
 
 
@@ -132,7 +132,7 @@ def load_documents(
         store.ensure_staging(conn)
         stale = store.drop_stale_staging(conn, settings.collection)
         if stale:
-            log.info("removed staging rows of %d abandoned runs", stale)
+            log.info("dropped the staging tables of %d abandoned runs", stale)
         document_count, chunk_count = store.stage_documents(
             conn, run_key, settings.collection, documents(), settings.model
         )
@@ -166,9 +166,7 @@ def prepare_chunks(settings: PipelineSettings, run_key: str, max_batches: int) -
         store.ensure_collection_table(conn, table)
         batches = store.assign_batches(conn, run_key, table, settings.embed_batch_size, max_batches)
         lost = store.count_lost_chunks(conn, run_key, table)
-        staged = conn.execute(
-            "SELECT count(*) FROM capstone.staged_chunks WHERE run_key = %s", (run_key,)
-        ).fetchone()[0]  # type: ignore[index]
+        staged = store.count_staged_chunks(conn, run_key)
     to_embed = sum(batch["chunks"] for batch in batches)
     log.info(
         "%d of %d staged chunks are new or changed (%d unchanged, skipped); %d stored chunks to remove; "
@@ -277,14 +275,13 @@ def upsert_vectors(settings: PipelineSettings, aggregate: dict[str, Any]) -> dic
 
     A failing batch rolls back alone and the others go on; the task then fails so that its retry
     redoes what is missing (the merge is an upsert, so redoing a batch changes nothing). Chunks
-    that re-indexed documents no longer have are deleted, and the run's staging rows removed,
+    that re-indexed documents no longer have are deleted, and the run's staging tables dropped,
     only once every batch is in.
     """
     run_key = str(aggregate["run_key"])
     table = settings.store_table
     with _connect(settings) as conn:
         store.ensure_collection_table(conn, table)
-        store.analyze_staged_vectors(conn)
         _check_staging_complete(store.count_staged_vectors(conn, run_key), aggregate)
         spans = store.merge_spans(conn, run_key, settings.upsert_batch_size)
         upserted, failures = _merge_spans(conn, settings, run_key, spans)

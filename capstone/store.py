@@ -1,10 +1,11 @@
 """The pgvector store: one table per collection, plus the staging tables runs pass data through.
 
-Bulk data never goes through XCom. A run is identified by its ``run_key``; its chunk texts go to
-``capstone.staged_chunks``, its vectors to ``capstone.staged_vectors`` (binary COPY), and
-:func:`merge_batch` moves them into the collection table with ``INSERT ... SELECT ... ON
-CONFLICT DO UPDATE``, one transaction per batch. Every step can be re-run: staging writes replace
-what the same run wrote before, and the merge is an upsert.
+Bulk data never goes through XCom. A run, identified by its ``run_key``, gets its own UNLOGGED
+staging tables ``capstone."run_<run_key>_{chunks,documents,batches,vectors}"`` (see
+:func:`run_table`): chunk texts are copied into the first, vectors into the last (binary COPY),
+and :func:`merge_batch` moves them into the collection table with ``INSERT ... SELECT ... ON
+CONFLICT DO UPDATE``, one transaction per batch; the tables are then dropped. Every step can be
+re-run: staging writes replace what the same run wrote before, and the merge is an upsert.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from psycopg import sql
 from capstone.documents import EnrichedDocument
 
 __all__ = [
+    "STAGING_KINDS",
     "STAGING_SCHEMA",
     "CollectionTable",
     "DimensionMismatch",
@@ -31,22 +33,27 @@ __all__ = [
     "batch_spans",
     "chunk_id",
     "count_lost_chunks",
+    "count_staged_chunks",
     "count_staged_vectors",
     "delete_lost_chunks",
     "drop_run_staging",
+    "drop_stale_staging",
     "ensure_collection_table",
     "ensure_staging",
     "merge_batch",
     "merge_spans",
     "read_batch_texts",
+    "run_staging_exists",
+    "run_table",
     "stage_documents",
+    "staged_vector_ids",
     "write_batch_vectors",
 ]
 
 log = logging.getLogger(__name__)
 
 STAGING_SCHEMA = "capstone"
-_STAGING_LOCK = 7_245_021_113  # advisory lock serialising DDL of the shared staging tables
+_STAGING_LOCK = 7_245_021_113  # advisory lock serialising the creation of the staging registry
 
 
 class StagingIncomplete(RuntimeError):
@@ -86,60 +93,61 @@ def content_hash(text: str, metadata_json: str, model: str) -> str:
 
 # -- DDL ------------------------------------------------------------------------------------
 
+# Staging is per run: four UNLOGGED tables ``capstone."run_<run_key>_<kind>"`` that the load task
+# creates (dropping what an earlier attempt left) and the store stage drops once every batch is
+# in, O(1) whatever the size of the run. Unlogged: they are rebuilt by re-running the DAG, and
+# skipping the WAL halves the cost of writing every vector twice. A crash empties unlogged tables
+# (they stay, empty); the store stage notices (fewer rows than embedded) and fails with a clear
+# message instead of losing chunks. ``capstone.staging_runs`` (logged) lists the runs that have
+# staging tables, so that the tables of abandoned runs can be found and dropped.
+STAGING_KINDS = ("chunks", "documents", "batches", "vectors")
+_MAX_KEY_IN_NAME = 40  # "run_" + key + "_documents" stays within Postgres's 63-byte identifiers
+
+_RUN_TABLE_DDL = {
+    "chunks": "CREATE UNLOGGED TABLE {} (id text NOT NULL, document_id text NOT NULL,"
+    " chunk_index int NOT NULL, content text NOT NULL, metadata jsonb NOT NULL,"
+    " content_hash text NOT NULL)",
+    "documents": "CREATE UNLOGGED TABLE {} (document_id text PRIMARY KEY, chunk_count int NOT NULL)",
+    # new_chunks: how many of the batch's chunks the collection table did not hold at all
+    "batches": "CREATE UNLOGGED TABLE {} (batch_no int PRIMARY KEY, first_id text NOT NULL,"
+    " last_id text NOT NULL, chunks int NOT NULL, new_chunks int NOT NULL)",
+    "vectors": "CREATE UNLOGGED TABLE {} (id text PRIMARY KEY, embedding vector NOT NULL)",
+}
+
+
+def run_table(run_key: str, kind: str) -> sql.Identifier:
+    """The staging table of ``kind`` (one of :data:`STAGING_KINDS`) of the run ``run_key``."""
+    if kind not in STAGING_KINDS:
+        raise ValueError(f"unknown staging table kind {kind!r}")
+    key = run_key
+    if len(key.encode("utf-8")) > _MAX_KEY_IN_NAME:
+        key = "h" + hashlib.sha256(run_key.encode("utf-8")).hexdigest()[:32]
+    return sql.Identifier(STAGING_SCHEMA, f"run_{key}_{kind}")
+
 
 def ensure_staging(conn: psycopg.Connection) -> None:
-    """Create the shared staging schema and tables if missing (safe under concurrency)."""
-    # Checked first without DDL: CREATE ... IF NOT EXISTS still locks the table, and would queue
-    # behind every run that is writing to staging.
-    if _staging_exists(conn):
+    """Create the staging schema and the registry of staged runs if missing (safe under concurrency)."""
+    # Checked first without DDL: CREATE ... IF NOT EXISTS still takes locks.
+    row = conn.execute("SELECT to_regclass('capstone.staging_runs') IS NOT NULL").fetchone()
+    if row and row[0]:
         return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_STAGING_LOCK,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(STAGING_SCHEMA)))
-        for statement in _STAGING_DDL:
-            conn.execute(statement)
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS capstone.staging_runs (run_key text PRIMARY KEY,"
+            " collection text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+        )
 
 
-def _staging_exists(conn: psycopg.Connection) -> bool:
+def run_staging_exists(conn: psycopg.Connection, run_key: str) -> bool:
+    """Whether the run's staging tables exist (they may be empty after a crash)."""
+    names = [run_table(run_key, kind).as_string(conn) for kind in STAGING_KINDS]
     row = conn.execute(
-        "SELECT to_regclass('capstone.staged_chunks') IS NOT NULL"
-        " AND to_regclass('capstone.staged_documents') IS NOT NULL"
-        " AND to_regclass('capstone.staged_vectors') IS NOT NULL"
-        " AND to_regclass('capstone.staged_batches') IS NOT NULL"
+        "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) AS name", (names,)
     ).fetchone()
     return bool(row and row[0])
-
-
-# Staging is UNLOGGED: it is rebuilt from the batch by re-running the DAG, and skipping the WAL
-# halves the cost of writing every vector twice. A crash empties unlogged tables; the merge
-# notices (fewer rows than staged) and fails with a clear message instead of losing chunks.
-_STAGING_DDL = [
-    sql.SQL(
-        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_chunks ("
-        " run_key text NOT NULL, collection text NOT NULL, id text NOT NULL,"
-        " document_id text NOT NULL, chunk_index int NOT NULL, content text NOT NULL,"
-        " metadata jsonb NOT NULL, content_hash text NOT NULL,"
-        " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_key, id))"
-    ),
-    sql.SQL(
-        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_documents ("
-        " run_key text NOT NULL, collection text NOT NULL, document_id text NOT NULL,"
-        " chunk_count int NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
-        " PRIMARY KEY (run_key, document_id))"
-    ),
-    sql.SQL(
-        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_batches ("
-        " run_key text NOT NULL, batch_no int NOT NULL, first_id text NOT NULL,"
-        " last_id text NOT NULL, chunks int NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
-        " PRIMARY KEY (run_key, batch_no))"
-    ),
-    sql.SQL(
-        "CREATE UNLOGGED TABLE IF NOT EXISTS capstone.staged_vectors ("
-        " run_key text NOT NULL, id text NOT NULL, embedding vector NOT NULL,"
-        " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_key, id))"
-    ),
-]
 
 
 def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) -> None:
@@ -193,68 +201,79 @@ def stage_documents(
     documents: Iterable[EnrichedDocument],
     model: str,
 ) -> tuple[int, int]:
-    """Replace the run's staged documents and chunks with ``documents``; returns (docs, chunks).
+    """(Re)create the run's staging tables holding ``documents``; returns (docs, chunks).
 
     Each chunk is staged with its content hash for ``model`` (see :func:`content_hash`).
     """
     document_count = chunk_count = 0
+    chunks, docs = run_table(run_key, "chunks"), run_table(run_key, "documents")
     with conn.transaction():
-        _drop_run_rows(conn, run_key)
+        _drop_run_tables(conn, run_key)
+        for kind in STAGING_KINDS:
+            conn.execute(sql.SQL(_RUN_TABLE_DDL[kind]).format(run_table(run_key, kind)))
+        conn.execute(
+            "INSERT INTO capstone.staging_runs (run_key, collection) VALUES (%s, %s)"
+            " ON CONFLICT (run_key) DO UPDATE SET collection = EXCLUDED.collection, created_at = now()",
+            (run_key, collection),
+        )
         with conn.cursor() as cur:
-            doc_rows: list[tuple[str, str, str, int]] = []
-            with cur.copy(
-                "COPY capstone.staged_chunks (run_key, collection, id, document_id, chunk_index, content,"
-                " metadata, content_hash) FROM STDIN"
-            ) as copy:
+            doc_rows: list[tuple[str, int]] = []
+            # FREEZE: the table is new in this transaction, so its rows are written frozen and
+            # later reads set no hint bits.
+            copy_sql = sql.SQL(
+                "COPY {} (id, document_id, chunk_index, content, metadata, content_hash) FROM STDIN (FREEZE)"
+            ).format(chunks)
+            with cur.copy(copy_sql) as copy:
                 for document in documents:
                     metadata = json.dumps(document.metadata, ensure_ascii=False, sort_keys=True)
                     for index, text in enumerate(document.chunks):
                         row_hash = content_hash(text, metadata, model)
-                        row_id = chunk_id(document.id, index)
                         copy.write_row(
-                            (run_key, collection, row_id, document.id, index, text, metadata, row_hash)
+                            (chunk_id(document.id, index), document.id, index, text, metadata, row_hash)
                         )
-                    doc_rows.append((run_key, collection, document.id, len(document.chunks)))
+                    doc_rows.append((document.id, len(document.chunks)))
                     document_count += 1
                     chunk_count += len(document.chunks)
             with cur.copy(
-                "COPY capstone.staged_documents (run_key, collection, document_id, chunk_count) FROM STDIN"
+                sql.SQL("COPY {} (document_id, chunk_count) FROM STDIN (FREEZE)").format(docs)
             ) as copy:
                 for row in doc_rows:
                     copy.write_row(row)
-    # Fresh statistics: without them the planner takes a big batch for an empty table and joins
-    # it to the collection with nested loops (minutes instead of milliseconds at 20k chunks).
-    conn.execute("ANALYZE capstone.staged_chunks, capstone.staged_documents")
+        # The key is built after the load: one sort instead of a b-tree insert per row.
+        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(chunks))
+    # Fresh statistics for the joins with the collection table (changed chunks, lost chunks):
+    # without them the planner may pick nested loops over a big batch (minutes at 20k chunks).
+    conn.execute(sql.SQL("ANALYZE {}, {}").format(chunks, docs))
     return document_count, chunk_count
 
 
 def drop_run_staging(conn: psycopg.Connection, run_key: str) -> None:
-    """Remove everything the run staged."""
+    """Drop the run's staging tables and forget the run."""
     with conn.transaction():
-        _drop_run_rows(conn, run_key)
+        _drop_run_tables(conn, run_key)
+        conn.execute("DELETE FROM capstone.staging_runs WHERE run_key = %s", (run_key,))
 
 
-def _drop_run_rows(conn: psycopg.Connection, run_key: str) -> None:
-    for name in ("staged_chunks", "staged_documents", "staged_batches", "staged_vectors"):
-        conn.execute(
-            sql.SQL("DELETE FROM {} WHERE run_key = %s").format(sql.Identifier(STAGING_SCHEMA, name)),
-            (run_key,),
+def _drop_run_tables(conn: psycopg.Connection, run_key: str) -> None:
+    conn.execute(
+        sql.SQL("DROP TABLE IF EXISTS {}").format(
+            sql.SQL(", ").join(run_table(run_key, kind) for kind in STAGING_KINDS)
         )
+    )
 
 
 def drop_stale_staging(conn: psycopg.Connection, collection: str, older_than_days: int = 7) -> int:
-    """Remove what crashed or abandoned runs of ``collection`` left behind; returns rows removed."""
-    with conn.transaction():
-        stale = [
-            row[0]
-            for row in conn.execute(
-                "SELECT DISTINCT run_key FROM capstone.staged_documents"
-                " WHERE collection = %s AND created_at < now() - make_interval(days => %s)",
-                (collection, older_than_days),
-            )
-        ]
-        for run_key in stale:
-            _drop_run_rows(conn, run_key)
+    """Drop the staging tables that crashed or abandoned runs of ``collection`` left; returns runs."""
+    stale = [
+        row[0]
+        for row in conn.execute(
+            "SELECT run_key FROM capstone.staging_runs"
+            " WHERE collection = %s AND created_at < now() - make_interval(days => %s)",
+            (collection, older_than_days),
+        )
+    ]
+    for run_key in stale:
+        drop_run_staging(conn, run_key)
     return len(stale)
 
 
@@ -262,15 +281,32 @@ def drop_stale_staging(conn: psycopg.Connection, collection: str, older_than_day
 
 
 _CHANGED = (
-    "FROM capstone.staged_chunks s LEFT JOIN {table} t ON t.id = s.id"
-    " WHERE s.run_key = %s AND (t.id IS NULL OR t.embedding IS NULL OR t.content_hash <> s.content_hash)"
+    "FROM {chunks} s LEFT JOIN {table} t ON t.id = s.id"
+    " WHERE (t.id IS NULL OR t.embedding IS NULL OR t.content_hash <> s.content_hash)"
 )
+
+
+def count_staged_chunks(conn: psycopg.Connection, run_key: str) -> int:
+    """How many chunks the run has staged (0 when its staging is gone)."""
+    if not run_staging_exists(conn, run_key):
+        return 0
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(run_table(run_key, "chunks"))).fetchone()
+    return int(row[0]) if row else 0
 
 
 def changed_chunk_ids(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> list[str]:
     """Ids of the run's staged chunks that are new, changed, or stored without an embedding, in order."""
-    query = sql.SQL("SELECT s.id " + _CHANGED + " ORDER BY s.id").format(table=table.ident)
-    return [row[0] for row in conn.execute(query, (run_key,))]
+    return [chunk for chunk, _new in _changed_chunks(conn, run_key, table)]
+
+
+def _changed_chunks(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> list[tuple[str, bool]]:
+    """(id, absent from the table) of the run's new or changed chunks, in id order."""
+    if not run_staging_exists(conn, run_key):
+        return []
+    query = sql.SQL("SELECT s.id, t.id IS NULL " + _CHANGED + " ORDER BY s.id").format(
+        chunks=run_table(run_key, "chunks"), table=table.ident
+    )
+    return [(row[0], bool(row[1])) for row in conn.execute(query)]
 
 
 def assign_batches(
@@ -284,43 +320,58 @@ def assign_batches(
 
     A chunk whose hash is already stored with an embedding is skipped. Batches grow beyond
     ``batch_size`` when needed so that there are never more than ``max_batches`` (Airflow's
-    ``max_map_length``). Each batch is an id range kept in ``capstone.staged_batches``, so the
-    descriptors that go through XCom stay tiny whatever the size of the run.
+    ``max_map_length``). Each batch is an id range kept in the run's ``batches`` staging table, so
+    the descriptors that go through XCom stay tiny whatever the size of the run.
     """
-    ids = changed_chunk_ids(conn, run_key, table)
-    size = max(batch_size, math.ceil(len(ids) / max_batches)) if ids else batch_size
+    changed = _changed_chunks(conn, run_key, table)
+    ids = [chunk for chunk, _new in changed]
+    if not ids:
+        if run_staging_exists(conn, run_key):
+            conn.execute(sql.SQL("DELETE FROM {}").format(run_table(run_key, "batches")))
+        return []
+    size = max(batch_size, math.ceil(len(ids) / max_batches))
     rows = [
-        (run_key, number, ids[start], ids[min(start + size, len(ids)) - 1], min(size, len(ids) - start))
+        (
+            number,
+            ids[start],
+            ids[min(start + size, len(ids)) - 1],
+            min(size, len(ids) - start),
+            sum(new for _id, new in changed[start : start + size]),
+        )
         for number, start in enumerate(range(0, len(ids), size))
     ]
+    batches = run_table(run_key, "batches")
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("DELETE FROM capstone.staged_batches WHERE run_key = %s", (run_key,))
+        cur.execute(sql.SQL("DELETE FROM {}").format(batches))
         with cur.copy(
-            "COPY capstone.staged_batches (run_key, batch_no, first_id, last_id, chunks) FROM STDIN"
+            sql.SQL("COPY {} (batch_no, first_id, last_id, chunks, new_chunks) FROM STDIN").format(batches)
         ) as copy:
             for row in rows:
                 copy.write_row(row)
-    return [{"batch_no": number, "chunks": chunks} for _key, number, _first, _last, chunks in rows]
+    return [{"batch_no": number, "chunks": chunks} for number, _first, _last, chunks, _new in rows]
 
 
 def batch_spans(conn: psycopg.Connection, run_key: str) -> list[tuple[int, str, str, int]]:
     """The run's embedding batches: ``[(batch_no, first_id, last_id, chunks)]`` in id order."""
+    if not run_staging_exists(conn, run_key):
+        return []
     rows = conn.execute(
-        "SELECT batch_no, first_id, last_id, chunks FROM capstone.staged_batches"
-        " WHERE run_key = %s ORDER BY batch_no",
-        (run_key,),
+        sql.SQL("SELECT batch_no, first_id, last_id, chunks FROM {} ORDER BY batch_no").format(
+            run_table(run_key, "batches")
+        )
     ).fetchall()
     return [(int(n), str(first), str(last), int(chunks)) for n, first, last, chunks in rows]
 
 
 def count_lost_chunks(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> int:
     """Stored chunks of the run's documents that the new versions of those documents no longer have."""
+    if not run_staging_exists(conn, run_key):
+        return 0
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*) FROM {} t JOIN capstone.staged_documents d"
-            " ON d.document_id = t.document_id AND d.run_key = %s WHERE t.chunk_index >= d.chunk_count"
-        ).format(table.ident),
-        (run_key,),
+            "SELECT count(*) FROM {} t JOIN {} d ON d.document_id = t.document_id"
+            " WHERE t.chunk_index >= d.chunk_count"
+        ).format(table.ident, run_table(run_key, "documents"))
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -332,14 +383,18 @@ def read_batch_texts(
     conn: psycopg.Connection, run_key: str, table: CollectionTable, batch_no: int
 ) -> tuple[list[str], list[str]]:
     """The (ids, texts) of the new or changed chunks of one batch, in id order."""
+    if not run_staging_exists(conn, run_key):
+        return [], []
     span = conn.execute(
-        "SELECT first_id, last_id FROM capstone.staged_batches WHERE run_key = %s AND batch_no = %s",
-        (run_key, batch_no),
+        sql.SQL("SELECT first_id, last_id FROM {} WHERE batch_no = %s").format(run_table(run_key, "batches")),
+        (batch_no,),
     ).fetchone()
     if span is None:
         return [], []
     query = sql.SQL("SELECT s.id, s.content " + _CHANGED + " AND s.id >= %s AND s.id <= %s ORDER BY s.id")
-    rows = conn.execute(query.format(table=table.ident), (run_key, span[0], span[1])).fetchall()
+    rows = conn.execute(
+        query.format(chunks=run_table(run_key, "chunks"), table=table.ident), (span[0], span[1])
+    ).fetchall()
     return [row[0] for row in rows], [row[1] for row in rows]
 
 
@@ -349,27 +404,37 @@ def write_batch_vectors(
     """Replace the staged vectors of ``ids`` with ``vectors`` (binary COPY, one transaction)."""
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
+    if not run_staging_exists(conn, run_key):
+        raise StagingIncomplete(
+            f"the staging tables of run {run_key} are gone (finished, or dropped as stale): "
+            "nothing to write the vectors to; re-run the DAG"
+        )
     matrix = np.ascontiguousarray(vectors, dtype=">f4")
     dim = matrix.shape[1] if matrix.ndim == 2 else 0
     header = np.array([dim, 0], dtype=">i2").tobytes()
+    table = run_table(run_key, "vectors")
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(
-            "DELETE FROM capstone.staged_vectors WHERE run_key = %s AND id = ANY(%s)", (run_key, list(ids))
-        )
-        with cur.copy(
-            "COPY capstone.staged_vectors (run_key, id, embedding) FROM STDIN (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(["text", "text", "bytea"])
+        cur.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(table), (list(ids),))
+        with cur.copy(sql.SQL("COPY {} (id, embedding) FROM STDIN (FORMAT BINARY)").format(table)) as copy:
+            copy.set_types(["text", "bytea"])
             for chunk, row in zip(ids, matrix, strict=True):
-                copy.write_row((run_key, chunk, header + row.tobytes()))
+                copy.write_row((chunk, header + row.tobytes()))
 
 
 def count_staged_vectors(conn: psycopg.Connection, run_key: str) -> int:
-    """How many vectors the run has staged."""
-    row = conn.execute(
-        "SELECT count(*) FROM capstone.staged_vectors WHERE run_key = %s", (run_key,)
-    ).fetchone()
+    """How many vectors the run has staged (0 when its staging is gone)."""
+    if not run_staging_exists(conn, run_key):
+        return 0
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(run_table(run_key, "vectors"))).fetchone()
     return int(row[0]) if row else 0
+
+
+def staged_vector_ids(conn: psycopg.Connection, run_key: str) -> list[str]:
+    """Ids of the run's staged vectors, in order (empty when its staging is gone)."""
+    if not run_staging_exists(conn, run_key):
+        return []
+    query = sql.SQL("SELECT id FROM {} ORDER BY id").format(run_table(run_key, "vectors"))
+    return [row[0] for row in conn.execute(query)]
 
 
 def merge_spans(conn: psycopg.Connection, run_key: str, span_size: int) -> list[tuple[str, str, int]]:
@@ -394,8 +459,10 @@ def _split_range(
     ids = [
         row[0]
         for row in conn.execute(
-            "SELECT id FROM capstone.staged_vectors WHERE run_key = %s AND id >= %s AND id <= %s ORDER BY id",
-            (run_key, first, last),
+            sql.SQL("SELECT id FROM {} WHERE id >= %s AND id <= %s ORDER BY id").format(
+                run_table(run_key, "vectors")
+            ),
+            (first, last),
         )
     ]
     return [
@@ -407,9 +474,21 @@ def _split_range(
 # -- merging into the collection ------------------------------------------------------------
 
 
-def analyze_staged_vectors(conn: psycopg.Connection) -> None:
-    """Refresh the planner's statistics of the staged vectors before merging them."""
-    conn.execute("ANALYZE capstone.staged_vectors")
+_MERGE = (
+    "INSERT INTO {table} AS t (id, document_id, chunk_index, content, metadata, content_hash,"
+    " embedding, embedding_model, updated_at)"
+    " SELECT c.id, c.document_id, c.chunk_index, c.content, c.metadata, c.content_hash,"
+    " v.embedding, %s, clock_timestamp()"
+    " FROM {vectors} v JOIN {chunks} c ON c.id = v.id"
+    " WHERE v.id >= %s AND v.id <= %s AND c.id >= %s AND c.id <= %s"
+)
+_UPSERT = (
+    " ON CONFLICT (id) DO UPDATE SET document_id = EXCLUDED.document_id,"
+    " chunk_index = EXCLUDED.chunk_index, content = EXCLUDED.content,"
+    " metadata = EXCLUDED.metadata, content_hash = EXCLUDED.content_hash,"
+    " embedding = EXCLUDED.embedding, embedding_model = EXCLUDED.embedding_model,"
+    " updated_at = EXCLUDED.updated_at"
+)
 
 
 def merge_batch(
@@ -425,26 +504,28 @@ def merge_batch(
 
     With ``expected``, a merge of fewer rows (staged chunk texts gone) is rolled back and raises
     :class:`StagingIncomplete`.
+
+    When none of the span's chunks were in the table at ``prepare_chunks`` time, a plain INSERT
+    is tried first (no speculative insertion: about a quarter cheaper); should one of them be
+    there by now (a retry, a concurrent run), that INSERT is rolled back to its savepoint and the
+    span upserted.
     """
+    parts = {
+        "table": table.ident,
+        "vectors": run_table(run_key, "vectors"),
+        "chunks": run_table(run_key, "chunks"),
+    }
+    params = (model, first_id, last_id, first_id, last_id)
     with conn.transaction():
-        cursor = conn.execute(
-            sql.SQL(
-                "INSERT INTO {} AS t (id, document_id, chunk_index, content, metadata, content_hash,"
-                " embedding, embedding_model, updated_at)"
-                " SELECT c.id, c.document_id, c.chunk_index, c.content, c.metadata, c.content_hash,"
-                " v.embedding, %s, clock_timestamp()"
-                " FROM capstone.staged_vectors v JOIN capstone.staged_chunks c"
-                " ON c.run_key = v.run_key AND c.id = v.id"
-                " WHERE v.run_key = %s AND v.id >= %s AND v.id <= %s"
-                " AND c.run_key = %s AND c.id >= %s AND c.id <= %s"
-                " ON CONFLICT (id) DO UPDATE SET document_id = EXCLUDED.document_id,"
-                " chunk_index = EXCLUDED.chunk_index, content = EXCLUDED.content,"
-                " metadata = EXCLUDED.metadata, content_hash = EXCLUDED.content_hash,"
-                " embedding = EXCLUDED.embedding, embedding_model = EXCLUDED.embedding_model,"
-                " updated_at = EXCLUDED.updated_at"
-            ).format(table.ident),
-            (model, run_key, first_id, last_id, run_key, first_id, last_id),
-        )
+        cursor = None
+        if _all_new(conn, run_key, first_id, last_id):
+            try:
+                with conn.transaction():
+                    cursor = conn.execute(sql.SQL(_MERGE).format(**parts), params)
+            except psycopg.errors.UniqueViolation:
+                cursor = None
+        if cursor is None:
+            cursor = conn.execute(sql.SQL(_MERGE + _UPSERT).format(**parts), params)
         if expected is not None and cursor.rowcount != expected:
             raise StagingIncomplete(
                 f"merging {first_id}..{last_id} wrote {cursor.rowcount} rows where {expected} vectors were "
@@ -453,15 +534,28 @@ def merge_batch(
         return cursor.rowcount
 
 
+def _all_new(conn: psycopg.Connection, run_key: str, first_id: str, last_id: str) -> bool:
+    """Whether every batch overlapping ``[first_id, last_id]`` held only chunks absent from the table."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(bool_and(new_chunks = chunks), false) FROM {}"
+            " WHERE first_id <= %s AND last_id >= %s"
+        ).format(run_table(run_key, "batches")),
+        (last_id, first_id),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def delete_lost_chunks(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> int:
     """Delete stored chunks that re-indexed documents no longer have; returns rows deleted."""
+    if not run_staging_exists(conn, run_key):
+        return 0
     with conn.transaction():
         cursor = conn.execute(
             sql.SQL(
-                "DELETE FROM {} t USING capstone.staged_documents d"
-                " WHERE d.run_key = %s AND d.document_id = t.document_id AND t.chunk_index >= d.chunk_count"
-            ).format(table.ident),
-            (run_key,),
+                "DELETE FROM {} t USING {} d"
+                " WHERE d.document_id = t.document_id AND t.chunk_index >= d.chunk_count"
+            ).format(table.ident, run_table(run_key, "documents"))
         )
         return cursor.rowcount
 

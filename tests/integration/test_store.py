@@ -114,14 +114,55 @@ def test_batches_never_exceed_the_map_limit(pg_conn: psycopg.Connection, pg_sche
 
 def test_rewriting_a_batch_replaces_its_vectors(pg_conn: psycopg.Connection, pg_schema: str) -> None:
     store.ensure_staging(pg_conn)
-    ids = ["a", "b"]
+    store.stage_documents(pg_conn, "rerun", "c", _docs(1, chunks=2), "m")
+    ids = ["doc0_chunk_0", "doc0_chunk_1"]
     store.write_batch_vectors(pg_conn, "rerun", ids, np.ones((2, DIM), dtype=np.float32))
     store.write_batch_vectors(pg_conn, "rerun", ids, np.full((2, DIM), 2, dtype=np.float32))
+    assert store.staged_vector_ids(pg_conn, "rerun") == ids
     vectors = pg_conn.execute(
-        "SELECT embedding::text FROM capstone.staged_vectors WHERE run_key = 'rerun' ORDER BY id"
+        sql.SQL("SELECT embedding::text FROM {} ORDER BY id").format(store.run_table("rerun", "vectors"))
     ).fetchall()
     assert vectors == [("[" + ",".join(["2"] * DIM) + "]",)] * 2
     store.drop_run_staging(pg_conn, "rerun")
+
+
+def test_each_run_stages_into_its_own_unlogged_tables_dropped_at_the_end(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    store.ensure_staging(pg_conn)
+    store.ensure_collection_table(pg_conn, table)
+    store.stage_documents(pg_conn, "own1", "c", _docs(2), "m")
+    store.stage_documents(pg_conn, "own2", "c", _docs(3), "m")
+    assert (store.count_staged_chunks(pg_conn, "own1"), store.count_staged_chunks(pg_conn, "own2")) == (6, 9)
+    for kind in store.STAGING_KINDS:
+        name = store.run_table("own1", kind).as_string(pg_conn)
+        persistence = pg_conn.execute("SELECT relpersistence FROM pg_class WHERE oid = %s::regclass", (name,))
+        assert persistence.fetchone() == ("u",), name
+    # staging again replaces what the run staged before
+    store.stage_documents(pg_conn, "own1", "c", _docs(1), "m")
+    assert store.count_staged_chunks(pg_conn, "own1") == 3
+    store.drop_run_staging(pg_conn, "own1")
+    assert not store.run_staging_exists(pg_conn, "own1")
+    assert store.count_staged_chunks(pg_conn, "own1") == 0 and store.staged_vector_ids(pg_conn, "own1") == []
+    assert store.run_staging_exists(pg_conn, "own2")
+    # an abandoned run's tables go once it is older than the limit
+    pg_conn.execute(
+        "UPDATE capstone.staging_runs SET created_at = now() - interval '8 days' WHERE run_key = 'own2'"
+    )
+    assert store.drop_stale_staging(pg_conn, "other collection") == 0
+    assert store.drop_stale_staging(pg_conn, "c") == 1
+    assert not store.run_staging_exists(pg_conn, "own2")
+
+
+def test_long_run_keys_get_distinct_valid_table_names(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    store.ensure_staging(pg_conn)
+    first, second = "k" * 100, "k" * 101  # Postgres would truncate both names to the same 63 bytes
+    store.stage_documents(pg_conn, first, "c", _docs(1), "m")
+    store.stage_documents(pg_conn, second, "c", _docs(2), "m")
+    assert (store.count_staged_chunks(pg_conn, first), store.count_staged_chunks(pg_conn, second)) == (3, 6)
+    store.drop_run_staging(pg_conn, first)
+    store.drop_run_staging(pg_conn, second)
 
 
 def test_a_merge_missing_staged_chunks_rolls_back(pg_conn: psycopg.Connection, pg_schema: str) -> None:
@@ -130,7 +171,9 @@ def test_a_merge_missing_staged_chunks_rolls_back(pg_conn: psycopg.Connection, p
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "lost", "c", _docs(2), "m")
     _embed_all(pg_conn, table, "lost", store.assign_batches(pg_conn, "lost", table, 10, 1024))
-    pg_conn.execute("DELETE FROM capstone.staged_chunks WHERE run_key = 'lost' AND id = 'doc1_chunk_1'")
+    pg_conn.execute(
+        sql.SQL("DELETE FROM {} WHERE id = 'doc1_chunk_1'").format(store.run_table("lost", "chunks"))
+    )
     ((first, last, count),) = store.merge_spans(pg_conn, "lost", 100)
     with pytest.raises(store.StagingIncomplete, match="wrote 5 rows where 6 vectors were staged"):
         store.merge_batch(pg_conn, "lost", table, "m", first, last, count)
@@ -142,3 +185,20 @@ def test_dimension_mismatch_fails_before_writing(pg_conn: psycopg.Connection, pg
     store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM))
     with pytest.raises(store.DimensionMismatch, match=r"dimension 8 .* produces 16"):
         store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", 16))
+
+
+def test_merging_new_chunks_again_falls_back_to_the_upsert(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    store.ensure_staging(pg_conn)
+    store.ensure_collection_table(pg_conn, table)
+    store.stage_documents(pg_conn, "again", "c", _docs(4), "m")
+    _embed_all(pg_conn, table, "again", store.assign_batches(pg_conn, "again", table, 4, 1024))
+    spans = store.merge_spans(pg_conn, "again", 5)
+    first = [store.merge_batch(pg_conn, "again", table, "m", a, b, n) for a, b, n in spans]
+    # a retry of the task: every span was planned as new, but its rows are in the table now
+    again = [store.merge_batch(pg_conn, "again", table, "m", a, b, n) for a, b, n in spans]
+    assert first == again == [n for _a, _b, n in spans] and sum(first) == 12
+    assert len(_rows(pg_conn, table)) == 12
+    store.drop_run_staging(pg_conn, "again")

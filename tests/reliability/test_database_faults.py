@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from capstone import store
 from capstone.embedded_pg import EmbeddedPostgres
 from capstone.pipeline import PipelineSettings, run_key_for, upsert_vectors
 from tests.reliability.support import (
@@ -69,12 +70,7 @@ V2 = _version(2, 350)
 
 def _staged_ids(dsn: str, run_key: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
-        return [
-            row[0]
-            for row in conn.execute(
-                "SELECT id FROM capstone.staged_vectors WHERE run_key = %s ORDER BY id", (run_key,)
-            )
-        ]
+        return store.staged_vector_ids(conn, run_key)
 
 
 def _merge_waiting_on_lock(conn: psycopg.Connection, table: str) -> bool:
@@ -180,7 +176,7 @@ def test_crash_mid_merge_then_a_rerun_finishes_exactly(
     assert isinstance(error, psycopg.OperationalError), repr(error)
     server.start()
     _new_and_old(server.uri(), collection["done"])
-    if _staging_is_unlogged(server.uri()):
+    if _staging_is_unlogged(server.uri(), aggregate["run_key"]):
         # Crash recovery empties unlogged staging: the retry must say so and leave the table alone,
         with pytest.raises(Exception, match="re-run the DAG"):
             upsert_vectors(settings, aggregate)
@@ -193,9 +189,10 @@ def test_crash_mid_merge_then_a_rerun_finishes_exactly(
     assert_table_holds_exactly(server.uri(), "db_fault", "chunks", V2, model="hash-v1", dimension=DIMENSION)
 
 
-def _staging_is_unlogged(dsn: str) -> bool:
+def _staging_is_unlogged(dsn: str, run_key: str) -> bool:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            "SELECT relpersistence FROM pg_class WHERE oid = 'capstone.staged_vectors'::regclass"
+            "SELECT relpersistence FROM pg_class WHERE oid = %s::regclass",
+            (store.run_table(run_key, "vectors").as_string(conn),),
         )
         return row.fetchone() == ("u",)
