@@ -41,6 +41,20 @@ up: $(VENV)/.installed-local
 down: $(VENV)/.installed-dev
 	$(PY) -m dag_factory.stack down
 
+BENCHMARKS := load peers index_build pipeline incremental mapping embed
+.PHONY: bench $(addprefix bench-,$(BENCHMARKS))
+
+$(VENV)/.installed-bench: $(VENV)/.installed-local
+	$(PY) -m pip install -q -e '.[dev,local,bench]'
+	touch $@
+
+## make bench: every benchmark in turn (each under 10 minutes on 2 cores); see benchmarks/RESULTS.md
+bench: $(addprefix bench-,$(BENCHMARKS))
+
+## make bench-<name>: one of them, e.g. make bench-peers
+$(addprefix bench-,$(BENCHMARKS)): bench-%: $(VENV)/.installed-bench
+	$(PY) benchmarks/$*.py
+
 validate: $(VENV)/.installed-dev
 	$(PY) -m dag_factory validate configs/
 

@@ -148,6 +148,10 @@ def main() -> None:
 
     server = default_server().start()
     os.environ.setdefault("AIRFLOW_CONN_VECTOR_STORE_DEFAULT", server.uri())
+    # The store stage resolves its connection through Airflow: import Airflow before the clock.
+    from capstone.connections import postgres_dsn
+
+    postgres_dsn()
     docs, vectors = _documents(args.rows), _vectors(args.rows, args.dim)
     floor_times, staging_times, vector_times, store_times = [], [], [], []
     with psycopg.connect(server.uri(), autocommit=True) as conn:
