@@ -120,7 +120,6 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table.ident))
         store.ensure_staging(conn)
         store.ensure_collection_table(conn, table)
-        conn.execute("VACUUM capstone.staged_chunks, capstone.staged_vectors, capstone.staged_documents")
         conn.execute("CHECKPOINT")
         started = time.perf_counter()
         store.stage_documents(conn, run_key, settings.collection, enriched, settings.model)

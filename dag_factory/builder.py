@@ -21,7 +21,19 @@ from airflow.sdk import DAG, Asset, get_current_context, task
 from capstone.pipeline import PipelineSettings
 from dag_factory.spec import CollectionSpec
 
-__all__ = ["build_collection_dag", "pipeline_settings"]
+__all__ = ["TASK_IDS", "build_collection_dag", "pipeline_settings"]
+
+# The tasks of every collection's DAG, in pipeline order.
+TASK_IDS = (
+    "load_enriched_documents",
+    "prepare_chunks",
+    "generate_embedding",
+    "aggregate_embeddings",
+    "batch_upsert_vectors",
+    "wait_for_indexing",
+    "validate_index_health",
+    "publish_indexed_asset",
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,21 +22,6 @@ from dag_factory.stack import AirflowStack
 
 __all__ = ["main"]
 
-_ORDER = {
-    task_id: position
-    for position, task_id in enumerate(
-        [
-            "load_enriched_documents",
-            "prepare_chunks",
-            "generate_embedding",
-            "aggregate_embeddings",
-            "batch_upsert_vectors",
-            "wait_for_indexing",
-            "validate_index_health",
-            "publish_indexed_asset",
-        ]
-    )
-}
 SEARCHES = ("how do I handle exceptions", "what does the with statement do")
 
 
@@ -51,8 +36,11 @@ def _seconds(ti: dict[str, Any]) -> float:
 
 
 def _stages(tis: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    from dag_factory.builder import TASK_IDS  # imports Airflow: only once the environment is set
+
+    order = {task_id: position for position, task_id in enumerate(TASK_IDS)}
     stages: dict[str, dict[str, Any]] = {}
-    for ti in sorted(tis, key=lambda ti: (_ORDER.get(ti["task_id"], 99), ti.get("map_index", -1))):
+    for ti in sorted(tis, key=lambda ti: (order.get(ti["task_id"], 99), ti.get("map_index", -1))):
         stage = stages.setdefault(ti["task_id"], {"instances": 0, "states": {}, "seconds": 0.0, "span": []})
         stage["instances"] += 1
         stage["states"][str(ti["state"])] = stage["states"].get(str(ti["state"]), 0) + 1

@@ -12,7 +12,7 @@ import pytest
 from airflow.sdk import Asset
 from airflow.sdk.definitions.mappedoperator import MappedOperator
 
-from dag_factory.builder import build_collection_dag
+from dag_factory.builder import TASK_IDS, build_collection_dag
 from dag_factory.loader import load_collection
 from tests.airflow_helpers import configs_env
 
@@ -68,7 +68,7 @@ def test_generated_graph_follows_the_design(name: str) -> None:
     spec = load_collection(CONFIGS / f"{name}.yaml")
     dag = build_collection_dag(spec, CONFIGS / f"{name}.yaml")
 
-    assert [t.task_id for t in dag.topological_sort()] == PIPELINE
+    assert [t.task_id for t in dag.topological_sort()] == PIPELINE == list(TASK_IDS)
     assert dag.timetable.asset_condition == Asset(spec.source_asset)
     assert dag.catchup is False and dag.max_active_runs == spec.dag.max_active_runs
     for upstream, downstream in itertools.pairwise(PIPELINE):
