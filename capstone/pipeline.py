@@ -11,7 +11,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -25,6 +24,7 @@ from capstone.documents import (
     read_batch,
     validate_documents,
 )
+from capstone.settings import PipelineSettings
 
 __all__ = [
     "NothingToIndex",
@@ -45,35 +45,6 @@ MAX_LISTED_REJECTIONS = 50
 
 class NothingToIndex(Exception):
     """The run's batches hold no new, changed or removed chunks: nothing to embed or write."""
-
-
-@dataclass(frozen=True)
-class PipelineSettings:
-    """Everything the tasks need to know about one collection (built by the DAG factory)."""
-
-    collection: str
-    schema: str
-    table: str
-    dimension: int
-    provider: str = "hash"
-    model: str = "hash-v1"
-    normalize: bool = True
-    connection_id: str = "vector_store_default"
-    embed_batch_size: int = 512
-    request_batch_size: int = 64
-    upsert_batch_size: int = 5000
-    max_chunk_chars: int = 8000
-    max_chunks_per_document: int = 10_000
-    base_url: str | None = None
-    api_key_connection_id: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    request_timeout_seconds: float = 60.0
-    default_location: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def store_table(self) -> store.CollectionTable:
-        return store.CollectionTable(self.schema, self.table, self.dimension)
 
 
 def run_key_for(dag_id: str, run_id: str) -> str:

@@ -294,11 +294,6 @@ def count_staged_chunks(conn: psycopg.Connection, run_key: str) -> int:
     return int(row[0]) if row else 0
 
 
-def changed_chunk_ids(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> list[str]:
-    """Ids of the run's staged chunks that are new, changed, or stored without an embedding, in order."""
-    return [chunk for chunk, _new in _changed_chunks(conn, run_key, table)]
-
-
 def _changed_chunks(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> list[tuple[str, bool]]:
     """(id, absent from the table) of the run's new or changed chunks, in id order."""
     if not run_staging_exists(conn, run_key):

@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, get_current_context, task
 
-from capstone.pipeline import PipelineSettings
+from capstone.settings import PipelineSettings
 from dag_factory.spec import CollectionSpec
 
 __all__ = ["TASK_IDS", "build_collection_dag", "pipeline_settings"]
