@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -242,7 +244,8 @@ def aggregate_manifests(
 
 
 def upsert_vectors(settings: PipelineSettings, aggregate: dict[str, Any]) -> dict[str, Any]:
-    """Merge the run's staged vectors into the table in transactions of ``upsert_batch_size``.
+    """Merge the run's staged vectors into the table in transactions of ``upsert_batch_size``,
+    ``upsert_parallelism`` transactions at a time.
 
     A failing batch rolls back alone and the others go on; the task then fails so that its retry
     redoes what is missing (the merge is an upsert, so redoing a batch changes nothing). Chunks
@@ -293,28 +296,102 @@ def _check_staging_complete(staged: int, aggregate: dict[str, Any]) -> None:
 def _merge_spans(
     conn: psycopg.Connection, settings: PipelineSettings, run_key: str, spans: list[tuple[str, str, int]]
 ) -> tuple[int, list[str]]:
-    upserted, failures = 0, []
-    started = time.monotonic()
-    for number, (first_id, last_id, expected) in enumerate(spans, start=1):
+    """Merge every span, ``settings.upsert_parallelism`` at a time; (rows upserted, failure notes).
+
+    Each span is its own transaction on one of the connections (``conn`` and the extra ones
+    opened here): a failing span rolls back alone while the others go on. An error that no other
+    span can survive (the database gone, staging emptied) stops every connection after its
+    current span and is raised.
+    """
+    progress = _MergeProgress(spans)
+    extra = max(0, min(settings.upsert_parallelism, len(spans)) - 1)
+    if not extra:
+        _merge_worker(conn, settings, run_key, progress)
+        return progress.upserted, progress.failures
+    with ThreadPoolExecutor(max_workers=extra, thread_name_prefix="upsert") as pool:
+        helpers = [pool.submit(_merge_on_own_connection, settings, run_key, progress) for _ in range(extra)]
+        try:
+            _merge_worker(conn, settings, run_key, progress)
+        except BaseException:
+            progress.stop()
+            raise
+    for helper in helpers:
+        helper.result()  # re-raises a helper's fatal error
+    return progress.upserted, progress.failures
+
+
+class _MergeProgress:
+    """Hands the spans out to the merging connections, in id order, and logs how each one went."""
+
+    def __init__(self, spans: list[tuple[str, str, int]]) -> None:
+        self._spans = spans
+        self._next = 0
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self.upserted = 0
+        self.finished = 0
+        self.failures: list[str] = []
+
+    def take(self) -> tuple[int, tuple[str, str, int]] | None:
+        """The next span to merge and its 1-based number, or None when all are taken or stopped."""
+        with self._lock:
+            if self._stopped or self._next >= len(self._spans):
+                return None
+            self._next += 1
+            return self._next, self._spans[self._next - 1]
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    def merged(self, number: int, rows: int) -> None:
+        with self._lock:
+            self.upserted += rows
+            self.finished += 1
+            upserted, left = self.upserted, len(self._spans) - self.finished
+        elapsed = time.monotonic() - self._started
+        log.info(
+            "upsert batch %d/%d: %d rows (%d so far, %.0f rows/s, %d batches left)",
+            number,
+            len(self._spans),
+            rows,
+            upserted,
+            upserted / max(elapsed, 1e-9),
+            left,
+        )
+
+    def failed(self, number: int, exc: psycopg.Error) -> None:
+        with self._lock:
+            self.failures.append(f"batch {number}: {exc.diag.message_primary or exc}")
+            self.finished += 1
+        log.error("upsert batch %d/%d failed and was rolled back: %s", number, len(self._spans), exc)
+
+
+def _merge_worker(
+    conn: psycopg.Connection, settings: PipelineSettings, run_key: str, progress: _MergeProgress
+) -> None:
+    while (taken := progress.take()) is not None:
+        number, (first_id, last_id, expected) = taken
         try:
             count = store.merge_batch(
                 conn, run_key, settings.store_table, settings.model, first_id, last_id, expected
             )
         except (psycopg.OperationalError, store.StagingIncomplete):
-            raise  # the database or the staging is gone: no other batch can succeed
+            progress.stop()  # the database or the staging is gone: no other batch can succeed
+            raise
         except psycopg.Error as exc:
-            failures.append(f"batch {number}: {exc.diag.message_primary or exc}")
-            log.error("upsert batch %d/%d failed and was rolled back: %s", number, len(spans), exc)
-            continue
-        upserted += count
-        elapsed = time.monotonic() - started
-        log.info(
-            "upsert batch %d/%d: %d rows (%d so far, %.0f rows/s, %d batches left)",
-            number,
-            len(spans),
-            count,
-            upserted,
-            upserted / max(elapsed, 1e-9),
-            len(spans) - number,
-        )
-    return upserted, failures
+            progress.failed(number, exc)
+        else:
+            progress.merged(number, count)
+
+
+def _merge_on_own_connection(settings: PipelineSettings, run_key: str, progress: _MergeProgress) -> None:
+    try:
+        conn = _connect(settings)
+    except psycopg.OperationalError as exc:
+        # Say, max_connections reached: the other connections merge what this one would have.
+        log.warning("could not open an extra upsert connection (%s); merging on fewer", exc)
+        return
+    with conn:
+        _merge_worker(conn, settings, run_key, progress)

@@ -30,6 +30,7 @@ class PipelineSettings:
     embed_batch_size: int = 512
     request_batch_size: int = 64
     upsert_batch_size: int = 5000
+    upsert_parallelism: int = 2
     max_chunk_chars: int = 8000
     max_chunks_per_document: int = 10_000
     base_url: str | None = None

@@ -53,6 +53,7 @@ def pipeline_settings(spec: CollectionSpec) -> PipelineSettings:
         embed_batch_size=embedding.batch_size,
         request_batch_size=embedding.request_batch_size,
         upsert_batch_size=spec.upsert_batch_size,
+        upsert_parallelism=spec.upsert_parallelism,
         max_chunk_chars=spec.chunking.max_chunk_chars,
         max_chunks_per_document=spec.chunking.max_chunks_per_document,
         base_url=embedding.base_url,

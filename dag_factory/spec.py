@@ -287,6 +287,12 @@ class CollectionSpec(_Model):
     store: StoreSpec = Field(default_factory=StoreSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
     upsert_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    upsert_parallelism: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Connections merging upsert batches at once; each batch stays its own transaction.",
+    )
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     dag: DagSpec = Field(default_factory=DagSpec)
 

@@ -2,8 +2,9 @@
 
 These tests stop a private server (``private_pg``), never the shared one. The upsert runs in a
 thread; a row lock held by the test parks one merge transaction mid-way, so the stop lands inside
-a merge for certain, not between two. Whatever happens, the table never shows part of a batch, and
-the retry (or a re-run) ends with exactly the new version of every document.
+a merge for certain, not between two (the other connection merging at the same time may finish
+more spans meanwhile). Whatever happens, the table never shows part of a batch, and the retry (or
+a re-run) ends with exactly the new version of every document.
 """
 
 from __future__ import annotations
@@ -110,13 +111,24 @@ def _interrupt_a_merge(
     return errors[0] if errors else None
 
 
-def _new_and_old(dsn: str, ids_done: set[str]) -> None:
-    """Only whole spans are in: the rows of finished spans are version 2, every other row version 1."""
+def _whole_spans_only(dsn: str, spans: list[list[str]]) -> set[str]:
+    """Only whole spans are in, and not the interrupted one; returns the ids of the finished spans.
+
+    A finished span's rows are all version 2; every other row is version 1, and nothing was deleted.
+    """
     chunks, _ = stored_chunks(dsn, "db_fault", "chunks")
+    done: set[str] = set()
+    for number, span in enumerate(spans):
+        versions = {chunks[chunk].metadata["version"] if chunk in chunks else None for chunk in span}
+        assert versions == {2} or 2 not in versions, f"span {number} is partly merged: {versions}"
+        if versions == {2}:
+            done |= set(span)
+    assert not done & set(spans[LOCKED_SPAN]), "the interrupted span was committed"
     v1_ids = {f"{d['id']}_chunk_{j}" for d in V1 for j in range(len(d["chunks"]))}
-    assert set(chunks) == v1_ids | ids_done, "rows deleted before every batch was in, or a partial span"
+    assert set(chunks) == v1_ids | done, "rows deleted before every batch was in"
     for chunk_id, chunk in chunks.items():
-        assert chunk.metadata == {"version": 2 if chunk_id in ids_done else 1}, chunk_id
+        assert chunk.metadata == {"version": 2 if chunk_id in done else 1}, chunk_id
+    return done
 
 
 @pytest.fixture
@@ -137,8 +149,7 @@ def collection(running_private_pg: EmbeddedPostgres, tmp_path: Path) -> dict[str
     # Lock a row version 1 already has, past the start of its span: the merge writes some rows of
     # the span, then waits.
     locked = next(chunk for chunk in spans[LOCKED_SPAN][UPSERT_BATCH // 2 :] if chunk.endswith("_chunk_1"))
-    done = {chunk for span in spans[:LOCKED_SPAN] for chunk in span}
-    return {"settings": settings, "aggregate": aggregate, "locked": locked, "done": done, "batch": batch}
+    return {"settings": settings, "aggregate": aggregate, "locked": locked, "spans": spans, "batch": batch}
 
 
 def test_fast_stop_mid_merge_then_the_retry_finishes_exactly(
@@ -152,7 +163,7 @@ def test_fast_stop_mid_merge_then_the_retry_finishes_exactly(
 
     assert isinstance(error, psycopg.OperationalError), repr(error)
     server.start()
-    _new_and_old(server.uri(), collection["done"])  # the interrupted span rolled back whole
+    _whole_spans_only(server.uri(), collection["spans"])  # the interrupted span rolled back whole
 
     result = upsert_vectors(settings, aggregate)  # the task's retry
 
@@ -175,15 +186,15 @@ def test_crash_mid_merge_then_a_rerun_finishes_exactly(
 
     assert isinstance(error, psycopg.OperationalError), repr(error)
     server.start()
-    _new_and_old(server.uri(), collection["done"])
+    done = _whole_spans_only(server.uri(), collection["spans"])
     if _staging_is_unlogged(server.uri(), aggregate["run_key"]):
         # Crash recovery empties unlogged staging: the retry must say so and leave the table alone,
         with pytest.raises(Exception, match="re-run the DAG"):
             upsert_vectors(settings, aggregate)
-        _new_and_old(server.uri(), collection["done"])
+        assert _whole_spans_only(server.uri(), collection["spans"]) == done
         # and a new run of the same batch embeds what is missing and finishes the job.
         result = run_pipeline(settings, run_key_for("db_fault", "v2 again"), [collection["batch"]])
-        assert result["upserted"] == sum(len(d["chunks"]) for d in V2) - len(collection["done"])
+        assert result["upserted"] == sum(len(d["chunks"]) for d in V2) - len(done)
     else:
         upsert_vectors(settings, aggregate)  # logged staging survives: the retry finishes
     assert_table_holds_exactly(server.uri(), "db_fault", "chunks", V2, model="hash-v1", dimension=DIMENSION)
