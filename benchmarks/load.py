@@ -1,6 +1,6 @@
 """Store-stage throughput vs the physical floor: raw binary COPY into an identical table.
 
-    python benchmarks/load.py [--rows 100000] [--dim 384] [--repeats 2]
+    python benchmarks/load.py [--rows 100000] [--dim 384] [--repeats 2] [--upsert-parallelism 2]
 
 Both sides start from the same chunks and vectors in memory and end with the same rows in a
 collection table of the same definition (primary key, document_id index, vector column):
@@ -10,7 +10,9 @@ collection table of the same definition (primary key, document_id index, vector 
   - ``load_enriched_documents``: COPY of the chunk texts (with their hashes) into staging;
   - ``generate_embedding``: binary COPY of each batch's vectors into staging;
   - ``batch_upsert_vectors`` (the store stage): ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``
-    from staging into the table in transactions of ``upsert_batch_size``, then clean-up.
+    from staging into the table in transactions of ``upsert_batch_size``, ``upsert_parallelism``
+    at once (the pipeline's default unless ``--upsert-parallelism`` says otherwise), then clean-up.
+    The floor's COPY keeps two processes busy too: the client encoding rows, the server storing.
 
 Runs alternate (floor, ours, floor, ours, ...) on the embedded Postgres so that machine noise
 hits both; the best time of each is kept. The last line is the key ratio: store-stage rows/s over
@@ -102,7 +104,12 @@ def floor_copy(
 
 
 def ours(
-    conn: psycopg.Connection, dim: int, docs: list[EnrichedDocument], vectors: np.ndarray, batch: int
+    conn: psycopg.Connection,
+    dim: int,
+    docs: list[EnrichedDocument],
+    vectors: np.ndarray,
+    batch: int,
+    parallelism: int,
 ) -> tuple[float, float, float]:
     """The pipeline's writes; returns seconds of (chunk staging, vector staging, store stage)."""
     table = _fresh_table(conn, "ours", dim)
@@ -113,6 +120,7 @@ def ours(
         dimension=dim,
         model="m",
         upsert_batch_size=5000,
+        upsert_parallelism=parallelism,
     )
     run_key = f"bench-{time.time_ns()}"
     started = time.perf_counter()
@@ -144,6 +152,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--batch", type=int, default=512, help="embedding batch size (vectors per COPY)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--upsert-parallelism",
+        type=int,
+        default=PipelineSettings.upsert_parallelism,
+        help="connections merging at once (default: the pipeline's default)",
+    )
     args = parser.parse_args()
 
     server = default_server().start()
@@ -161,7 +175,9 @@ def main() -> None:
             conn.execute("CHECKPOINT")
             floor_times.append(floor_copy(conn, args.dim, docs, vectors))
             conn.execute("CHECKPOINT")
-            staged, vectors_staged, stored = ours(conn, args.dim, docs, vectors, args.batch)
+            staged, vectors_staged, stored = ours(
+                conn, args.dim, docs, vectors, args.batch, args.upsert_parallelism
+            )
             staging_times.append(staged)
             vector_times.append(vectors_staged)
             store_times.append(stored)
@@ -175,7 +191,9 @@ def main() -> None:
     vectors_staged, stored = min(vector_times), min(store_times)
     whole = staging + vectors_staged + stored
     rows = args.rows
-    print(f"rows {rows} x dim {args.dim}, best of {args.repeats}")
+    print(
+        f"rows {rows} x dim {args.dim}, best of {args.repeats}, upsert_parallelism {args.upsert_parallelism}"
+    )
     print(f"floor: raw binary COPY into the table   {rows / floor:10.0f} rows/s  ({floor:.2f}s)")
     print(f"load_enriched_documents: chunk staging  {rows / staging:10.0f} rows/s  ({staging:.2f}s)")
     staged_rate = rows / vectors_staged
