@@ -110,28 +110,30 @@ class Hit:
 # -- statements -------------------------------------------------------------------------------
 
 
-def _nearest(target: CollectionTable, metric: str, comment: str) -> sql.Composed:
-    operator = sql.SQL(DISTANCE_OPERATORS[metric])  # from a fixed table of pgvector operators
-    return sql.SQL(
-        "{comment}SELECT id, document_id, chunk_index, embedding {op} %(query)s AS distance,"
-        " left(content, {snippet}) FROM {table} WHERE embedding IS NOT NULL"
-        " ORDER BY embedding {op} %(query)s LIMIT %(limit)s"
-    ).format(
-        comment=sql.SQL(comment),
-        op=operator,
-        snippet=sql.Literal(_SNIPPET_CHARS),
-        table=target.ident,
-    )
-
-
 def ann_statement(target: SearchTarget) -> sql.Composed:
     """The ANN query: ``ORDER BY embedding <op> %(query)s LIMIT %(limit)s``, served by the index."""
-    return _nearest(target.table, target.metric, "")
+    operator = sql.SQL(DISTANCE_OPERATORS[target.metric])  # from a fixed table of pgvector operators
+    return sql.SQL(
+        "SELECT id, document_id, chunk_index, embedding {op} %(query)s AS distance,"
+        " left(content, {snippet}) FROM {table} WHERE embedding IS NOT NULL"
+        " ORDER BY embedding {op} %(query)s LIMIT %(limit)s"
+    ).format(op=operator, snippet=sql.Literal(_SNIPPET_CHARS), table=target.table.ident)
 
 
 def exact_statement(target: SearchTarget) -> sql.Composed:
-    """The exact query: same result shape, different text, for :func:`exact_connection` only."""
-    return _nearest(target.table, target.metric, "/* exact search: index scans off */ ")
+    """The exact query, for :func:`exact_connection` only: same result shape, different text.
+
+    The sequential scan ranks rows by distance alone and only the ``limit`` nearest are then read
+    back by ``ctid`` for their document, index and snippet (one statement, one snapshot): building
+    every row's snippet during the scan made an exact search about 3x slower.
+    """
+    operator = sql.SQL(DISTANCE_OPERATORS[target.metric])  # from a fixed table of pgvector operators
+    return sql.SQL(
+        "/* exact search: index scans off */ SELECT t.id, t.document_id, t.chunk_index, n.distance,"
+        " left(t.content, {snippet}) FROM (SELECT ctid AS row_ctid, embedding {op} %(query)s AS distance"
+        " FROM {table} WHERE embedding IS NOT NULL ORDER BY embedding {op} %(query)s LIMIT %(limit)s) n"
+        " JOIN {table} t ON t.ctid = n.row_ctid ORDER BY n.distance"
+    ).format(op=operator, snippet=sql.Literal(_SNIPPET_CHARS), table=target.table.ident)
 
 
 # -- sessions ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from capstone.search import (
     ann_session,
     ann_statement,
     exact_connection,
+    exact_search,
     exact_statement,
 )
 from capstone.validation import IndexHealthError, sample_vectors, validate_collection
@@ -218,6 +219,45 @@ def test_the_ann_query_uses_the_index_and_the_exact_query_does_not(reference: Co
     assert settings == {"hnsw.ef_search": "100", "enable_seqscan": "off"}
     assert f"Index Scan using {index_name}" in ann_plan
     assert index_name not in exact_plan and "Seq Scan" in exact_plan, exact_plan
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "inner_product"])
+def test_exact_search_returns_the_nearest_rows_with_their_own_details(
+    reference: Collection, metric: str
+) -> None:
+    target = SearchTarget(reference.settings.store_table, metric, "hnsw")
+    with psycopg.connect(reference.dsn, autocommit=True) as conn:
+        register_vector(conn)
+        rows = conn.execute(
+            sql.SQL("SELECT id, document_id, chunk_index, left(content, 300), embedding FROM {}").format(
+                reference.table
+            )
+        ).fetchall()
+    details = {row[0]: row[1:4] for row in rows}
+    ids = [row[0] for row in rows]
+    matrix = np.stack([row[4].to_numpy() for row in rows]).astype(np.float64)
+    queries = [matrix[7], matrix[300] * 0.5 + matrix[301] * 0.5, np.linspace(-1, 1, DIM)]
+
+    with exact_connection(reference.dsn) as exact:
+        found = [exact_search(exact, target, query.astype(np.float32), 10) for query in queries]
+
+    for query, hits in zip(queries, found, strict=True):
+        truth = dict(zip(ids, _distances(matrix, query, metric), strict=True))
+        tenth = sorted(truth.values())[9]
+        assert [hit.rank for hit in hits] == list(range(1, 11))
+        assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)
+        for hit in hits:
+            assert (hit.document_id, hit.chunk_index, hit.snippet) == details[hit.chunk_id]
+            assert hit.distance == pytest.approx(truth[hit.chunk_id], abs=1e-5)
+            assert hit.distance <= tenth + 1e-5, "a nearer row was skipped"
+
+
+def _distances(matrix: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "l2":
+        return np.linalg.norm(matrix - query, axis=1)
+    if metric == "inner_product":
+        return -(matrix @ query)
+    return 1 - (matrix @ query) / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(query))
 
 
 def _plan(conn: psycopg.Connection, statement: sql.Composed, params: dict[str, Any]) -> str:
