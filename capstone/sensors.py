@@ -9,6 +9,7 @@ the worker instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -139,20 +140,11 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
             ) from None
 
     def _trigger(self, expected: int) -> VectorStoreIndexingTrigger:
-        p = self.index_params
         return VectorStoreIndexingTrigger(
             collection_name=self.collection_name,
             expected_count=expected,
-            schema=p.schema,
-            table=p.table,
-            index_type=p.index_type,
-            metric=p.metric,
-            m=p.m,
-            ef_construction=p.ef_construction,
-            lists=p.lists,
-            maintenance_work_mem=p.maintenance_work_mem,
-            column=p.column,
             connection_id=self.connection_id,
             poll_interval=self.poll_interval,
             timeout=self.timeout,
+            **dataclasses.asdict(self.index_params),
         )

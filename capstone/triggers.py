@@ -7,13 +7,14 @@ from the installed package (never from the DAGs folder). The build itself lives 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from capstone.connections import DEFAULT_CONNECTION_ID, apostgres_dsn
-from capstone.index_build import IndexParams, IndexType, Metric, build_index
+from capstone.index_build import IndexParams, build_index
 
 __all__ = ["VectorStoreIndexingTrigger"]
 
@@ -26,15 +27,10 @@ class VectorStoreIndexingTrigger(BaseTrigger):
     :param connection_id: Airflow connection of the Postgres holding the collection.
     :param poll_interval: seconds between progress checks of the build.
     :param timeout: seconds before the build is cancelled and a ``timeout`` event fires.
-    :param schema: schema of the collection table.
-    :param table: the collection table.
-    :param index_type: ``hnsw`` or ``ivfflat``.
-    :param metric: ``cosine``, ``l2`` or ``inner_product`` (picks the operator class).
-    :param m: HNSW links per node.
-    :param ef_construction: HNSW candidate list size while building.
-    :param lists: IVFFlat number of lists.
-    :param maintenance_work_mem: ``auto`` (sized from the data) or a Postgres size such as ``512MB``.
-    :param column: the vector column.
+    :param index: the fields of :class:`capstone.index_build.IndexParams`, by keyword: ``schema``,
+        ``table``, ``index_type`` (``hnsw`` or ``ivfflat``), ``metric`` (``cosine``, ``l2`` or
+        ``inner_product``), ``m``, ``ef_construction``, ``lists``, ``maintenance_work_mem``
+        (``auto`` or a Postgres size), ``column``.
     """
 
     def __init__(
@@ -42,18 +38,10 @@ class VectorStoreIndexingTrigger(BaseTrigger):
         *,
         collection_name: str,
         expected_count: int,
-        schema: str,
-        table: str,
-        index_type: IndexType = "hnsw",
-        metric: Metric = "cosine",
-        m: int = 16,
-        ef_construction: int = 64,
-        lists: int | None = None,
-        maintenance_work_mem: str = "auto",
-        column: str = "embedding",
         connection_id: str = DEFAULT_CONNECTION_ID,
         poll_interval: float = 30.0,
         timeout: float = 3600.0,
+        **index: Any,
     ) -> None:
         super().__init__()
         self.collection_name = collection_name
@@ -62,38 +50,19 @@ class VectorStoreIndexingTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.timeout = float(timeout)
         # Validated here, so a bad spec fails the task when it defers, not later in the triggerer.
-        self.params = IndexParams(
-            schema=schema,
-            table=table,
-            index_type=index_type,
-            metric=metric,
-            m=m,
-            ef_construction=ef_construction,
-            lists=lists,
-            maintenance_work_mem=maintenance_work_mem,
-            column=column,
-        )
+        self.params = IndexParams(**index)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Class path and the keyword arguments that re-create this trigger in the triggerer."""
-        p = self.params
         return (
             "capstone.triggers.VectorStoreIndexingTrigger",
             {
                 "collection_name": self.collection_name,
                 "expected_count": self.expected_count,
-                "schema": p.schema,
-                "table": p.table,
-                "index_type": p.index_type,
-                "metric": p.metric,
-                "m": p.m,
-                "ef_construction": p.ef_construction,
-                "lists": p.lists,
-                "maintenance_work_mem": p.maintenance_work_mem,
-                "column": p.column,
                 "connection_id": self.connection_id,
                 "poll_interval": self.poll_interval,
                 "timeout": self.timeout,
+                **dataclasses.asdict(self.params),
             },
         )
 

@@ -4,6 +4,7 @@ triggerer killed in the middle of a build."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -54,6 +55,7 @@ def test_serialize_round_trips_through_the_class_path() -> None:
     assert rebuilt.serialize() == (classpath, kwargs)
     assert rebuilt.params == trigger.params
     assert kwargs["expected_count"] == 42 and kwargs["timeout"] == 60.0 and kwargs["lists"] == 10
+    assert json.loads(json.dumps(kwargs)) == kwargs  # Airflow stores the kwargs as JSON
 
 
 async def test_success_event_carries_the_index_summary(pg_conn: psycopg.Connection, pg_schema: str) -> None:
