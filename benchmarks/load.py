@@ -132,7 +132,9 @@ def ours(
     offset = 0
     for descriptor in batches:
         ids, _texts = store.read_batch_texts(conn, run_key, table, descriptor["batch_no"])
-        store.write_batch_vectors(conn, run_key, ids, vectors[offset : offset + len(ids)])
+        store.write_batch_vectors(
+            conn, run_key, ids, vectors[offset : offset + len(ids)], batch_no=descriptor["batch_no"]
+        )
         offset += len(ids)
     vectors_staged = time.perf_counter() - started
     started = time.perf_counter()

@@ -127,7 +127,9 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
         offset = 0
         for batch in batches:
             ids, _texts = store.read_batch_texts(conn, run_key, table, batch["batch_no"])
-            store.write_batch_vectors(conn, run_key, ids, vectors[offset : offset + len(ids)])
+            store.write_batch_vectors(
+                conn, run_key, ids, vectors[offset : offset + len(ids)], batch_no=batch["batch_no"]
+            )
             offset += len(ids)
         prepared = {"run_key": run_key, "to_embed": offset, "to_delete": 0}
         manifests = [{"embedded": b["chunks"], "failed_ids": []} for b in batches]

@@ -169,7 +169,13 @@ def prepare_chunks(settings: PipelineSettings, run_key: str, max_batches: int) -
 
 
 def embed_batch(settings: PipelineSettings, run_key: str, batch: dict[str, Any]) -> dict[str, Any]:
-    """Embed one batch's texts and stage their vectors; returns a small manifest."""
+    """Embed one batch's texts and stage their vectors; returns a small manifest.
+
+    Chunks the embedding API refuses for what they are (an input over the model's token limit,
+    say) are left out and listed in ``failed_ids``: their vectors are not staged, so the table
+    keeps what it had for them and the next run tries them again. Anything else that fails
+    (rate limits, server errors, a wrong key) fails the task, for Airflow to retry.
+    """
     from capstone.embeddings import create_embedder, resolve_api_key
 
     batch_no = int(batch["batch_no"])
@@ -178,7 +184,7 @@ def embed_batch(settings: PipelineSettings, run_key: str, batch: dict[str, Any])
         ids, texts = store.read_batch_texts(conn, run_key, settings.store_table, batch_no)
         if not ids:
             log.warning("batch %d has no staged chunks (already merged?): nothing to embed", batch_no)
-            return {"batch_no": batch_no, "embedded": 0, "failed_ids": [], "seconds": 0.0}
+            return {"batch_no": batch_no, "embedded": 0, "failed": 0, "failed_ids": [], "seconds": 0.0}
         embedder = create_embedder(
             settings.provider,  # type: ignore[arg-type]
             model=settings.model,
@@ -191,22 +197,77 @@ def embed_batch(settings: PipelineSettings, run_key: str, batch: dict[str, Any])
             else None,
             timeout=settings.request_timeout_seconds,
         )
-        vectors = embedder.embed(texts)
+        ids, vectors, failed = _embed_leaving_out_rejected(embedder, ids, texts)
         if vectors.shape != (len(ids), settings.dimension):
             raise store.DimensionMismatch(
                 f"the {settings.provider} model {settings.model!r} returned vectors of shape "
                 f"{vectors.shape}, expected ({len(ids)}, {settings.dimension}): fix embedding.dimension"
             )
-        store.write_batch_vectors(conn, run_key, ids, vectors)
+        store.write_batch_vectors(conn, run_key, ids, vectors, batch_no=batch_no)
     seconds = time.monotonic() - started
     log.info(
-        "batch %d: embedded %d chunks in %.2fs (%.0f chunks/s)",
+        "batch %d: embedded %d chunks in %.2fs (%.0f chunks/s)%s",
         batch_no,
         len(ids),
         seconds,
         len(ids) / max(seconds, 1e-9),
+        f", {len(failed)} refused by the API" if failed else "",
     )
-    return {"batch_no": batch_no, "embedded": len(ids), "failed_ids": [], "seconds": round(seconds, 3)}
+    return {
+        "batch_no": batch_no,
+        "embedded": len(ids),
+        "failed": len(failed),
+        "failed_ids": failed[:MAX_LISTED_REJECTIONS],
+        "seconds": round(seconds, 3),
+    }
+
+
+# A text any embedding API accepts: when even this is refused, the request is wrong, not the inputs.
+_PROBE_TEXT = "probe"
+
+
+def _embed_leaving_out_rejected(
+    embedder: Any, ids: list[str], texts: list[str]
+) -> tuple[list[str], Any, list[str]]:
+    """(ids embedded, their vectors, ids the API refused); bisects a refused request to find them.
+
+    Raises the refusal when the API refuses a one-word probe too (a wrong model name, say): then
+    no input is at fault and the task must fail. Finding r refused chunks among n costs about
+    ``2 r log2(n)`` extra requests, on this rare path only.
+    """
+    import numpy as np
+
+    from capstone.embeddings import EmbeddingInputRejected
+
+    try:
+        return ids, embedder.embed(texts), []
+    except EmbeddingInputRejected as refused:
+        try:
+            embedder.embed([_PROBE_TEXT])
+        except EmbeddingInputRejected:
+            raise refused from None
+        log.warning("%s; looking for the inputs at fault", refused)
+    kept: list[str] = []
+    vectors: list[Any] = []
+    failed: list[str] = []
+
+    def embed_range(first: int, stop: int) -> None:
+        try:
+            vectors.append(embedder.embed(texts[first:stop]))
+            kept.extend(ids[first:stop])
+        except EmbeddingInputRejected as exc:
+            if stop - first == 1:
+                log.warning("chunk %s refused by the embedding API: %s", ids[first], exc)
+                failed.append(ids[first])
+                return
+            middle = (first + stop) // 2
+            embed_range(first, middle)
+            embed_range(middle, stop)
+
+    middle = len(texts) // 2
+    embed_range(0, middle)
+    embed_range(middle, len(texts))
+    return kept, np.concatenate(vectors) if vectors else embedder.embed([]), failed
 
 
 # -- aggregate_embeddings -------------------------------------------------------------------
@@ -219,22 +280,28 @@ def aggregate_manifests(
     results = [manifest for manifest in manifests if manifest]
     embedded = sum(int(manifest["embedded"]) for manifest in results)
     failed = [chunk for manifest in results for chunk in manifest.get("failed_ids", [])]
+    failed_count = sum(int(manifest.get("failed", len(manifest["failed_ids"]))) for manifest in results)
     seconds = sum(float(manifest.get("seconds", 0.0)) for manifest in results)
     log.info(
         "embeddings: %d chunks in %d batch(es), %d failed, %.1fs of embedding time",
         embedded,
         len(results),
-        len(failed),
+        failed_count,
         seconds,
     )
-    if failed:
-        log.warning("failed chunk ids (left for the next run): %s", failed[:MAX_LISTED_REJECTIONS])
+    if failed_count:
+        log.warning(
+            "%d chunks refused by the embedding API are not indexed (the table keeps what it had for "
+            "them; the next run tries them again): %s",
+            failed_count,
+            failed[:MAX_LISTED_REJECTIONS],
+        )
     return {
         "run_key": prepared["run_key"],
         "batches": len(results),
         "embedded": embedded,
         "expected": prepared["to_embed"],
-        "failed_count": len(failed),
+        "failed_count": failed_count,
         "failed_ids": failed[:MAX_LISTED_REJECTIONS],
         "to_delete": prepared["to_delete"],
     }

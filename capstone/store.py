@@ -108,9 +108,10 @@ _RUN_TABLE_DDL = {
     " chunk_index int NOT NULL, content text NOT NULL, metadata jsonb NOT NULL,"
     " content_hash text NOT NULL)",
     "documents": "CREATE UNLOGGED TABLE {} (document_id text PRIMARY KEY, chunk_count int NOT NULL)",
-    # new_chunks: how many of the batch's chunks the collection table did not hold at all
+    # new_chunks: how many of the batch's chunks the collection table did not hold at all;
+    # embedded: how many vectors generate_embedding staged for it (fewer when the API refused some)
     "batches": "CREATE UNLOGGED TABLE {} (batch_no int PRIMARY KEY, first_id text NOT NULL,"
-    " last_id text NOT NULL, chunks int NOT NULL, new_chunks int NOT NULL)",
+    " last_id text NOT NULL, chunks int NOT NULL, new_chunks int NOT NULL, embedded int)",
     "vectors": "CREATE UNLOGGED TABLE {} (id text PRIMARY KEY, embedding vector NOT NULL)",
 }
 
@@ -347,13 +348,14 @@ def assign_batches(
 
 
 def batch_spans(conn: psycopg.Connection, run_key: str) -> list[tuple[int, str, str, int]]:
-    """The run's embedding batches: ``[(batch_no, first_id, last_id, chunks)]`` in id order."""
+    """The run's embedding batches: ``[(batch_no, first_id, last_id, vectors)]`` in id order, where
+    ``vectors`` is what ``generate_embedding`` staged for the batch (its chunk count until then)."""
     if not run_staging_exists(conn, run_key):
         return []
     rows = conn.execute(
-        sql.SQL("SELECT batch_no, first_id, last_id, chunks FROM {} ORDER BY batch_no").format(
-            run_table(run_key, "batches")
-        )
+        sql.SQL(
+            "SELECT batch_no, first_id, last_id, coalesce(embedded, chunks) FROM {} ORDER BY batch_no"
+        ).format(run_table(run_key, "batches"))
     ).fetchall()
     return [(int(n), str(first), str(last), int(chunks)) for n, first, last, chunks in rows]
 
@@ -394,9 +396,18 @@ def read_batch_texts(
 
 
 def write_batch_vectors(
-    conn: psycopg.Connection, run_key: str, ids: Sequence[str], vectors: np.ndarray
+    conn: psycopg.Connection,
+    run_key: str,
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    *,
+    batch_no: int | None = None,
 ) -> None:
-    """Replace the staged vectors of ``ids`` with ``vectors`` (binary COPY, one transaction)."""
+    """Replace the staged vectors of ``ids`` with ``vectors`` (binary COPY, one transaction).
+
+    With ``batch_no``, records in the same transaction that the batch has ``len(ids)`` vectors
+    staged: the store stage expects that many rows from the batch's id range.
+    """
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
     if not run_staging_exists(conn, run_key):
@@ -414,6 +425,13 @@ def write_batch_vectors(
             copy.set_types(["text", "bytea"])
             for chunk, row in zip(ids, matrix, strict=True):
                 copy.write_row((chunk, header + row.tobytes()))
+        if batch_no is not None:
+            cur.execute(
+                sql.SQL("UPDATE {} SET embedded = %s WHERE batch_no = %s").format(
+                    run_table(run_key, "batches")
+                ),
+                (len(ids), batch_no),
+            )
 
 
 def count_staged_vectors(conn: psycopg.Connection, run_key: str) -> int:

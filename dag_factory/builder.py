@@ -266,6 +266,8 @@ def _publish_task(spec: CollectionSpec, output: Asset) -> Any:
             "documents": loaded["documents"],
             "rejected_documents": loaded["rejected_count"],
             "chunks_embedded": aggregated["embedded"],
+            "chunks_failed": aggregated["failed_count"],
+            "failed_chunk_ids": aggregated["failed_ids"],
             "chunks_unchanged": prepared["unchanged"],
             "rows_upserted": upserted["upserted"],
             "rows_deleted": upserted["deleted"],

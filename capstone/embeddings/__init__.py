@@ -12,6 +12,7 @@ from capstone.embeddings.base import Embedder
 from capstone.embeddings.errors import (
     EmbeddingAuthenticationError,
     EmbeddingDimensionError,
+    EmbeddingInputRejected,
     EmbeddingResponseError,
     MissingAPIKeyError,
     MissingExtraError,
@@ -24,6 +25,7 @@ __all__ = [
     "Embedder",
     "EmbeddingAuthenticationError",
     "EmbeddingDimensionError",
+    "EmbeddingInputRejected",
     "EmbeddingResponseError",
     "MissingAPIKeyError",
     "MissingExtraError",

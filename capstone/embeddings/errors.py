@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "EmbeddingAuthenticationError",
     "EmbeddingDimensionError",
+    "EmbeddingInputRejected",
     "EmbeddingResponseError",
     "MissingAPIKeyError",
     "MissingExtraError",
@@ -52,3 +53,9 @@ class EmbeddingAuthenticationError(PermissionError):
 
 class EmbeddingResponseError(RuntimeError):
     """The embedding API answered with something that does not match the request."""
+
+
+class EmbeddingInputRejected(ValueError):
+    """The embedding API refused a request for what it holds (HTTP 400/422), e.g. an input over the
+    model's token limit. Retrying the same request cannot help; the caller may find the inputs at
+    fault by embedding smaller groups (see :func:`capstone.pipeline.embed_batch`)."""

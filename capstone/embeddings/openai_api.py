@@ -20,6 +20,7 @@ from capstone.embeddings.base import l2_normalize, no_vectors
 from capstone.embeddings.errors import (
     EmbeddingAuthenticationError,
     EmbeddingDimensionError,
+    EmbeddingInputRejected,
     EmbeddingResponseError,
     MissingAPIKeyError,
 )
@@ -82,6 +83,14 @@ def _make_client(*, base_url: str | None, api_key: str | None, timeout: float, m
             "connection whose password is the key, or export the variable named by embedding.api_key_env "
             "(OPENAI_API_KEY by default). A server that needs no key still wants a placeholder."
         ) from err
+
+
+def _error_message(err: Any) -> str:
+    """The API's own message (``error.message`` of the body), else the client's text."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return str(err)
 
 
 def input_limit(model: str) -> int | None:
@@ -162,6 +171,11 @@ class OpenAIEmbedder:
                 encoding_format="float",
                 **options,
             )
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
+            raise EmbeddingInputRejected(
+                f"{self._base_url or 'the OpenAI API'} rejected a request of {len(batch)} inputs for model "
+                f"{self.model!r} (HTTP {err.status_code}): {_error_message(err)}"
+            ) from err
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
             raise EmbeddingAuthenticationError(
                 f"{self._base_url or 'the OpenAI API'} refused the API key for model {self.model!r} "

@@ -1,7 +1,8 @@
 """A local fake of the OpenAI embeddings API, so tests exercise the real ``openai`` client.
 
 It speaks ``POST /v1/embeddings`` as the real API does (float or base64 vectors, ``index`` per
-input, 401 without the right bearer key, 400 on an empty input or more than 2048 inputs), answers
+input, 401 without the right bearer key, 400 on an empty input, more than 2048 inputs or, when
+``max_input_tokens`` is set, an input longer than that many tokens (words, here)), answers
 with the hash embedder's vectors (deterministic, so a test can compute the expected result), and
 follows a fault plan: fail the next calls with 429 + Retry-After, 500 or a hang past the client's
 timeout, or fail a seeded random fraction of calls. Every call is recorded.
@@ -63,6 +64,7 @@ class FakeOpenAIServer:
         self.api_key = api_key
         self.native_dimension = native_dimension  # what a model answers when no ``dimensions`` is asked
         self.reverse_order = True  # answer rows in reverse: the client must reorder by ``index``
+        self.max_input_tokens: int | None = None  # the model's context length; None: no limit
         self.requests: list[RecordedRequest] = []
         self._faults: collections.deque[Fault] = collections.deque()
         self._failure_rate = 0.0
@@ -183,7 +185,7 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
         fault = self.fake.next_fault()
         if fault is not None:
             return self._fail(fault, recorded)
-        problem = _invalid(request, inputs)
+        problem = _invalid(request, inputs, self.fake.max_input_tokens)
         if problem:
             return self._answer_error(400, "invalid_request_error", problem, recorded)
         self._answer_embeddings(request, inputs, recorded)
@@ -247,7 +249,7 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def _invalid(request: dict[str, Any], inputs: list[str]) -> str | None:
+def _invalid(request: dict[str, Any], inputs: list[str], max_tokens: int | None) -> str | None:
     """What the real API would reject in this request, or None."""
     if not request.get("model"):
         return "you must provide a model parameter"
@@ -255,6 +257,13 @@ def _invalid(request: dict[str, Any], inputs: list[str]) -> str | None:
         return f"'input' must hold 1 to {MAX_INPUTS} items, got {len(inputs)}"
     if any(not isinstance(text, str) or text == "" for text in inputs):
         return "'input' cannot contain an empty string"
+    longest = max(len(text.split()) for text in inputs)
+    if max_tokens is not None and longest > max_tokens:
+        return (  # the real API's wording
+            f"This model's maximum context length is {max_tokens} tokens, however you requested "
+            f"{longest} tokens ({longest} in your prompt; 0 for the completion). Please reduce your "
+            "prompt; or completion length."
+        )
     return None
 
 

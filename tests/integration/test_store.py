@@ -33,7 +33,8 @@ def _embed_all(
     rng = np.random.default_rng(0)
     for batch in batches:
         ids, _texts = store.read_batch_texts(conn, run_key, table, batch["batch_no"])
-        store.write_batch_vectors(conn, run_key, ids, rng.random((len(ids), DIM), dtype=np.float32))
+        vectors = rng.random((len(ids), DIM), dtype=np.float32)
+        store.write_batch_vectors(conn, run_key, ids, vectors, batch_no=batch["batch_no"])
 
 
 def _index(

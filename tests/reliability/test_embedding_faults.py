@@ -2,7 +2,9 @@
 
 Random 429s (with Retry-After), 500s and hangs past the client's timeout are absorbed by the
 client's retries and Airflow's task retries; a batch that fails every retry fails the run without
-touching the table, and the next run indexes its chunks once the fault is gone.
+touching the table, and the next run indexes its chunks once the fault is gone. Chunks the API
+refuses for what they are (over the model's token limit) are found, left out and published as
+failed, while the rest of their batch is indexed; the next run tries only them again.
 """
 
 from __future__ import annotations
@@ -11,9 +13,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from tests.airflow_helpers import run_collection, task_states, write_collection, xcom_value, xcoms
+from capstone import store
+from capstone.documents import BatchLocation
+from capstone.embeddings import EmbeddingInputRejected
+from capstone.pipeline import PipelineSettings, embed_batch, load_documents, prepare_chunks, run_key_for
+from tests.airflow_helpers import (
+    asset_events,
+    run_collection,
+    task_states,
+    write_collection,
+    xcom_value,
+    xcoms,
+)
 from tests.reliability.support import FaultPlanServer, assert_table_holds_exactly, jsonl_batch, stored_chunks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
@@ -143,3 +157,77 @@ def test_a_batch_failing_every_retry_leaves_its_chunks_for_the_next_run(
     prepared = [value for task, _, key, value in xcoms("poisoned", run.run_id) if key == "summary"]
     assert prepared[0]["to_embed"] == 120  # every chunk: the failed run stored none of them
     assert_table_holds_exactly(pg_dsn, pg_schema, "poisoned", documents, model=MODEL, dimension=DIMENSION)
+
+
+def _with_long_chunks(documents: list[dict[str, Any]], where: dict[str, int], text: str) -> list[str]:
+    """Replace the chunk ``where[doc_id]`` of each named document by ``text``; their chunk ids."""
+    for doc in documents:
+        if doc["id"] in where:
+            doc["chunks"][where[doc["id"]]] = text
+    return sorted(f"{doc_id}_chunk_{index}" for doc_id, index in where.items())
+
+
+def test_chunks_the_api_refuses_are_left_out_and_the_rest_is_published(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    documents = _documents(30)
+    long_text = " ".join(f"word{n}" for n in range(80))
+    refused = _with_long_chunks(documents, {"doc-007": 1, "doc-021": 3}, long_text)
+    spec = _openai_collection(tmp_path / "configs", "too_long", pg_schema, fake_openai, retries=1)
+    batch = jsonl_batch(tmp_path / "batch.jsonl", documents)
+    fake_openai.max_input_tokens = 50  # the chunks are within the character limit, not the token one
+
+    run = run_collection(spec, [batch])
+
+    states = task_states("too_long", run.run_id)
+    assert str(run.state) == "success", states
+    assert max(try_numbers("too_long", run.run_id, "generate_embedding")) == 1  # not retried: no use
+    aggregated = xcom_value("too_long", run.run_id, "aggregate_embeddings")
+    assert (aggregated["failed_count"], sorted(aggregated["failed_ids"])) == (2, refused)
+    assert_table_holds_exactly(
+        pg_dsn, pg_schema, "too_long", documents, model=MODEL, dimension=DIMENSION, missing=refused
+    )
+    (event,) = asset_events("too_long.indexed")
+    assert event["chunks_failed"] == 2 and sorted(event["failed_chunk_ids"]) == refused
+    assert event["chunks_embedded"] == 118
+    # Each refused chunk was sent alone at the end of its search, and nothing else was refused alone.
+    alone = [r.inputs for r in fake_openai.embedding_requests() if len(r.inputs) == 1 and r.status == 400]
+    assert alone == [[long_text], [long_text]]
+
+    fake_openai.max_input_tokens = None  # the model with the longer context, or the chunks split
+    again = run_collection(spec, [batch])
+
+    assert str(again.state) == "success", task_states("too_long", again.run_id)
+    prepared = [value for _task, _, key, value in xcoms("too_long", again.run_id) if key == "summary"]
+    assert prepared[0]["to_embed"] == 2  # only the chunks refused last time
+    assert_table_holds_exactly(pg_dsn, pg_schema, "too_long", documents, model=MODEL, dimension=DIMENSION)
+
+
+def test_a_request_refused_whatever_it_holds_fails_the_batch(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    settings = PipelineSettings(
+        collection="refused",
+        schema=pg_schema,
+        table="refused",
+        dimension=DIMENSION,
+        provider="openai",
+        model=MODEL,
+        base_url=fake_openai.base_url,
+        embed_batch_size=40,
+        request_batch_size=10,
+    )
+    run_key = run_key_for("refused", "r1")
+    batch = jsonl_batch(tmp_path / "batch.jsonl", _documents(5))
+    load_documents(settings, run_key, [BatchLocation.from_extra(batch)])
+    (descriptor,) = prepare_chunks(settings, run_key, max_batches=1024)["batches"]
+    fake_openai.max_input_tokens = 0  # every input is refused, even the one-word probe
+
+    with pytest.raises(EmbeddingInputRejected, match=r"rejected a request of 10 inputs.*maximum context"):
+        embed_batch(settings, run_key, descriptor)
+
+    with psycopg.connect(pg_dsn) as conn:
+        assert store.count_staged_vectors(conn, run_key) == 0
+    assert [len(r.inputs) for r in fake_openai.embedding_requests()] == [10, 1]  # the batch, the probe
