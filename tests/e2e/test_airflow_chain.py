@@ -8,6 +8,7 @@ embedding tasks respect their pool, and whose last task publishes ``documents.in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -127,6 +128,15 @@ def test_asset_chain_runs_on_real_services(stack: AirflowStack, api: AirflowApi,
     trigger_text = "".join(path.read_text(errors="replace") for path in trigger_logs)
     assert f'{published_index}\\": built in' in trigger_text
     assert '"logger":"capstone.triggers.VectorStoreIndexingTrigger"' in trigger_text
+
+    # the upsert merged its batches on two connections, and the worker's log has every one of them
+    upsert_logs = stack.home.glob(
+        f"logs/dag_id=documents/run_id={run['dag_run_id']}/task_id=batch_upsert_vectors/attempt=*.log"
+    )
+    upsert_text = "".join(path.read_text(errors="replace") for path in upsert_logs)
+    merged = {(int(n), int(total)) for n, total in re.findall(r"upsert batch (\d+)/(\d+): ", upsert_text)}
+    total = max(t for _, t in merged) if merged else 0
+    assert total >= 2 and merged == {(n, total) for n in range(1, total + 1)}, upsert_text[-2000:]
 
     with psycopg.connect(pg_dsn) as conn:
         count = conn.execute("SELECT count(*), count(DISTINCT document_id) FROM e2e.documents").fetchone()
