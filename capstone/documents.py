@@ -9,7 +9,9 @@ where the batch is (a :class:`BatchLocation`):
   metadata jsonb)``.
 
 A document is ``{"id": str, "content": str, "chunks": [str, ...], "metadata": {...}}``. A bad
-document is set aside with its reason; it never stops the others.
+document is set aside with its reason; it never stops the others. ``{"id": str, "deleted": true}``
+is a tombstone: the document was deleted upstream, and every chunk of it leaves the collection
+(in a Postgres batch table, a boolean ``deleted`` column, when the table has one).
 """
 
 from __future__ import annotations
@@ -71,12 +73,22 @@ class BatchLocation:
 
 @dataclass
 class EnrichedDocument:
-    """A document ready to index: its chunks are non-empty strings."""
+    """A document ready to index: its chunks are non-empty strings.
+
+    With ``deleted``, a tombstone: no content or chunks, and the collection drops all it holds of
+    the document.
+    """
 
     id: str
     content: str
     chunks: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    deleted: bool = False
+
+    @classmethod
+    def tombstone(cls, document_id: str) -> EnrichedDocument:
+        """The document ``document_id``, deleted upstream."""
+        return cls(id=document_id, content="", chunks=[], deleted=True)
 
 
 @dataclass(frozen=True)
@@ -123,17 +135,26 @@ def _read_postgres(location: BatchLocation) -> Iterator[tuple[str, Any]]:
 
     schema, _, table = (location.table or "").rpartition(".")
     name = sql.Identifier(schema, table) if schema else sql.Identifier(table)
-    query = sql.SQL("SELECT id, content, chunks, metadata FROM {} WHERE batch_id = %s ORDER BY id").format(
-        name
-    )
-    with psycopg.connect(postgres_dsn(location.connection_id)) as conn, conn.cursor(name="batch") as cur:
-        cur.itersize = 2000
-        cur.execute(query, (location.batch_id,))
-        for doc_id, content, chunks, metadata in cur:
-            yield (
-                f"{location.table}:{doc_id}",
-                {"id": doc_id, "content": content, "chunks": chunks, "metadata": metadata},
-            )
+    with psycopg.connect(postgres_dsn(location.connection_id)) as conn:
+        columns = conn.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(name)).description or []
+        deleted = sql.SQL("deleted" if "deleted" in {column.name for column in columns} else "NULL")
+        query = sql.SQL(
+            "SELECT id, content, chunks, metadata, {} FROM {} WHERE batch_id = %s ORDER BY id"
+        ).format(deleted, name)
+        with conn.cursor(name="batch") as cur:
+            cur.itersize = 2000
+            cur.execute(query, (location.batch_id,))
+            for doc_id, content, chunks, metadata, is_deleted in cur:
+                yield (
+                    f"{location.table}:{doc_id}",
+                    {
+                        "id": doc_id,
+                        "content": content,
+                        "chunks": chunks,
+                        "metadata": metadata,
+                        "deleted": is_deleted,
+                    },
+                )
 
 
 @dataclass(frozen=True)
@@ -174,6 +195,13 @@ def _check(
         return RejectedDocument(
             None, where, "missing or invalid 'id' (a string of 1-200 printable characters)"
         )
+    deleted = raw.get("deleted", False)
+    if deleted is None:  # a nullable column of a Postgres batch table
+        deleted = False
+    if not isinstance(deleted, bool):
+        return RejectedDocument(doc_id, where, f"'deleted' must be true or false, got {deleted!r}")
+    if deleted:
+        return EnrichedDocument.tombstone(doc_id)
     reason = _chunk_problem(raw.get("chunks"), max_chunk_chars, max_chunks)
     if reason is None:
         reason = _content_problem(raw.get("content"))

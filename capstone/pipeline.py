@@ -84,6 +84,7 @@ def load_documents(
     ``locations`` are newest first: when two batches carry the same document id, the newest wins.
     """
     rejected: list[RejectedDocument] = []
+    deleted: list[str] = []
     limit = _chunk_limit(settings)
 
     def records() -> Iterator[tuple[str, Any]]:
@@ -99,6 +100,8 @@ def load_documents(
                 log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
                 rejected.append(result)
             else:
+                if result.deleted:
+                    deleted.append(result.id)
                 yield result
 
     with _connect(settings) as conn:
@@ -110,16 +113,18 @@ def load_documents(
             conn, run_key, settings.collection, documents(), settings.model
         )
     log.info(
-        "staged %d documents (%d chunks) from %d batch(es); %d set aside",
-        document_count,
+        "staged %d documents (%d chunks) from %d batch(es); %d deleted upstream; %d set aside",
+        document_count - len(deleted),
         chunk_count,
         len(locations),
+        len(deleted),
         len(rejected),
     )
     return {
         "run_key": run_key,
         "sources": [location.describe() for location in locations],
-        "documents": document_count,
+        "documents": document_count - len(deleted),
+        "deleted_documents": len(deleted),
         "chunks": chunk_count,
         "rejected_count": len(rejected),
         "rejected": [item.as_dict() for item in rejected[:MAX_LISTED_REJECTIONS]],

@@ -265,6 +265,7 @@ def _publish_task(spec: CollectionSpec, output: Asset) -> Any:
             "sources": loaded["sources"],
             "documents": loaded["documents"],
             "rejected_documents": loaded["rejected_count"],
+            "deleted_documents": loaded["deleted_documents"],
             "chunks_embedded": aggregated["embedded"],
             "chunks_failed": aggregated["failed_count"],
             "failed_chunk_ids": aggregated["failed_ids"],

@@ -131,6 +131,34 @@ def test_changed_document_reembeds_only_its_chunks_and_drops_lost_ones(
     assert all(after[key] == before[key] for key in after if not key.startswith("with_"))
 
 
+def test_documents_deleted_upstream_leave_the_collection(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    spec = write_collection(tmp_path / "configs", "ref_delete", pg_schema)
+    assert str(run_collection(spec, [_batch(tmp_path, corpus, "b1")]).state) == "success"
+    before = _table_rows(pg_dsn, pg_schema, "ref_delete")
+    gone = {"lambda", "yield"}
+    removed = {key for key, row in before.items() if row[0] in gone}
+    assert removed
+
+    tombstones = [{"id": doc_id, "deleted": True} for doc_id in sorted(gone)]
+    tombstones.append({"id": "never-indexed", "deleted": True})  # nothing to delete: no error
+    run = run_collection(spec, [_batch(tmp_path, tombstones, "b2")])
+
+    assert str(run.state) == "success", task_states("ref_delete", run.run_id)
+    loaded = xcom_value("ref_delete", run.run_id, "load_enriched_documents")
+    assert (loaded["documents"], loaded["deleted_documents"], loaded["rejected_count"]) == (0, 3, 0)
+    upserted = xcom_value("ref_delete", run.run_id, "batch_upsert_vectors")
+    assert (upserted["upserted"], upserted["deleted"]) == (0, len(removed))
+    after = _table_rows(pg_dsn, pg_schema, "ref_delete")
+    assert set(after) == set(before) - removed
+    assert all(after[key] == before[key] for key in after)  # the rest untouched
+    event = asset_events("ref_delete.indexed")[-1]
+    assert event["run_id"] == run.run_id
+    assert (event["deleted_documents"], event["rows_deleted"]) == (3, len(removed))
+    assert (event["chunks_embedded"], event["vector_count"]) == (0, len(after))
+
+
 def test_5000_chunks_map_over_batches_and_keep_xcoms_small(
     tmp_path: Path, pg_dsn: str, pg_schema: str
 ) -> None:

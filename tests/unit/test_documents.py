@@ -51,12 +51,32 @@ GOOD = {"id": "a", "content": "text", "chunks": ["one", "two"], "metadata": {"k"
         ({**GOOD, "metadata": {"nan": float("nan")}}, "not JSON-serialisable"),
         ({**GOOD, "metadata": {"bytes": b"x"}}, "not JSON-serialisable"),
         ("just a string", "must be a JSON object"),
+        ({"id": "gone", "deleted": "yes"}, "'deleted' must be true or false"),
+        ({**GOOD, "deleted": 1}, "'deleted' must be true or false"),
     ],
 )
 def test_bad_documents_are_set_aside_with_their_reason(record: object, reason: str) -> None:
     good, rejected = _check([record, {**GOOD, "id": "fine"}])
     assert [d.id for d in good] == ["fine"]
     assert len(rejected) == 1 and reason in rejected[0].reason
+
+
+def test_a_tombstone_needs_only_its_id() -> None:
+    good, rejected = _check(
+        [
+            {"id": "gone", "deleted": True},
+            {"id": "also-gone", "deleted": True, "content": "", "chunks": [], "metadata": "ignored"},
+            {**GOOD, "deleted": False},
+        ]
+    )
+
+    assert rejected == []
+    assert good == [
+        EnrichedDocument.tombstone("gone"),
+        EnrichedDocument.tombstone("also-gone"),
+        EnrichedDocument(id="a", content="text", chunks=["one", "two"], metadata={"k": 1}),
+    ]
+    assert good[0].deleted and good[0].chunks == [] and not good[2].deleted
 
 
 def test_duplicate_ids_keep_the_first_record() -> None:
