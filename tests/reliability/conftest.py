@@ -9,10 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from capstone.embedded_pg import EmbeddedPostgres
-
-pytest.register_assert_rewrite("tests.reliability.support")
-
-from tests.reliability.support import (  # noqa: E402 - after the rewrite registration
+from tests.reliability.support import (  # rewritten asserts: registered in tests/conftest.py
     PRIVATE_CONNECTION_ID,
     FaultPlanServer,
     free_port,
