@@ -29,6 +29,7 @@ from capstone.store import CollectionTable
 
 __all__ = [
     "MAX_EF_SEARCH",
+    "SNIPPET_CHARS",
     "Hit",
     "SearchTarget",
     "ann_search",
@@ -46,7 +47,7 @@ __all__ = [
 
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 _EXACT_SESSION = ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan")
-_SNIPPET_CHARS = 300
+SNIPPET_CHARS = 300  # characters of a hit's text that searches return
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def ann_statement(target: SearchTarget) -> sql.Composed:
         "SELECT id, document_id, chunk_index, embedding {op} %(query)s AS distance,"
         " left(content, {snippet}) FROM {table} WHERE embedding IS NOT NULL"
         " ORDER BY embedding {op} %(query)s LIMIT %(limit)s"
-    ).format(op=operator, snippet=sql.Literal(_SNIPPET_CHARS), table=target.table.ident)
+    ).format(op=operator, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident)
 
 
 def exact_statement(target: SearchTarget) -> sql.Composed:
@@ -133,7 +134,7 @@ def exact_statement(target: SearchTarget) -> sql.Composed:
         " left(t.content, {snippet}) FROM (SELECT ctid AS row_ctid, embedding {op} %(query)s AS distance"
         " FROM {table} WHERE embedding IS NOT NULL ORDER BY embedding {op} %(query)s LIMIT %(limit)s) n"
         " JOIN {table} t ON t.ctid = n.row_ctid ORDER BY n.distance"
-    ).format(op=operator, snippet=sql.Literal(_SNIPPET_CHARS), table=target.table.ident)
+    ).format(op=operator, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident)
 
 
 # -- sessions ---------------------------------------------------------------------------------

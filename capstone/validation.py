@@ -8,7 +8,8 @@ and returns a small report (the task's XCom: counts, ranks and ids, never vector
   and searched through the index (:func:`capstone.search.ann_session`), must find its expected
   document among the ``top_k`` distinct documents; the rank found is reported;
 - ``recall_at_k``: ``recall_sample_size`` stored vectors (a seeded random sample) searched through
-  the index and exactly (index scans off, on a separate connection), compared as recall@k over
+  the index and exactly (all of them in one pass over the table, :mod:`capstone.exact_scan`),
+  compared as recall@k over
   their ``k`` nearest *other* rows (the row itself is found for free and would flatter the
   index); under the threshold, larger ``ef_search`` / ``probes`` are tried and the first that
   reaches it is suggested;
@@ -44,6 +45,7 @@ from psycopg import sql
 
 from capstone import registry
 from capstone.connections import postgres_dsn
+from capstone.exact_scan import exact_neighbours
 from capstone.pipeline import PipelineSettings
 from capstone.registry import CollectionRecord
 from capstone.search import (
@@ -54,8 +56,6 @@ from capstone.search import (
     ann_session,
     ann_statement,
     distinct_documents,
-    exact_connection,
-    exact_search,
     explain,
 )
 
@@ -175,7 +175,7 @@ def validate_collection(
     with psycopg.connect(dsn, autocommit=True, application_name="capstone validation") as conn:
         register_vector(conn)
         facts = index_facts(conn, record, target)
-        checks = _run_checks(conn, dsn, record, target, facts, options, upserted, indexed)
+        checks = _run_checks(conn, record, target, facts, options, upserted, indexed)
         report = _report(record, target, facts, checks, options.fail_on)
         registry.register(conn, record, report["summary"])
     table = format_report(report)
@@ -192,7 +192,6 @@ def validate_collection(
 
 def _run_checks(
     conn: psycopg.Connection,
-    dsn: str,
     record: CollectionRecord,
     target: SearchTarget,
     facts: dict[str, Any],
@@ -203,7 +202,7 @@ def _run_checks(
     checks = {"vector_count": check_vector_count(conn, target, int(upserted["expected_count"]))}
     checks |= check_query_relevance(conn, record, target, options.sample_queries, options.top_k)
     checks["recall_at_k"] = check_recall(
-        conn, dsn, target, facts, options.recall_k, options.recall_sample_size, options.recall_threshold
+        conn, target, facts, options.recall_k, options.recall_sample_size, options.recall_threshold
     )
     wrote_rows = int(upserted.get("upserted", 0)) > 0
     checks["index_freshness"] = check_freshness(
@@ -345,7 +344,6 @@ def _document_exists(conn: psycopg.Connection, target: SearchTarget, document_id
 
 def check_recall(
     conn: psycopg.Connection,
-    dsn: str,
     target: SearchTarget,
     facts: dict[str, Any],
     k: int,
@@ -360,10 +358,8 @@ def check_recall(
     sample = sample_vectors(conn, target, sample_size)
     if not sample:
         return Check(None, "n/a", "the table holds no vectors to sample", {**base, "recall": None})
-    with exact_connection(dsn) as exact:
-        truth = [
-            _others(exact_search(exact, target, vector, k + 1), chunk_id, k) for chunk_id, vector in sample
-        ]
+    neighbours = exact_neighbours(conn, target, [vector for _, vector in sample], k + 1)
+    truth = [_others(hits, chunk_id, k) for (chunk_id, _), hits in zip(sample, neighbours, strict=True)]
     recall = measure_recall(conn, target, sample, truth)
     facts_out: dict[str, Any] = {**base, "recall": round(recall, 4), "sample_size": len(sample)}
     detail = f"recall@{k} {recall:.3f} over {len(sample)} sampled vectors with {target.describe_knob()}"

@@ -22,7 +22,7 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from capstone import registry, store
+from capstone import exact_scan, registry, store
 from capstone.corpus import reference_documents, write_jsonl_batch
 from capstone.embeddings import create_embedder
 from capstone.index_build import IndexParams, build_index
@@ -250,6 +250,30 @@ def test_exact_search_returns_the_nearest_rows_with_their_own_details(
             assert (hit.document_id, hit.chunk_index, hit.snippet) == details[hit.chunk_id]
             assert hit.distance == pytest.approx(truth[hit.chunk_id], abs=1e-5)
             assert hit.distance <= tenth + 1e-5, "a nearer row was skipped"
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "inner_product"])
+def test_one_pass_exact_neighbours_match_exact_search_for_every_query(
+    reference: Collection, metric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exact_scan, "_BLOCK_ROWS", 100)  # 733 rows: several blocks and a last, short one
+    target = SearchTarget(reference.settings.store_table, metric, "hnsw")
+    with psycopg.connect(reference.dsn, autocommit=True) as conn:
+        register_vector(conn)
+        sample = sample_vectors(conn, target, 12)
+        queries = [vector for _, vector in sample] + [np.linspace(-1, 1, DIM, dtype=np.float32)]
+        found = exact_scan.exact_neighbours(conn, target, queries, 11)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with exact_connection(reference.dsn) as exact:
+        expected = [exact_search(exact, target, query, 11) for query in queries]
+
+    for hits, want in zip(found, expected, strict=True):
+        assert [hit.rank for hit in hits] == list(range(1, 12))
+        assert [hit.distance for hit in hits] == [hit.distance for hit in want]  # pgvector's own values
+        tied = {h.chunk_id for h in want if h.distance == want[-1].distance}  # any of them may be 11th
+        assert {h.chunk_id for h in hits} - tied == {h.chunk_id for h in want} - tied
+        details = {w.chunk_id: replace(w, rank=0) for w in want}
+        assert all(replace(hit, rank=0) == details.get(hit.chunk_id, replace(hit, rank=0)) for hit in hits)
 
 
 def _distances(matrix: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
