@@ -28,7 +28,7 @@ from capstone.search import SNIPPET_CHARS, Hit, SearchTarget
 __all__ = ["exact_neighbours"]
 
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_BLOCK_ROWS = 16_384
+_BLOCK_ROWS = 4096  # ~6 MB of 384-d vectors per block: the worker's memory stays flat
 
 
 def exact_neighbours(
@@ -125,7 +125,7 @@ def _header_length(data: bytearray) -> int:
 
 
 def _records(data: bytearray, record: np.dtype, dimension: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = np.frombuffer(bytes(data), dtype=record)
+    rows = np.frombuffer(data, dtype=record)
     if not (
         np.all(rows["fields"] == 2)
         and np.all(rows["tid_length"] == 6)
