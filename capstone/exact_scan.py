@@ -41,7 +41,8 @@ def exact_neighbours(
 ) -> list[list[Hit]]:
     """The ``limit`` nearest rows of each query (as :func:`capstone.search.exact_search` ranks them).
 
-    ``conn`` must not be inside a transaction; it is left as it was.
+    ``conn`` must have pgvector's types registered (``register_vector``) and not be inside a
+    transaction; it is left as it was.
     """
     if not queries:
         return []
