@@ -113,7 +113,7 @@ def _scan(conn: psycopg.Connection, target: SearchTarget) -> Iterator[tuple[np.n
                 del pending[: whole * record.itemsize]
     whole = (len(pending) - 2) // record.itemsize  # the COPY ends with a 2-byte trailer (-1)
     if whole * record.itemsize + 2 != len(pending) or pending[-2:] != b"\xff\xff":
-        raise ValueError(f"the COPY of {target.table.qualified} ended mid-record ({len(pending)} bytes left)")
+        raise ValueError(f"the vector stream of {target.table.qualified} ended mid-record")
     if whole:
         yield _records(pending[: whole * record.itemsize], record, dimension)
 
@@ -133,7 +133,7 @@ def _records(data: bytearray, record: np.dtype, dimension: int) -> tuple[np.ndar
         and np.all(rows["vector_length"] == 4 + 4 * dimension)
         and np.all(rows["dimension"] == dimension)
     ):
-        raise ValueError(f"the COPY stream does not hold (ctid, vector({dimension})) records")
+        raise ValueError(f"the vector stream does not hold (ctid, vector({dimension})) records")
     tids = (rows["block"].astype(np.int64) << 16) | rows["offset"].astype(np.int64)
     return tids, rows["vector"].astype(np.float32)
 
