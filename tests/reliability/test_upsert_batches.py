@@ -8,6 +8,7 @@ exactly the new version of every document.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from capstone import store
+from capstone import pipeline, store
 from capstone.pipeline import PipelineSettings, run_key_for, upsert_vectors
 from tests.reliability.support import (
     assert_table_holds_exactly,
@@ -135,3 +136,29 @@ def test_batches_are_merged_on_upsert_parallelism_connections_at_once(
     assert len(backends) == 3 and not together.broken
     assert result["upserted"] == aggregate["embedded"] and result["deleted"] == LOST
     assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model=settings.model, dimension=DIMENSION)
+
+
+def test_extra_connections_refused_by_the_server_leave_the_merge_to_the_others(
+    tmp_path: Path,
+    pg_dsn: str,
+    pg_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings, aggregate = _staged_at_version_1(tmp_path, pg_schema, parallelism=4)
+    connect = pipeline._connect
+    opened = itertools.count()
+
+    def max_connections_reached_after_one(settings: PipelineSettings) -> psycopg.Connection:
+        if next(opened) > 0:
+            raise psycopg.OperationalError("FATAL: sorry, too many clients already")
+        return connect(settings)
+
+    monkeypatch.setattr(pipeline, "_connect", max_connections_reached_after_one)
+    with caplog.at_level(logging.WARNING, logger="capstone.pipeline"):
+        result = upsert_vectors(settings, aggregate)
+
+    assert result["upserted"] == aggregate["embedded"] and result["deleted"] == LOST
+    assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model=settings.model, dimension=DIMENSION)
+    refused = [r for r in caplog.records if "could not open an extra upsert connection" in r.getMessage()]
+    assert len(refused) == 3 and "too many clients" in refused[0].getMessage()
