@@ -105,13 +105,15 @@ def _print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
     if loaded:
         print(
             f"\n  documents {loaded['documents']}, chunks {loaded['chunks']}, "
-            f"set aside {loaded['rejected_count']}"
+            f"set aside {loaded['rejected_count']}, deleted upstream {loaded.get('deleted_documents', 0)}"
         )
     if aggregated is None:
         print("  incremental run: 0 chunks re-embedded, 0 rows written (every chunk already indexed)")
     else:
         print(
-            f"  chunks embedded {aggregated['embedded']}, rows upserted {upserted and upserted['upserted']}"
+            f"  chunks embedded {aggregated['embedded']}, refused by the embedding API "
+            f"{aggregated['failed_count']}, rows upserted {upserted and upserted['upserted']}, "
+            f"rows deleted {upserted and upserted['deleted']}"
         )
     report = api.xcom(dag_id, run_id, "validate_index_health")
     if report:
