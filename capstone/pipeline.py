@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # How many rejections a task's XCom lists in full; the count is always exact.
 MAX_LISTED_REJECTIONS = 50
+# How often reading a long batch says how far it got.
+LOAD_PROGRESS_SECONDS = 10.0
 
 
 class NothingToIndex(Exception):
@@ -84,15 +86,26 @@ def load_documents(
     ``locations`` are newest first: when two batches carry the same document id, the newest wins.
     """
     rejected: list[RejectedDocument] = []
-    deleted: list[str] = []
+    deleted = 0
     limit = _chunk_limit(settings)
 
     def records() -> Iterator[tuple[str, Any]]:
+        started = last_report = time.monotonic()
+        read = 0
         for location in locations:
             log.info("reading batch %s", location.describe())
-            yield from read_batch(location)
+            for record in read_batch(location):
+                yield record
+                read += 1
+                if time.monotonic() - last_report >= LOAD_PROGRESS_SECONDS:
+                    last_report = time.monotonic()
+                    rate = read / max(last_report - started, 1e-9)
+                    log.info(
+                        "read %d documents so far (%.0f documents/s), %d set aside", read, rate, len(rejected)
+                    )
 
     def documents() -> Iterator[EnrichedDocument]:
+        nonlocal deleted
         for result in validate_documents(
             records(), max_chunk_chars=limit, max_chunks=settings.max_chunks_per_document
         ):
@@ -100,8 +113,7 @@ def load_documents(
                 log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
                 rejected.append(result)
             else:
-                if result.deleted:
-                    deleted.append(result.id)
+                deleted += result.deleted
                 yield result
 
     with _connect(settings) as conn:
@@ -114,17 +126,17 @@ def load_documents(
         )
     log.info(
         "staged %d documents (%d chunks) from %d batch(es); %d deleted upstream; %d set aside",
-        document_count - len(deleted),
+        document_count - deleted,
         chunk_count,
         len(locations),
-        len(deleted),
+        deleted,
         len(rejected),
     )
     return {
         "run_key": run_key,
         "sources": [location.describe() for location in locations],
-        "documents": document_count - len(deleted),
-        "deleted_documents": len(deleted),
+        "documents": document_count - deleted,
+        "deleted_documents": deleted,
         "chunks": chunk_count,
         "rejected_count": len(rejected),
         "rejected": [item.as_dict() for item in rejected[:MAX_LISTED_REJECTIONS]],
