@@ -188,7 +188,7 @@ def test_chunks_the_api_refuses_are_left_out_and_the_rest_is_published(
     assert_table_holds_exactly(
         pg_dsn, pg_schema, "too_long", documents, model=MODEL, dimension=DIMENSION, missing=refused
     )
-    (event,) = asset_events("too_long.indexed")
+    (event,) = [e for e in asset_events("too_long.indexed") if e["run_id"] == run.run_id]
     assert event["chunks_failed"] == 2 and sorted(event["failed_chunk_ids"]) == refused
     assert event["chunks_embedded"] == 118
     # Each refused chunk was sent alone at the end of its search, and nothing else was refused alone.
