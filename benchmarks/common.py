@@ -18,7 +18,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "alternate",
     "bench_dsn",
     "collection_documents",
+    "copy_collection_rows",
     "dag_test_collection",
     "drop_schema",
     "failed_tasks",
@@ -151,6 +152,25 @@ def unit_vectors(rows: int, dim: int, seed: int = 7) -> np.ndarray:
 
 
 # -- Postgres and Airflow -------------------------------------------------------------------------
+
+
+def copy_collection_rows(conn: Any, table: Any, rows: Iterable[tuple[Any, ...]]) -> None:
+    """One binary COPY of final rows into the collection table ``table`` (a ``psycopg.sql``
+    identifier), in one transaction: the floor the store benchmarks compare with.
+
+    Rows are (id, document_id, chunk_index, content, metadata JSON text, content_hash, vector in
+    pgvector's binary form, embedding_model).
+    """
+    from psycopg import sql
+
+    statement = sql.SQL(
+        "COPY {} (id, document_id, chunk_index, content, metadata, content_hash, embedding,"
+        " embedding_model) FROM STDIN (FORMAT BINARY)"
+    ).format(table)
+    with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
+        copy.set_types(["text", "text", "int4", "text", "jsonb", "text", "bytea", "text"])
+        for row in rows:
+            copy.write_row(row)
 
 
 def bench_dsn() -> str:

@@ -34,6 +34,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
+from capstone import store
 from capstone.index_build import IndexParams, build_memory
 from capstone.triggers import VectorStoreIndexingTrigger
 
@@ -89,16 +90,7 @@ def create_table(dsn: str, name: str, rows: int, dim: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         register_vector(conn)
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {} (id text PRIMARY KEY, document_id text NOT NULL, chunk_index int NOT NULL, "
-                "content text NOT NULL, metadata jsonb NOT NULL DEFAULT '{{}}', content_hash text NOT NULL, "
-                "embedding vector({}), embedding_model text NOT NULL, "
-                "updated_at timestamptz NOT NULL DEFAULT now())"
-            ).format(first, sql.Literal(dim))
-        )
-        conn.execute(sql.SQL("CREATE INDEX ON {} (document_id)").format(first))
+        store.ensure_collection_table(conn, store.CollectionTable(SCHEMA, name, dim))
         copy = sql.SQL(
             "COPY {} (id, document_id, chunk_index, content, content_hash, embedding, embedding_model) "
             "FROM STDIN WITH (FORMAT BINARY)"

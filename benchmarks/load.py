@@ -26,13 +26,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import psycopg
 from psycopg import sql
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import copy_collection_rows
 
 from capstone import store
 from capstone.documents import EnrichedDocument
@@ -75,31 +79,18 @@ def floor_copy(
     table = _fresh_table(conn, "floor", dim)
     header = np.array([dim, 0], dtype=">i2").tobytes()
     matrix = np.ascontiguousarray(vectors, dtype=">f4")
+
+    def rows() -> Iterator[tuple[object, ...]]:
+        row = 0
+        for doc in docs:
+            metadata = json.dumps(doc.metadata)
+            for index, text in enumerate(doc.chunks):
+                vector = header + matrix[row].tobytes()
+                yield (store.chunk_id(doc.id, index), doc.id, index, text, metadata, "h", vector, "m")
+                row += 1
+
     started = time.perf_counter()
-    with conn.transaction(), conn.cursor() as cur:
-        copy_sql = sql.SQL(
-            "COPY {} (id, document_id, chunk_index, content, metadata, content_hash, embedding,"
-            " embedding_model) FROM STDIN (FORMAT BINARY)"
-        ).format(table.ident)
-        with cur.copy(copy_sql) as copy:
-            copy.set_types(["text", "text", "int4", "text", "jsonb", "text", "bytea", "text"])
-            row = 0
-            for doc in docs:
-                metadata = json.dumps(doc.metadata)
-                for index, text in enumerate(doc.chunks):
-                    copy.write_row(
-                        (
-                            store.chunk_id(doc.id, index),
-                            doc.id,
-                            index,
-                            text,
-                            metadata,
-                            "h",
-                            header + matrix[row].tobytes(),
-                            "m",
-                        )
-                    )
-                    row += 1
+    copy_collection_rows(conn, table.ident, rows())
     return time.perf_counter() - started
 
 

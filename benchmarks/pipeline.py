@@ -39,6 +39,7 @@ from common import (
     alternate,
     bench_dsn,
     collection_documents,
+    copy_collection_rows,
     dag_test_collection,
     drop_schema,
     failed_tasks,
@@ -126,15 +127,7 @@ def time_floor(dsn: str, rows: list[tuple[Any, ...]]) -> tuple[float, float]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         store.ensure_collection_table(conn, table)
         started = time.perf_counter()
-        with conn.transaction(), conn.cursor() as cur:
-            copy_sql = sql.SQL(
-                "COPY {} (id, document_id, chunk_index, content, metadata, content_hash, embedding,"
-                " embedding_model) FROM STDIN (FORMAT BINARY)"
-            ).format(table.ident)
-            with cur.copy(copy_sql) as copy:
-                copy.set_types(["text", "text", "int4", "text", "jsonb", "text", "bytea", "text"])
-                for row in rows:
-                    copy.write_row(row)
+        copy_collection_rows(conn, table.ident, rows)
         copied = time.perf_counter() - started
         memory = build_memory(len(rows), DIMENSION, "hnsw")
         conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (memory,))

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from capstone.index_build import DISTANCE_OPERATORS
-from capstone.search import SNIPPET_CHARS, Hit, SearchTarget
+from capstone.search import SNIPPET_CHARS, Hit, SearchTarget, hits_from_rows
 
 __all__ = ["exact_neighbours"]
 
@@ -39,7 +39,7 @@ def exact_neighbours(
     *,
     margin: int = 10,
 ) -> list[list[Hit]]:
-    """The ``limit`` nearest rows of each query (as :func:`capstone.search.exact_search` ranks them).
+    """The ``limit`` nearest rows of each query, as ``ORDER BY embedding <op> query LIMIT n`` ranks them.
 
     ``conn`` must have pgvector's types registered (``register_vector``) and not be inside a
     transaction; it is left as it was.
@@ -167,7 +167,4 @@ def _ranked(
     ).format(op=operator, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident)
     rows = conn.execute(statement, {"query": query, "tids": tids}).fetchall()
     rows.sort(key=lambda row: (float(row[3]), row[0]))
-    return [
-        Hit(rank, chunk_id, document_id, chunk_index, float(distance), snippet, target.metric)
-        for rank, (chunk_id, document_id, chunk_index, distance, snippet) in enumerate(rows[:limit], start=1)
-    ]
+    return hits_from_rows(rows[:limit], target.metric)

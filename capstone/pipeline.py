@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import psycopg
 
 from capstone import store
@@ -252,8 +253,6 @@ def _embed_leaving_out_rejected(
     no input is at fault and the task must fail. Finding r refused chunks among n costs about
     ``2 r log2(n)`` extra requests, on this rare path only.
     """
-    import numpy as np
-
     from capstone.embeddings import EmbeddingInputRejected
 
     try:

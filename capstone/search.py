@@ -1,4 +1,4 @@
-"""Nearest-neighbour search over a collection: through its ANN index, or exactly, to compare with.
+"""Nearest-neighbour search over a collection, through its ANN index.
 
 ANN search runs inside :func:`ann_session`, a transaction that sets the index's query-time knob
 (``hnsw.ef_search`` or ``ivfflat.probes``) with ``set_config(..., is_local => true)`` -- that is
@@ -6,9 +6,8 @@ ANN search runs inside :func:`ann_session`, a transaction that sets the index's 
 a small table is searched through its index: what validation measures and what ``capstone search``
 shows is what the index answers, not what a sequential scan would.
 
-Exact search runs on a connection of its own (:func:`exact_connection`) with index scans turned
-off for the whole session, and with SQL text of its own: a plan prepared under one set of planner
-settings must never be reused under the other (drivers cache prepared statements per text).
+Exact neighbours, to compare the index with, come from :mod:`capstone.exact_scan` (one pass over
+the table for many queries).
 """
 
 from __future__ import annotations
@@ -36,17 +35,14 @@ __all__ = [
     "ann_session",
     "ann_statement",
     "distinct_documents",
-    "exact_connection",
-    "exact_search",
-    "exact_statement",
     "explain",
+    "hits_from_rows",
     "resolve_dsn",
     "search_collection",
     "search_record",
 ]
 
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
-_EXACT_SESSION = ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan")
 SNIPPET_CHARS = 300  # characters of a hit's text that searches return
 
 
@@ -121,22 +117,6 @@ def ann_statement(target: SearchTarget) -> sql.Composed:
     ).format(op=operator, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident)
 
 
-def exact_statement(target: SearchTarget) -> sql.Composed:
-    """The exact query, for :func:`exact_connection` only: same result shape, different text.
-
-    The sequential scan ranks rows by distance alone and only the ``limit`` nearest are then read
-    back by ``ctid`` for their document, index and snippet (one statement, one snapshot): building
-    every row's snippet during the scan made an exact search about 3x slower.
-    """
-    operator = sql.SQL(DISTANCE_OPERATORS[target.metric])  # from a fixed table of pgvector operators
-    return sql.SQL(
-        "/* exact search: index scans off */ SELECT t.id, t.document_id, t.chunk_index, n.distance,"
-        " left(t.content, {snippet}) FROM (SELECT ctid AS row_ctid, embedding {op} %(query)s AS distance"
-        " FROM {table} WHERE embedding IS NOT NULL ORDER BY embedding {op} %(query)s LIMIT %(limit)s) n"
-        " JOIN {table} t ON t.ctid = n.row_ctid ORDER BY n.distance"
-    ).format(op=operator, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident)
-
-
 # -- sessions ---------------------------------------------------------------------------------
 
 
@@ -155,25 +135,11 @@ def ann_session(conn: psycopg.Connection, target: SearchTarget) -> Iterator[dict
         yield settings
 
 
-@contextmanager
-def exact_connection(dsn: str) -> Iterator[psycopg.Connection]:
-    """A connection of its own for exact search: index scans off for the session, nothing prepared."""
-    with psycopg.connect(
-        dsn, autocommit=True, prepare_threshold=None, application_name="capstone exact search"
-    ) as conn:
-        for setting in _EXACT_SESSION:
-            conn.execute("SELECT set_config(%s, 'off', false)", (setting,))
-        register_vector(conn)
-        yield conn
-
-
 # -- searching --------------------------------------------------------------------------------
 
 
-def _hits(
-    conn: psycopg.Connection, statement: sql.Composed, vector: np.ndarray, limit: int, metric: str
-) -> list[Hit]:
-    rows = conn.execute(statement, {"query": np.asarray(vector, dtype=np.float32), "limit": limit}).fetchall()
+def hits_from_rows(rows: Sequence[Sequence[Any]], metric: str) -> list[Hit]:
+    """Hits, ranked 1..n in row order, from rows of (id, document_id, chunk_index, distance, snippet)."""
     return [
         Hit(rank, chunk_id, document_id, chunk_index, float(distance), snippet, metric)
         for rank, (chunk_id, document_id, chunk_index, distance, snippet) in enumerate(rows, start=1)
@@ -182,12 +148,8 @@ def _hits(
 
 def ann_search(conn: psycopg.Connection, target: SearchTarget, vector: np.ndarray, limit: int) -> list[Hit]:
     """The ``limit`` nearest chunks through the index; call inside :func:`ann_session`."""
-    return _hits(conn, ann_statement(target), vector, limit, target.metric)
-
-
-def exact_search(conn: psycopg.Connection, target: SearchTarget, vector: np.ndarray, limit: int) -> list[Hit]:
-    """The true ``limit`` nearest chunks; call on an :func:`exact_connection`."""
-    return _hits(conn, exact_statement(target), vector, limit, target.metric)
+    query = {"query": np.asarray(vector, dtype=np.float32), "limit": limit}
+    return hits_from_rows(conn.execute(ann_statement(target), query).fetchall(), target.metric)
 
 
 def distinct_documents(hits: Sequence[Hit], limit: int | None = None) -> list[Hit]:

@@ -18,6 +18,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
+from capstone import store
 from capstone.index_build import IndexParams
 
 __all__ = [
@@ -45,15 +46,7 @@ def create_collection(
 ) -> None:
     """Create the collection table as the pipeline does and COPY ``rows`` random vectors into it."""
     target = sql.Identifier(schema, table)
-    conn.execute(
-        sql.SQL(
-            "CREATE TABLE {} (id text PRIMARY KEY, document_id text NOT NULL, chunk_index int NOT NULL, "
-            "content text NOT NULL, metadata jsonb NOT NULL DEFAULT '{{}}', content_hash text NOT NULL, "
-            "embedding vector({}), embedding_model text NOT NULL, "
-            "updated_at timestamptz NOT NULL DEFAULT now())"
-        ).format(target, sql.Literal(dimension))
-    )
-    conn.execute(sql.SQL("CREATE INDEX ON {} (document_id)").format(target))
+    store.ensure_collection_table(conn, store.CollectionTable(schema, table, dimension))
     register_vector(conn)
     copy = sql.SQL(
         "COPY {} (id, document_id, chunk_index, content, content_hash, embedding, embedding_model) "

@@ -27,16 +27,10 @@ from capstone.corpus import reference_documents, write_jsonl_batch
 from capstone.embeddings import create_embedder
 from capstone.index_build import IndexParams, build_index
 from capstone.pipeline import PipelineSettings
-from capstone.search import (
-    SearchTarget,
-    ann_session,
-    ann_statement,
-    exact_connection,
-    exact_search,
-    exact_statement,
-)
+from capstone.search import SearchTarget, ann_session, ann_statement
 from capstone.validation import IndexHealthError, sample_vectors, validate_collection
 from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection
+from tests.integration.exact_reference import exact_connection, exact_search, exact_statement
 
 DIM = 64
 HNSW = {"type": "hnsw", "metric": "cosine", "m": 16, "ef_construction": 64, "ef_search": 100, "probes": 10}
