@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from common import bench_dsn
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
@@ -39,7 +40,6 @@ from capstone.index_build import IndexParams, build_memory
 from capstone.triggers import VectorStoreIndexingTrigger
 
 SCHEMA = "bench_index_build"
-DATABASE = "index_build_benchmark"
 CONNECTION_ID = "index_build_benchmark"
 SERVER_DEFAULT_MEMORY = "64MB"
 
@@ -57,23 +57,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=float, default=5.0, help="trigger progress poll, seconds")
     parser.add_argument("--dsn", help="Postgres URI; default: the embedded server")
     return parser.parse_args()
-
-
-def embedded_dsn() -> str:
-    """A database of its own on the embedded server.
-
-    ``CREATE INDEX CONCURRENTLY`` waits for every older transaction in its database: in a database
-    of its own, the timings do not depend on what tests or pipelines do meanwhile in theirs.
-    """
-    from capstone.embedded_pg import default_server
-
-    server = default_server().start()
-    with psycopg.connect(server.uri("postgres"), autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-    with psycopg.connect(server.uri(DATABASE), autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    return server.uri(DATABASE)
 
 
 def vector_batches(rows: int, dim: int, batch: int = 10_000) -> Iterator[np.ndarray]:
@@ -171,7 +154,7 @@ def timed_builds(
 def main() -> None:
     """Build the same index the three ways and print the timings; the ratio comes last."""
     args = parse_args()
-    dsn = args.dsn or embedded_dsn()
+    dsn = args.dsn or bench_dsn()
     os.environ[f"AIRFLOW_CONN_{CONNECTION_ID.upper()}"] = dsn
     params = IndexParams(SCHEMA, "docs", "hnsw", "cosine", m=args.m, ef_construction=args.ef_construction)
     memory = build_memory(args.rows, args.dim, "hnsw")
