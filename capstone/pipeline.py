@@ -27,6 +27,7 @@ from capstone.documents import (
     read_batch,
     validate_documents,
 )
+from capstone.embeddings.base import Embedder
 from capstone.settings import PipelineSettings
 
 __all__ = [
@@ -245,8 +246,8 @@ _PROBE_TEXT = "probe"
 
 
 def _embed_leaving_out_rejected(
-    embedder: Any, ids: list[str], texts: list[str]
-) -> tuple[list[str], Any, list[str]]:
+    embedder: Embedder, ids: list[str], texts: list[str]
+) -> tuple[list[str], np.ndarray, list[str]]:
     """(ids embedded, their vectors, ids the API refused); bisects a refused request to find them.
 
     Raises the refusal when the API refuses a one-word probe too (a wrong model name, say): then
@@ -264,7 +265,7 @@ def _embed_leaving_out_rejected(
             raise refused from None
         log.warning("%s; looking for the inputs at fault", refused)
     kept: list[str] = []
-    vectors: list[Any] = []
+    vectors: list[np.ndarray] = []
     failed: list[str] = []
 
     def embed_range(first: int, stop: int) -> None:
