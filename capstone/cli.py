@@ -73,14 +73,14 @@ def _search(collection: str, query: str, limit: int, dsn: str | None, connection
     import psycopg
 
     from capstone.registry import lookup
-    from capstone.search import resolve_dsn, search_record
+    from capstone.search import search_record
 
-    target_dsn = resolve_dsn(dsn, connection_id)
+    target_dsn = _search_dsn(dsn, connection_id)
     try:
         conn = psycopg.connect(target_dsn, autocommit=True, application_name="capstone search")
     except psycopg.OperationalError as err:
         source = "--dsn" if dsn else f"Airflow connection {connection_id or 'vector_store_default'!r}"
-        raise LookupError(f"cannot connect to the Postgres given by {source}: {err}") from err
+        raise LookupError(f"cannot connect to the Postgres given by {source}: {err}") from None
     with conn:
         record = lookup(conn, collection)
     failed = (record.last_validation or {}).get("failed")
@@ -99,6 +99,40 @@ def _search(collection: str, query: str, limit: int, dsn: str | None, connection
         ) from err
     print(format_hits(record, query, hits))
     return 0
+
+
+def _search_dsn(dsn: str | None, connection_id: str | None) -> str:
+    """``--dsn``, else the Airflow connection; with neither given and ``vector_store_default``
+    undefined, the project's embedded Postgres if it is already running (say, after ``make demo``).
+
+    Only this interactive, read-only command does that, and it says so: it never starts a server,
+    and a pipeline task never falls back at all.
+    """
+    from capstone.connections import ConnectionNotDefined
+    from capstone.search import resolve_dsn
+
+    try:
+        return resolve_dsn(dsn, connection_id)
+    except ConnectionNotDefined as undefined:
+        if connection_id is not None:
+            raise LookupError(f"{undefined}; or pass the database's postgresql:// URI with --dsn") from None
+        from capstone.embedded_pg import EmbeddedPostgres, default_data_dir
+
+        try:
+            server = EmbeddedPostgres.running_at(default_data_dir())
+        except RuntimeError:
+            server = None
+        if server is None:
+            raise LookupError(
+                f"{undefined}; or pass --dsn (the project's embedded Postgres is not running either: "
+                "`make demo` or `python -m capstone db start` starts it)"
+            ) from None
+        print(
+            f"note: Airflow connection {undefined.connection_id!r} is not defined: searching the project's "
+            f"embedded Postgres on {server.host}:{server.port} (data in {server.root})",
+            file=sys.stderr,
+        )
+        return server.uri()
 
 
 def _search_command(args: argparse.Namespace) -> int:
@@ -141,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--connection",
         metavar="ID",
-        help="an Airflow connection id (default vector_store_default, else the embedded Postgres)",
+        help="an Airflow connection id (default vector_store_default; if that is not defined, the "
+        "project's embedded Postgres when it is running)",
     )
     return parser
 

@@ -1,63 +1,304 @@
 """Resolve the Postgres a collection writes to from an Airflow connection.
 
-``vector_store_default`` falls back to the embedded default server when no such connection is
-defined, so a fresh checkout works with no set-up; any other connection id must exist.
+One function, :func:`postgres_params`, turns an Airflow connection into :class:`PostgresParams`:
+host, port, login, password, database and every libpq option the connection carries in its
+extras or its URI's query (``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey``, ``options``,
+``connect_timeout``, ``target_session_attrs``, ``application_name``, ...). From it psycopg gets a
+conninfo string (:meth:`PostgresParams.conninfo`) and asyncpg, whose TLS options are spelled
+differently, its connect arguments (:meth:`PostgresParams.asyncpg_arguments`).
+
+An undefined connection is an error (:class:`ConnectionNotDefined`) that names the connection
+and how to define it. There is no fallback: the embedded Postgres is used only where the local
+set-up (Makefile, local Airflow stack, test suite) defines the connection to it explicitly, so a
+production worker with a missing connection fails instead of indexing into a private database.
 """
 
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
-__all__ = ["DEFAULT_CONNECTION_ID", "apostgres_dsn", "postgres_dsn"]
+from capstone.errors import TerminalError
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = [
+    "DEFAULT_CONNECTION_ID",
+    "ConnectionNotDefined",
+    "PostgresConnectionRefused",
+    "PostgresParams",
+    "apostgres_params",
+    "connect",
+    "postgres_dsn",
+    "postgres_params",
+    "refusal_reason",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECTION_ID = "vector_store_default"
 
+# Extras that Airflow's Postgres provider reads itself: not libpq options, never passed on.
+_PROVIDER_EXTRAS = frozenset(
+    {
+        "__extra__",
+        "aws_conn_id",
+        "azure_conn_id",
+        "cluster-identifier",
+        "cursor",
+        "enable_log_db_messages",
+        "iam",
+        "redshift",
+        "redshift-serverless",
+        "region_name",
+        "sqlalchemy_query",
+        "sqlalchemy_scheme",
+        "workgroup-name",
+    }
+)
+# The connection's own fields: an extra of the same name would contradict them.
+_FIELDS = frozenset({"host", "hostaddr", "port", "user", "password", "dbname"})
+# libpq options asyncpg reads from a DSN's query (connect_utils._parse_connect_dsn_and_args).
+_ASYNCPG_DSN_OPTIONS = frozenset(
+    {
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "sslpassword",
+        "sslnegotiation",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "passfile",
+        "service",
+    }
+)
+# libpq options asyncpg sends in the startup packet, as the server reads them.
+_ASYNCPG_STARTUP_OPTIONS = frozenset({"application_name", "options"})
+# Options whose values are secrets: never shown in messages.
+_SECRET_OPTIONS = frozenset({"sslpassword"})
 
-def _dsn(host: str | None, port: int | None, login: str | None, password: str | None, db: str | None) -> str:
-    auth = quote(login or "postgres", safe="")
-    if password:
-        auth += ":" + quote(password, safe="")
-    return f"postgresql://{auth}@{host or '127.0.0.1'}:{port or 5432}/{quote(db or 'postgres', safe='')}"
+
+class ConnectionNotDefined(TerminalError, LookupError):
+    """The Airflow connection a collection names does not exist (where its tasks run)."""
+
+    def __init__(self, connection_id: str) -> None:
+        self.connection_id = connection_id
+        super().__init__(
+            f"Airflow connection {connection_id!r} is not defined where this runs: define it in the UI, "
+            f"with `airflow connections add {connection_id} --conn-uri "
+            "postgresql://USER:PASSWORD@HOST:5432/DB`, "
+            f"or as the environment variable AIRFLOW_CONN_{connection_id.upper()} (in every worker and the "
+            "triggerer); nothing was written. The embedded Postgres is never used in its place "
+            "(`make demo`, `make up` and the tests define the connection to it themselves)"
+        )
 
 
-def _embedded_dsn(connection_id: str) -> str:
-    from capstone.embedded_pg import default_server
-
-    server = default_server()
-    log.info(
-        "connection %r is not defined: using the embedded Postgres on port %s", connection_id, server.port
-    )
-    return server.start().uri()
+class PostgresConnectionRefused(TerminalError):
+    """The server refused the connection for a reason no retry changes (authentication, TLS, a
+    missing database or role); the message says what to fix."""
 
 
-def postgres_dsn(connection_id: str = DEFAULT_CONNECTION_ID) -> str:
-    """A libpq URI for ``connection_id`` (synchronous; for tasks, CLIs and tests)."""
-    from airflow.sdk import BaseHook
+@dataclass(frozen=True, repr=False)
+class PostgresParams:
+    """Where and how to connect: the connection's fields plus its libpq options, typed once."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password: str | None = field(default=None, repr=False)
+    dbname: str = "postgres"
+    options: Mapping[str, str] = field(default_factory=dict)
+    source: str = "the given DSN"
+
+    @classmethod
+    def from_connection(cls, conn: Any, connection_id: str) -> PostgresParams:
+        """From an Airflow ``Connection``: its fields, and its extras (or URI query) as libpq options."""
+        return cls(
+            host=conn.host or "127.0.0.1",
+            port=int(conn.port or 5432),
+            user=conn.login or "postgres",
+            password=conn.password or None,
+            dbname=conn.schema or "postgres",
+            options=_libpq_options(conn.extra_dejson or {}, connection_id),
+            source=f"Airflow connection {connection_id!r}",
+        )
+
+    @classmethod
+    def from_dsn(cls, dsn: str, source: str = "the given DSN") -> PostgresParams:
+        """From a ``postgresql://`` URI or a ``key=value`` conninfo string (libpq's own parsing)."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        parts = {key: str(value) for key, value in conninfo_to_dict(dsn).items() if value is not None}
+        return cls(
+            host=parts.pop("host", "127.0.0.1"),
+            port=int(parts.pop("port", 5432)),
+            user=parts.pop("user", "postgres"),
+            password=parts.pop("password", None),
+            dbname=parts.pop("dbname", "postgres"),
+            options=parts,
+            source=source,
+        )
+
+    def conninfo(self) -> str:
+        """The libpq connection string psycopg connects with (password included: never log it)."""
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(
+            "",
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=self.dbname,
+            **self.options,
+        )
+
+    def asyncpg_arguments(self, application_name: str) -> dict[str, Any]:
+        """Keyword arguments of ``asyncpg.connect``: TLS and session options in the DSN's query (where
+        asyncpg reads them, with libpq's meaning), startup options as server settings."""
+        query = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": self.dbname}
+        query.update({key: value for key, value in self.options.items() if key in _ASYNCPG_DSN_OPTIONS})
+        settings = {"application_name": application_name}
+        settings.update({key: v for key, v in self.options.items() if key in _ASYNCPG_STARTUP_OPTIONS})
+        arguments: dict[str, Any] = {
+            "dsn": "postgresql://?" + urlencode(query),
+            "password": self.password,
+            "server_settings": settings,
+        }
+        if "connect_timeout" in self.options:
+            arguments["timeout"] = float(self.options["connect_timeout"])
+        ignored = sorted(
+            set(self.options) - _ASYNCPG_DSN_OPTIONS - _ASYNCPG_STARTUP_OPTIONS - {"connect_timeout"}
+        )
+        if ignored:
+            log.warning("%s: asyncpg (index builds) has no equivalent of %s", self.source, ", ".join(ignored))
+        return arguments
+
+    def __repr__(self) -> str:
+        return f"PostgresParams({self.describe()})"
+
+    def describe(self) -> str:
+        """``user@host:port/dbname`` and the options, with no password, for messages."""
+        shown = {key: ("***" if key in _SECRET_OPTIONS else value) for key, value in self.options.items()}
+        options = "".join(f" {key}={value}" for key, value in sorted(shown.items()))
+        return f"{self.user}@{self.host}:{self.port}/{self.dbname}{options} ({self.source})"
+
+
+def _libpq_options(extras: Mapping[str, Any], connection_id: str) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for key, value in extras.items():
+        if key in _PROVIDER_EXTRAS or value is None:
+            continue
+        if key not in _libpq_keywords() or key in _FIELDS:
+            log.warning("Airflow connection %r: extra %r is not a libpq option; ignored", connection_id, key)
+            continue
+        options[key] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return options
+
+
+def _libpq_keywords() -> frozenset[str]:
+    from psycopg import pq
+
+    return frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults())
+
+
+def _airflow_connection_not_found() -> type[Exception]:
     from airflow.sdk.exceptions import AirflowNotFoundException
+
+    return AirflowNotFoundException
+
+
+def postgres_params(connection_id: str = DEFAULT_CONNECTION_ID) -> PostgresParams:
+    """The Postgres of Airflow connection ``connection_id`` (synchronous: tasks, CLIs, tests).
+
+    Raises :class:`ConnectionNotDefined` when the connection does not exist.
+    """
+    from airflow.sdk import BaseHook
 
     try:
         conn = BaseHook.get_connection(connection_id)
-    except AirflowNotFoundException:
-        if connection_id == DEFAULT_CONNECTION_ID:
-            return _embedded_dsn(connection_id)
-        raise
-    return _dsn(conn.host, conn.port, conn.login, conn.password, conn.schema)
+    except _airflow_connection_not_found():
+        raise ConnectionNotDefined(connection_id) from None
+    return PostgresParams.from_connection(conn, connection_id)
 
 
-async def apostgres_dsn(connection_id: str = DEFAULT_CONNECTION_ID) -> str:
-    """A libpq URI for ``connection_id`` using Airflow's async connection API (for triggers)."""
+async def apostgres_params(connection_id: str = DEFAULT_CONNECTION_ID) -> PostgresParams:
+    """:func:`postgres_params` through Airflow's async connection API (for the triggerer)."""
     from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
         conn = await BaseHook.aget_connection(connection_id)
-    except AirflowNotFoundException:
-        if connection_id == DEFAULT_CONNECTION_ID:
-            import asyncio
+    except _airflow_connection_not_found():
+        raise ConnectionNotDefined(connection_id) from None
+    return PostgresParams.from_connection(conn, connection_id)
 
-            return await asyncio.to_thread(_embedded_dsn, connection_id)
-        raise
-    return _dsn(conn.host, conn.port, conn.login, conn.password, conn.schema)
+
+def postgres_dsn(connection_id: str = DEFAULT_CONNECTION_ID) -> str:
+    """The libpq connection string of ``connection_id``, options included (password included)."""
+    return postgres_params(connection_id).conninfo()
+
+
+# Server and libpq messages of refusals no retry can change, and what to do about each.
+_REFUSALS: tuple[tuple[str, str], ...] = (
+    ("no encryption", "the server accepts this user over TLS only: set sslmode=require (or verify-full)"),
+    ("password authentication failed", "check the connection's login and password"),
+    ("no pg_hba.conf entry", "the server's pg_hba.conf admits no such connection: check user, database, TLS"),
+    ("pg_hba.conf rejects", "the server's pg_hba.conf rejects this user, database or address"),
+    ("does not exist", "check the connection's database (schema field) and login"),
+    ("certificate verify failed", "the server's certificate is not signed by the CA in sslrootcert"),
+    ("does not match host name", "the server's certificate is for another host name: connect by that name"),
+    ("root certificate file", "set sslrootcert to the CA file that signed the server's certificate"),
+    ("server does not support SSL", "the server has TLS off: use sslmode=disable or prefer, or enable ssl"),
+    ("rejected SSL upgrade", "the server has TLS off: use sslmode=disable or prefer, or enable ssl"),
+    ("certificate", "check sslcert, sslkey and sslrootcert"),
+    ("permission denied", "grant the connection's login the right to connect to this database"),
+    ("invalid sslmode", "sslmode must be disable, allow, prefer, require, verify-ca or verify-full"),
+    ("invalid connection option", "remove the option from the connection's extras"),
+)
+
+
+def refusal_reason(message: str) -> str | None:
+    """What to fix when ``message`` (of a failed connection attempt) is a refusal no retry changes;
+    None for a transient failure (refused or reset socket, server starting or shutting down)."""
+    lowered = message.lower()
+    for fragment, fix in _REFUSALS:
+        if fragment.lower() in lowered:
+            return fix
+    return None
+
+
+def connect(params: PostgresParams, *, application_name: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg connection (autocommit by default); a refusal no retry changes raises
+    :class:`PostgresConnectionRefused` naming the server and the fix, other failures stay
+    ``psycopg.OperationalError`` (transient: the task's retry may succeed)."""
+    import psycopg
+
+    kwargs.setdefault("autocommit", True)
+    if "application_name" not in params.options:
+        kwargs["application_name"] = application_name
+    try:
+        return psycopg.connect(params.conninfo(), **kwargs)
+    except psycopg.OperationalError as exc:
+        fix = refusal_reason(str(exc))
+        if fix is None:
+            raise
+        raise PostgresConnectionRefused(
+            f"Postgres at {params.describe()} refused the connection: {_first_line(exc)}; {fix}"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "FATAL:" in line or "error" in line.lower():
+            return line.strip()
+    return text.splitlines()[0] if text else type(exc).__name__

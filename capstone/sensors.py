@@ -15,9 +15,10 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from capstone.connections import DEFAULT_CONNECTION_ID, postgres_dsn
+from capstone.connections import DEFAULT_CONNECTION_ID, postgres_params
+from capstone.errors import is_terminal
 from capstone.index_build import IndexParams, IndexType, Metric, build_index, check_index
 from capstone.triggers import VectorStoreIndexingTrigger
 
@@ -87,8 +88,13 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         """Return at once when the index is ready; otherwise build it (deferred or in-process)."""
         expected = self._expected_count()
-        dsn = postgres_dsn(self.connection_id)
-        ready = asyncio.run(check_index(dsn, self.index_params, expected, self.log))
+        try:
+            target = postgres_params(self.connection_id)
+            ready = asyncio.run(check_index(target, self.index_params, expected, self.log))
+        except Exception as exc:
+            if is_terminal(exc):
+                raise AirflowFailException(f"collection {self.collection_name!r}: {exc}") from exc
+            raise
         if ready is not None:
             self.log.info(
                 "collection %s: index already valid over %d vectors", self.collection_name, expected
@@ -96,7 +102,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
             return ready
         if not self.deferrable:
             event = asyncio.run(
-                build_index(dsn, self.index_params, expected, self.poll_interval, self.timeout, self.log)
+                build_index(target, self.index_params, expected, self.poll_interval, self.timeout, self.log)
             )
             return self.execute_complete(context, event)
         self.defer(
@@ -113,10 +119,12 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
                 "see the triggerer log"
             )
         if event["status"] != "success":
-            raise AirflowException(
+            message = (
                 f"collection {self.collection_name!r}: index build {event['status']}: "
                 f"{event.get('message', 'no message')}"
             )
+            # A refused login or a name taken by another table's index: a retry cannot help.
+            raise (AirflowFailException if event.get("terminal") else AirflowException)(message)
         self.log.info(
             "collection %s: index %s valid with %s vectors (%s bytes)",
             self.collection_name,

@@ -38,6 +38,8 @@ class PipelineSettings:
     api_key_env: str = "OPENAI_API_KEY"
     request_timeout_seconds: float = 60.0
     default_location: str | None = None
+    max_rejected_fraction: float = 0.5
+    max_delete_fraction: float = 0.5
 
     @property
     def store_table(self) -> CollectionTable:

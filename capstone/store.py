@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from capstone.documents import EnrichedDocument
+from capstone.errors import TerminalError
 
 __all__ = [
     "STAGING_KINDS",
@@ -56,11 +57,14 @@ STAGING_SCHEMA = "capstone"
 _STAGING_LOCK = 7_245_021_113  # advisory lock serialising the creation of the staging registry
 
 
-class StagingIncomplete(RuntimeError):
-    """Fewer staged rows than the run embedded: Postgres crashed and emptied the unlogged staging."""
+class StagingIncomplete(TerminalError, RuntimeError):
+    """Fewer staged rows than the run embedded: Postgres crashed and emptied the unlogged staging.
+
+    Terminal for the task: only a re-run from ``load_enriched_documents`` stages them again.
+    """
 
 
-class DimensionMismatch(ValueError):
+class DimensionMismatch(TerminalError, ValueError):
     """The collection table stores vectors of another dimension than the configured model."""
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from capstone.connections import DEFAULT_CONNECTION_ID, apostgres_dsn
+from capstone.connections import DEFAULT_CONNECTION_ID, ConnectionNotDefined, apostgres_params
 from capstone.index_build import IndexParams, build_index
 
 __all__ = ["VectorStoreIndexingTrigger"]
@@ -76,21 +76,24 @@ class VectorStoreIndexingTrigger(BaseTrigger):
             self.timeout,
         )
         try:
-            dsn = await apostgres_dsn(self.connection_id)
+            target = await apostgres_params(self.connection_id)
         except Exception as exc:  # any failure to resolve the connection ends in an error event
-            yield TriggerEvent(self._event({"status": "error", "message": self._connection_error(exc)}))
+            yield TriggerEvent(self._event(self._connection_error(exc)))
             return
         event = await build_index(
-            dsn, self.params, self.expected_count, self.poll_interval, self.timeout, self.log
+            target, self.params, self.expected_count, self.poll_interval, self.timeout, self.log
         )
         yield TriggerEvent(self._event(event))
 
     def _event(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {**payload, "collection_name": self.collection_name}
 
-    def _connection_error(self, exc: Exception) -> str:
-        return (
-            f"collection {self.collection_name!r}: Airflow connection {self.connection_id!r} could not be "
-            f"resolved ({type(exc).__name__}: {exc}); define it, or use 'vector_store_default' for the "
-            "embedded Postgres"
-        )
+    def _connection_error(self, exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, ConnectionNotDefined):
+            message = f"collection {self.collection_name!r}, in the triggerer: {exc}"
+        else:
+            message = (
+                f"collection {self.collection_name!r}: Airflow connection {self.connection_id!r} could not "
+                f"be read in the triggerer ({type(exc).__name__}: {exc})"
+            )
+        return {"status": "error", "message": message, "terminal": isinstance(exc, ConnectionNotDefined)}

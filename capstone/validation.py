@@ -44,7 +44,8 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from capstone import registry
-from capstone.connections import postgres_dsn
+from capstone.connections import connect, postgres_params
+from capstone.errors import TerminalError
 from capstone.exact_scan import exact_neighbours
 from capstone.pipeline import PipelineSettings
 from capstone.registry import CollectionRecord
@@ -92,8 +93,9 @@ _FAMILIES = (
 )
 
 
-class IndexHealthError(RuntimeError):
-    """A check listed in ``validation.fail_on`` did not pass."""
+class IndexHealthError(TerminalError, RuntimeError):
+    """A check listed in ``validation.fail_on`` did not pass (terminal: re-validating the same index
+    gives the same answer)."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def validate_collection(
     record = CollectionRecord.from_settings(settings, index)
     target = SearchTarget.of(record)
     options = ValidationOptions.from_spec(validation)
-    dsn = postgres_dsn(settings.connection_id)
+    params = postgres_params(settings.connection_id)
     log.info(
         "validating %s (%s): %d sample queries, recall@%d over %d sampled vectors with %s",
         record.name,
@@ -172,7 +174,7 @@ def validate_collection(
         options.recall_sample_size,
         target.describe_knob(),
     )
-    with psycopg.connect(dsn, autocommit=True, application_name="capstone validation") as conn:
+    with connect(params, application_name="capstone validation") as conn:
         register_vector(conn)
         facts = index_facts(conn, record, target)
         checks = _run_checks(conn, record, target, facts, options, upserted, indexed)

@@ -12,6 +12,8 @@ One small function per task; the task bodies live in :mod:`capstone.pipeline` an
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,8 @@ def pipeline_settings(spec: CollectionSpec) -> PipelineSettings:
         api_key_env=embedding.api_key_env,
         request_timeout_seconds=embedding.request_timeout_seconds,
         default_location=spec.source.default_location,
+        max_rejected_fraction=spec.source.max_rejected_fraction,
+        max_delete_fraction=spec.store.max_delete_fraction,
     )
 
 
@@ -129,13 +133,35 @@ def _batch_locations(settings: PipelineSettings) -> list[Any]:
     return [BatchLocation.from_extra(extra) for extra in extras]
 
 
+@contextmanager
+def _terminal_errors_fail_at_once() -> Iterator[None]:
+    """Fail the task on this try, with the error's own message, when retrying cannot help
+    (:func:`capstone.errors.is_terminal`); transient errors go on to the task's retries."""
+    try:
+        yield
+    except Exception as exc:
+        from capstone.errors import is_terminal
+
+        if not is_terminal(exc):
+            raise
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(str(exc)) from exc
+
+
+def _allow_mass_delete() -> bool:
+    conf = get_current_context()["dag_run"].conf or {}
+    return conf.get("allow_mass_delete") is True
+
+
 def _load_task(settings: PipelineSettings) -> Any:
     @task(task_id="load_enriched_documents")
     def load_enriched_documents() -> dict[str, Any]:
         """Read the batches the triggering asset events name; set bad documents aside."""
         from capstone.pipeline import load_documents
 
-        return load_documents(settings, _run_key(), _batch_locations(settings))
+        with _terminal_errors_fail_at_once():
+            return load_documents(settings, _run_key(), _batch_locations(settings))
 
     return load_enriched_documents
 
@@ -153,7 +179,13 @@ def _prepare_task(settings: PipelineSettings) -> Any:
         from capstone.pipeline import NothingToIndex, prepare_chunks
 
         try:
-            prepared = prepare_chunks(settings, loaded["run_key"], conf.getint("core", "max_map_length"))
+            with _terminal_errors_fail_at_once():
+                prepared = prepare_chunks(
+                    settings,
+                    loaded["run_key"],
+                    conf.getint("core", "max_map_length"),
+                    allow_mass_delete=_allow_mass_delete(),
+                )
         except NothingToIndex as reason:
             log.info("%s", reason)
             raise AirflowSkipException(str(reason)) from None
@@ -180,7 +212,8 @@ def _embed_task(spec: CollectionSpec, settings: PipelineSettings) -> Any:
         """Embed one batch of chunks and stage the vectors in Postgres."""
         from capstone.pipeline import embed_batch
 
-        return embed_batch(settings, _run_key(), batch)
+        with _terminal_errors_fail_at_once():
+            return embed_batch(settings, _run_key(), batch)
 
     return generate_embedding
 
@@ -203,7 +236,8 @@ def _upsert_task(settings: PipelineSettings) -> Any:
         """Merge staged vectors into the collection table, batch by batch."""
         from capstone.pipeline import upsert_vectors
 
-        return upsert_vectors(settings, aggregated)
+        with _terminal_errors_fail_at_once():
+            return upsert_vectors(settings, aggregated)
 
     return batch_upsert_vectors
 
@@ -240,7 +274,8 @@ def _validate_task(spec: CollectionSpec, settings: PipelineSettings) -> Any:
         """Counts, sample queries, recall vs exact search, freshness; fails on the spec's fail_on checks."""
         from capstone.validation import validate_collection
 
-        return validate_collection(settings, index, validation, upserted, indexed)
+        with _terminal_errors_fail_at_once():
+            return validate_collection(settings, index, validation, upserted, indexed)
 
     return validate_index_health
 

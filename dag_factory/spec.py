@@ -82,6 +82,13 @@ class SourceSpec(_Model):
         default=None,
         description="JSONL file read when a run has no triggering asset event (e.g. a manual run).",
     )
+    max_rejected_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A batch that rejects more than this fraction of its documents fails the run before "
+        "anything is written (a wrong path or format, not a few bad documents); 1 turns the guard off.",
+    )
 
     @field_validator("asset")
     @classmethod
@@ -179,6 +186,14 @@ class StoreSpec(_Model):
     connection_id: str = Field(default="vector_store_default", min_length=1, max_length=250)
     schema_name: str = Field(default="public", alias="schema")
     table: str | None = Field(default=None, description="Default: the collection name.")
+    max_delete_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A run that would delete more than this fraction of the collection's rows (chunks "
+        "documents lost, documents deleted upstream) fails before writing, unless its conf says "
+        '{"allow_mass_delete": true}; 1 turns the guard off.',
+    )
 
     @field_validator("schema_name")
     @classmethod

@@ -48,14 +48,15 @@ def configs_env(configs: Path) -> Iterator[None]:
             os.environ["DAG_FACTORY_CONFIGS"] = previous
 
 
-def run_collection(spec_path: Path, batches: list[dict[str, Any]]) -> Any:
-    """Build the collection's DAG from its file and run it once with ``dag.test()``."""
+def run_collection(spec_path: Path, batches: list[dict[str, Any]], **conf: Any) -> Any:
+    """Build the collection's DAG from its file and run it once with ``dag.test()``; ``conf`` goes
+    into the run's conf beside the batches (e.g. ``allow_mass_delete=True``)."""
     from dag_factory.builder import build_collection_dag
     from dag_factory.loader import load_collection
 
     dag = build_collection_dag(load_collection(spec_path), spec_path)
     with configs_env(spec_path.parent):
-        return dag.test(run_conf={"batches": batches})
+        return dag.test(run_conf={"batches": batches, **conf})
 
 
 def task_states(dag_id: str, run_id: str) -> dict[str, list[str]]:
@@ -111,3 +112,20 @@ def asset_events(name: str) -> list[dict[str, Any]]:
             .order_by(AssetEvent.id)
         ).all()
     return [dict(row[0] or {}) for row in rows]
+
+
+def try_numbers(dag_id: str, run_id: str, task_id: str) -> list[int]:
+    """The try number each map index of ``task_id`` ended on, by map index."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(
+            select(TaskInstance.map_index, TaskInstance.try_number)
+            .where(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id
+            )
+            .order_by(TaskInstance.map_index)
+        ).all()
+    return [int(try_number) for _map_index, try_number in rows]

@@ -23,7 +23,10 @@ def _document(doc_id: str, chunks: list[str]) -> dict[str, Any]:
 def test_a_postgres_batch_deletes_documents_through_its_deleted_column(
     tmp_path: Path, pg_dsn: str, pg_schema: str
 ) -> None:
-    settings = PipelineSettings(collection="tombs", schema=pg_schema, table="docs", dimension=32)
+    # 7 of 12 rows go: above the mass-delete guard's default, which test_guards.py covers.
+    settings = PipelineSettings(
+        collection="tombs", schema=pg_schema, table="docs", dimension=32, max_delete_fraction=1.0
+    )
     first = [_document(f"d{i}", [f"document {i} chunk {j}" for j in range(3)]) for i in range(4)]
     run_pipeline(settings, run_key_for("tombs", "1"), [jsonl_batch(tmp_path / "first.jsonl", first)])
     table = sql.Identifier(pg_schema, "enriched")

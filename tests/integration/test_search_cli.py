@@ -127,3 +127,25 @@ def test_searching_a_collection_never_indexed_says_which_dag_to_run(indexed: Ind
     assert "collection 'never_indexed' is not indexed yet" in completed.stderr
     assert "run its Airflow DAG 'never_indexed'" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_search_with_no_connection_defined_reads_the_running_embedded_postgres_and_says_so(
+    indexed: IndexedRun,
+) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "AIRFLOW_CONN_VECTOR_STORE_DEFAULT"}
+
+    completed = search("--collection", COLLECTION, KNOWN_QUERY, env=env)
+
+    assert completed.returncode == 0, completed.stderr
+    assert "note: Airflow connection 'vector_store_default' is not defined: searching the project's " in (
+        completed.stderr
+    )
+    assert results(completed.stdout)[0][2] == "try"
+
+
+def test_search_through_an_undefined_connection_says_how_to_define_it(indexed: IndexedRun) -> None:
+    completed = search("--collection", COLLECTION, "anything", "--connection", "nowhere")
+
+    assert completed.returncode == 1 and completed.stdout == ""
+    assert "Airflow connection 'nowhere' is not defined" in completed.stderr
+    assert "AIRFLOW_CONN_NOWHERE" in completed.stderr and "--dsn" in completed.stderr

@@ -72,8 +72,9 @@ async def test_success_event_carries_the_index_summary(pg_conn: psycopg.Connecti
 async def test_unknown_connection_ends_in_an_error_event(pg_schema: str) -> None:
     event = await run_trigger(trigger_kwargs(pg_schema, "docs", 1, connection_id="no_such_connection"))
 
-    assert event["status"] == "error"
-    assert "'no_such_connection' could not be resolved" in str(event["message"])
+    assert event["status"] == "error" and event["terminal"] is True
+    assert "Airflow connection 'no_such_connection' is not defined" in str(event["message"])
+    assert "AIRFLOW_CONN_NO_SUCH_CONNECTION" in str(event["message"])
 
 
 async def test_two_triggers_for_one_index_build_it_once(

@@ -197,6 +197,8 @@ def test_every_bad_document_is_set_aside_with_its_reason_and_every_valid_one_ind
         "bad_docs",
         pg_schema,
         chunking={"max_chunk_chars": MAX_CHUNK_CHARS, "max_chunks_per_document": MAX_CHUNKS},
+        # Mostly bad on purpose: the guard on such batches is tested in test_guards.py.
+        source={"max_rejected_fraction": 1.0},
     )
 
     run = run_collection(spec, [jsonl, _postgres_batch(pg_dsn, pg_schema)])

@@ -24,6 +24,7 @@ from tests.airflow_helpers import (
     asset_events,
     run_collection,
     task_states,
+    try_numbers,
     write_collection,
     xcom_value,
     xcoms,
@@ -70,23 +71,6 @@ def _openai_collection(configs: Path, name: str, schema: str, server: FaultPlanS
             "request_timeout_seconds": 0.5,
         },
     )
-
-
-def try_numbers(dag_id: str, run_id: str, task_id: str) -> list[int]:
-    """The try number each map index of ``task_id`` ended on, by map index."""
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        rows = session.execute(
-            select(TaskInstance.map_index, TaskInstance.try_number)
-            .where(
-                TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id
-            )
-            .order_by(TaskInstance.map_index)
-        ).all()
-    return [int(try_number) for _map_index, try_number in rows]
 
 
 def test_random_429_500_and_timeouts_are_retried_to_an_exact_table(

@@ -87,7 +87,7 @@ async def test_statement_timeout_of_the_server_is_an_error_event_and_leaves_no_i
     create_collection(pg_conn, pg_schema, "docs", ROWS)
     params = params_of(trigger_kwargs(pg_schema, "docs", ROWS))
     # A DBA's statement_timeout, as a role or database setting would impose it on every session.
-    strict = f"{pg_dsn}?statement_timeout=300"
+    strict = f"{pg_dsn}?options=-c%20statement_timeout%3D300"  # libpq's options, as asyncpg sends them
 
     event = await build_index(strict, params, ROWS, poll_interval=0.05, timeout=60, log=log)
 
