@@ -20,6 +20,7 @@ from typing import Any
 
 from capstone.embeddings import create_embedder
 from capstone.embeddings.local_model import BUNDLED_MODEL, load_sentence_transformer
+from dag_factory.runtime import settings_from_mapping
 
 CHUNK_CHARS = 800
 
@@ -80,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     texts = topic_chunks()[: args.limit]
     print(f"{len(texts)} chunks of pydoc topics, {sum(map(len, texts)) / len(texts):.0f} chars on average")
     started = time.perf_counter()
+    embedding = {"provider": "sentence-transformers", "request_batch_size": args.batch_size}
     embedder = create_embedder(
-        "sentence-transformers", model=BUNDLED_MODEL, dimension=384, request_batch_size=args.batch_size
+        settings_from_mapping({"collection": "embed", "embedding": embedding}).embedding
     )
     model = load_sentence_transformer(BUNDLED_MODEL)  # the very model object the provider uses
     print(f"model {BUNDLED_MODEL} loaded in {time.perf_counter() - started:.1f}s")

@@ -38,6 +38,7 @@ from psycopg import sql
 from capstone import store
 from capstone.index_build import IndexParams, build_memory
 from capstone.triggers import VectorStoreIndexingTrigger
+from dag_factory.runtime import settings_from_mapping
 
 SCHEMA = "bench_index_build"
 CONNECTION_ID = "index_build_benchmark"
@@ -95,12 +96,7 @@ def time_trigger(params: IndexParams, rows: int, poll_interval: float) -> float:
     trigger = VectorStoreIndexingTrigger(
         collection_name=params.table,
         expected_count=rows,
-        schema=params.schema,
-        table=params.table,
-        index_type=params.index_type,
-        metric=params.metric,
-        m=params.m,
-        ef_construction=params.ef_construction,
+        index=params,
         connection_id=CONNECTION_ID,
         poll_interval=poll_interval,
         timeout=3600,
@@ -156,7 +152,11 @@ def main() -> None:
     args = parse_args()
     dsn = args.dsn or bench_dsn()
     os.environ[f"AIRFLOW_CONN_{CONNECTION_ID.upper()}"] = dsn
-    params = IndexParams(SCHEMA, "docs", "hnsw", "cosine", m=args.m, ef_construction=args.ef_construction)
+    index = {"m": args.m, "ef_construction": args.ef_construction}
+    settings = settings_from_mapping(
+        {"collection": "docs", "store": {"schema": SCHEMA, "table": "docs"}, "index": index}
+    )
+    params = IndexParams.of(settings)
     memory = build_memory(args.rows, args.dim, "hnsw")
 
     print(f"loading {args.rows} x {args.dim} vectors ...", flush=True)

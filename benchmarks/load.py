@@ -41,7 +41,9 @@ from common import copy_collection_rows
 from capstone import store
 from capstone.documents import EnrichedDocument
 from capstone.embedded_pg import default_server
-from capstone.pipeline import PipelineSettings, aggregate_manifests, upsert_vectors
+from capstone.pipeline import aggregate_manifests, upsert_vectors
+from dag_factory.runtime import settings_from_mapping
+from dag_factory.spec import CollectionSpec
 
 SCHEMA = "bench_load"
 
@@ -104,14 +106,14 @@ def ours(
 ) -> tuple[float, float, float]:
     """The pipeline's writes; returns seconds of (chunk staging, vector staging, store stage)."""
     table = _fresh_table(conn, "ours", dim)
-    settings = PipelineSettings(
-        collection="bench_load",
-        schema=SCHEMA,
-        table=table.table,
-        dimension=dim,
-        model="m",
-        upsert_batch_size=5000,
-        upsert_parallelism=parallelism,
+    settings = settings_from_mapping(
+        {
+            "collection": "bench_load",
+            "store": {"schema": SCHEMA, "table": table.table},
+            "embedding": {"model": "m", "dimension": dim},
+            "upsert_batch_size": 5000,
+            "upsert_parallelism": parallelism,
+        }
     )
     run_key = f"bench-{time.time_ns()}"
     started = time.perf_counter()
@@ -148,7 +150,7 @@ def main() -> None:
     parser.add_argument(
         "--upsert-parallelism",
         type=int,
-        default=PipelineSettings.upsert_parallelism,
+        default=CollectionSpec.model_fields["upsert_parallelism"].default,
         help="connections merging at once (default: the pipeline's default)",
     )
     args = parser.parse_args()

@@ -101,18 +101,19 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
 
     from capstone import store
     from capstone.documents import EnrichedDocument
-    from capstone.pipeline import PipelineSettings, aggregate_manifests, upsert_vectors
+    from capstone.pipeline import aggregate_manifests, upsert_vectors
+    from dag_factory.runtime import settings_from_mapping
 
     rows, vectors = read_dataset()
     documents = collection_documents(len(rows))
     enriched = [EnrichedDocument(d["id"], d["content"], d["chunks"], d["metadata"]) for d in documents]
-    settings = PipelineSettings(
-        collection="bench_peers",
-        schema=SCHEMA,
-        table="ours",
-        dimension=dim,
-        model="precomputed",
-        upsert_batch_size=upsert_batch_size,
+    settings = settings_from_mapping(
+        {
+            "collection": "bench_peers",
+            "store": {"schema": SCHEMA, "table": "ours"},
+            "embedding": {"model": "precomputed", "dimension": dim},
+            "upsert_batch_size": upsert_batch_size,
+        }
     )
     table = settings.store_table
     run_key = f"bench-peers-{time.time_ns()}"
@@ -122,7 +123,7 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
         store.ensure_collection_table(conn, table)
         conn.execute("CHECKPOINT")
         started = time.perf_counter()
-        store.stage_documents(conn, run_key, settings.collection, enriched, settings.model)
+        store.stage_documents(conn, run_key, settings.collection, enriched, settings.embedding.model)
         batches = store.assign_batches(conn, run_key, table, batch_size, max_batches=1024)
         offset = 0
         for batch in batches:

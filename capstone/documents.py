@@ -84,7 +84,9 @@ class BatchLocation:
         raise InvalidBatchLocation(f"unknown batch format {fmt!r}: use 'jsonl' (with 'path') or 'postgres'")
 
     def describe(self) -> str:
-        return self.path if self.format == "jsonl" else f"{self.table} batch {self.batch_id}"  # type: ignore[return-value]
+        if self.format == "jsonl":
+            return str(self.path)
+        return f"{self.table} batch {self.batch_id}"
 
 
 @dataclass

@@ -253,12 +253,12 @@ class EmbeddedPostgres:
     def _as_root(self) -> bool:
         return os.geteuid() == 0
 
-    def _run(self, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL binary, as the system user when we are root."""
         argv = [str(self.bin_dir / argv[0]), *argv[1:]]
         if self._as_root():
             argv = ["runuser", "-u", SYSTEM_USER, "--", *argv]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(
                 f"embedded Postgres: {' '.join(argv)} failed ({result.returncode}):\n"

@@ -20,11 +20,21 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import asyncpg
 
 from capstone.connections import PostgresConnectionRefused, PostgresParams, refusal_reason
+from capstone.settings import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_M,
+    INDEX_TYPES,
+    IVFFLAT_LISTS,
+    MEMORY_SIZE,
+    CollectionSettings,
+    IndexType,
+    Metric,
+)
 
 __all__ = [
     "DISTANCE_OPERATORS",
@@ -38,12 +48,8 @@ __all__ = [
     "quote_ident",
 ]
 
-IndexType = Literal["hnsw", "ivfflat"]
-Metric = Literal["cosine", "l2", "inner_product"]
-
-INDEX_TYPES: tuple[str, ...] = ("hnsw", "ivfflat")
-DISTANCE_OPERATORS: dict[str, str] = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
-OPCLASSES: dict[str, str] = {
+DISTANCE_OPERATORS: dict[Metric, str] = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
+OPCLASSES: dict[Metric, str] = {
     "cosine": "vector_cosine_ops",
     "l2": "vector_l2_ops",
     "inner_product": "vector_ip_ops",
@@ -52,7 +58,7 @@ OPCLASSES: dict[str, str] = {
 _MAX_IDENTIFIER_BYTES = 63  # Postgres silently truncates longer names (NAMEDATALEN - 1)
 _MB = 1024 * 1024
 _MEMORY_UNITS = {"kB": 1024, "MB": _MB, "GB": 1024 * _MB}
-_MEMORY = re.compile(r"([1-9][0-9]*)(kB|MB|GB)")
+_MEMORY = re.compile(MEMORY_SIZE)
 MIN_BUILD_MEMORY = 64 * _MB  # the server default: sizing never goes below it
 MAX_AUTO_BUILD_MEMORY = 1024 * _MB
 # How often the server checks, during a long query, that the client is still connected. A killed
@@ -84,6 +90,18 @@ def quote_ident(name: str) -> str:
 def _truncate_utf8(text: str, max_bytes: int) -> str:
     # Cut on a character boundary: a split multi-byte character would be an invalid name.
     return text.encode()[:max_bytes].decode(errors="ignore")
+
+
+def _within(value: int, bounds: tuple[int, int]) -> bool:
+    return bounds[0] <= value <= bounds[1]
+
+
+def _check_hnsw(m: int, ef_construction: int) -> None:
+    if not (_within(m, HNSW_M) and 2 * m <= ef_construction <= HNSW_EF_CONSTRUCTION[1]):
+        raise ValueError(
+            f"hnsw needs {HNSW_M[0]} <= m <= {HNSW_M[1]} and 2 * m <= ef_construction <= "
+            f"{HNSW_EF_CONSTRUCTION[1]}, got m={m}, ef_construction={ef_construction}"
+        )
 
 
 def _index_name(table: str, index_type: str, params_hash: str) -> str:
@@ -126,17 +144,36 @@ def build_memory(rows: int, dimension: int, index_type: str, setting: str = "aut
 
 @dataclass(frozen=True)
 class IndexParams:
-    """What index to build, on which column; the parameters are pgvector's ``WITH (...)`` options."""
+    """What index to build, on which column; the parameters are pgvector's ``WITH (...)`` options.
+
+    Built from a collection's settings by :meth:`of`: the sensor, the trigger, validation and the
+    registry all name and describe the index through the same object.
+    """
 
     schema: str
     table: str
     index_type: IndexType
     metric: Metric
-    m: int = 16
-    ef_construction: int = 64
-    lists: int | None = None
-    maintenance_work_mem: str = "auto"
+    m: int
+    ef_construction: int
+    lists: int | None
+    maintenance_work_mem: str
     column: str = "embedding"
+
+    @classmethod
+    def of(cls, settings: CollectionSettings) -> IndexParams:
+        """The index of a collection (its ``store`` table, its ``index`` section)."""
+        index = settings.index
+        return cls(
+            schema=settings.store.schema,
+            table=settings.store.table,
+            index_type=index.type,
+            metric=index.metric,
+            m=index.m,
+            ef_construction=index.ef_construction,
+            lists=index.lists,
+            maintenance_work_mem=index.maintenance_work_mem,
+        )
 
     def __post_init__(self) -> None:
         for name in (self.schema, self.table, self.column):
@@ -145,16 +182,12 @@ class IndexParams:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.metric not in OPCLASSES:
             raise ValueError(f"metric must be one of {tuple(OPCLASSES)}, got {self.metric!r}")
-        if self.index_type == "hnsw" and not (
-            2 <= self.m <= 100 and 2 * self.m <= self.ef_construction <= 1000
-        ):
+        if self.index_type == "hnsw":
+            _check_hnsw(self.m, self.ef_construction)
+        if self.index_type == "ivfflat" and not (self.lists and _within(self.lists, IVFFLAT_LISTS)):
+            low, high = IVFFLAT_LISTS
             raise ValueError(
-                f"hnsw needs 2 <= m <= 100 and 2 * m <= ef_construction <= 1000, "
-                f"got m={self.m}, ef_construction={self.ef_construction}"
-            )
-        if self.index_type == "ivfflat" and not (self.lists and 1 <= self.lists <= 32768):
-            raise ValueError(
-                f"ivfflat needs lists between 1 and 32768 (rows/1000 is a good start), got {self.lists}"
+                f"ivfflat needs lists between {low} and {high} (rows/1000 is a good start), got {self.lists}"
             )
         if self.maintenance_work_mem != "auto":
             parse_memory(self.maintenance_work_mem)

@@ -1,4 +1,4 @@
-"""What each task of a collection's DAG does, as plain functions of :class:`PipelineSettings`.
+"""What each task of a collection's DAG does, as plain functions of its :class:`CollectionSettings`.
 
 The DAG factory wraps these in Airflow tasks; they take and return small JSON-able dicts
 (descriptors and counts) while the bulk data goes through the staging tables of
@@ -29,12 +29,11 @@ from capstone.documents import (
 )
 from capstone.embeddings.base import Embedder
 from capstone.errors import TerminalError
-from capstone.settings import PipelineSettings
+from capstone.settings import CollectionSettings
 
 __all__ = [
     "MassDeleteRefused",
     "NothingToIndex",
-    "PipelineSettings",
     "TooManyRejected",
     "aggregate_manifests",
     "embed_batch",
@@ -71,31 +70,31 @@ def run_key_for(dag_id: str, run_id: str) -> str:
     return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:20]
 
 
-def _connect(settings: PipelineSettings) -> psycopg.Connection:
-    params = postgres_params(settings.connection_id)
+def _connect(settings: CollectionSettings) -> psycopg.Connection:
+    params = postgres_params(settings.store.connection_id)
     return connect(params, application_name=f"capstone {settings.collection}")
 
 
 # -- load_enriched_documents ----------------------------------------------------------------
 
 
-def _chunk_limit(settings: PipelineSettings) -> int:
+def _chunk_limit(settings: CollectionSettings) -> int:
     """chunking.max_chunk_chars, lowered to what the model accepts when the API would reject more.
 
     Only a hard API limit counts: sentence-transformers truncates long inputs by design, and
     loading a local model in this task just to ask would cost seconds on every run.
     """
-    if settings.provider == "openai":
+    if settings.embedding.provider == "openai":
         from capstone.embeddings.openai_api import input_limit
 
-        model_limit = input_limit(settings.model)
+        model_limit = input_limit(settings.embedding.model)
         if model_limit is not None:
-            return min(settings.max_chunk_chars, model_limit)
-    return settings.max_chunk_chars
+            return min(settings.chunking.max_chunk_chars, model_limit)
+    return settings.chunking.max_chunk_chars
 
 
 def load_documents(
-    settings: PipelineSettings, run_key: str, locations: Sequence[BatchLocation]
+    settings: CollectionSettings, run_key: str, locations: Sequence[BatchLocation]
 ) -> dict[str, Any]:
     """Read the batches, set bad documents aside, stage the good ones; returns counts and reasons.
 
@@ -130,7 +129,7 @@ def load_documents(
     def documents() -> Iterator[EnrichedDocument]:
         nonlocal deleted
         for result in validate_documents(
-            records(), max_chunk_chars=limit, max_chunks=settings.max_chunks_per_document
+            records(), max_chunk_chars=limit, max_chunks=settings.chunking.max_chunks_per_document
         ):
             if isinstance(result, RejectedDocument):
                 log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
@@ -146,9 +145,9 @@ def load_documents(
         if stale:
             log.info("dropped the staging tables of %d abandoned runs", stale)
         document_count, chunk_count = store.stage_documents(
-            conn, run_key, settings.collection, documents(), settings.model
+            conn, run_key, settings.collection, documents(), settings.embedding.model
         )
-        refusal = _too_many_rejected(tallies, settings.max_rejected_fraction)
+        refusal = _too_many_rejected(tallies, settings.source.max_rejected_fraction)
         if refusal is not None:
             store.drop_run_staging(conn, run_key)
             raise refusal
@@ -197,7 +196,7 @@ def _too_many_rejected(tallies: Sequence[_BatchTally], max_fraction: float) -> T
 
 
 def prepare_chunks(
-    settings: PipelineSettings, run_key: str, max_batches: int, *, allow_mass_delete: bool = False
+    settings: CollectionSettings, run_key: str, max_batches: int, *, allow_mass_delete: bool = False
 ) -> dict[str, Any]:
     """Decide which staged chunks need embedding and cut them into batches for mapping.
 
@@ -210,7 +209,7 @@ def prepare_chunks(
         store.ensure_collection_table(conn, table)
         lost = store.count_lost_chunks(conn, run_key, table)
         _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
-        batches = store.assign_batches(conn, run_key, table, settings.embed_batch_size, max_batches)
+        batches = store.assign_batches(conn, run_key, table, settings.embedding.batch_size, max_batches)
         staged = store.count_staged_chunks(conn, run_key)
     to_embed = sum(batch["chunks"] for batch in batches)
     log.info(
@@ -237,13 +236,13 @@ def prepare_chunks(
     }
 
 
-def _check_deletions(settings: PipelineSettings, lost: int, rows: int, allowed: bool) -> None:
-    if not rows or lost / rows <= settings.max_delete_fraction:
+def _check_deletions(settings: CollectionSettings, lost: int, rows: int, allowed: bool) -> None:
+    if not rows or lost / rows <= settings.store.max_delete_fraction:
         return
     numbers = (
         f"this run would delete {lost} of the {rows} rows of {settings.store_table.qualified} "
         f"({lost / rows:.0%}: chunks its documents no longer have, and documents deleted upstream), more "
-        f"than store.max_delete_fraction ({settings.max_delete_fraction:g}) allows"
+        f"than store.max_delete_fraction ({settings.store.max_delete_fraction:g}) allows"
     )
     if allowed:
         log.warning("%s; going ahead: the run's conf sets allow_mass_delete", numbers)
@@ -258,7 +257,7 @@ def _check_deletions(settings: PipelineSettings, lost: int, rows: int, allowed: 
 # -- generate_embedding ---------------------------------------------------------------------
 
 
-def embed_batch(settings: PipelineSettings, run_key: str, batch: dict[str, Any]) -> dict[str, Any]:
+def embed_batch(settings: CollectionSettings, run_key: str, batch: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch's texts and stage their vectors; returns a small manifest.
 
     Chunks the embedding API refuses for what they are (an input over the model's token limit,
@@ -266,7 +265,7 @@ def embed_batch(settings: PipelineSettings, run_key: str, batch: dict[str, Any])
     keeps what it had for them and the next run tries them again. Anything else that fails
     (rate limits, server errors, a wrong key) fails the task, for Airflow to retry.
     """
-    from capstone.embeddings import create_embedder, resolve_api_key
+    from capstone.embeddings import embedder_for
 
     batch_no = int(batch["batch_no"])
     started = time.monotonic()
@@ -275,23 +274,13 @@ def embed_batch(settings: PipelineSettings, run_key: str, batch: dict[str, Any])
         if not ids:
             log.warning("batch %d has no staged chunks (already merged?): nothing to embed", batch_no)
             return {"batch_no": batch_no, "embedded": 0, "failed": 0, "failed_ids": [], "seconds": 0.0}
-        embedder = create_embedder(
-            settings.provider,  # type: ignore[arg-type]
-            model=settings.model,
-            dimension=settings.dimension,
-            normalize=settings.normalize,
-            request_batch_size=settings.request_batch_size,
-            base_url=settings.base_url,
-            api_key=resolve_api_key(settings.api_key_connection_id, settings.api_key_env)
-            if settings.provider == "openai"
-            else None,
-            timeout=settings.request_timeout_seconds,
-        )
+        embedder = embedder_for(settings.embedding)
         ids, vectors, failed = _embed_leaving_out_rejected(embedder, ids, texts)
-        if vectors.shape != (len(ids), settings.dimension):
+        embedding = settings.embedding
+        if vectors.shape != (len(ids), embedding.dimension):
             raise store.DimensionMismatch(
-                f"the {settings.provider} model {settings.model!r} returned vectors of shape "
-                f"{vectors.shape}, expected ({len(ids)}, {settings.dimension}): fix embedding.dimension"
+                f"the {embedding.provider} model {embedding.model!r} returned vectors of shape "
+                f"{vectors.shape}, expected ({len(ids)}, {embedding.dimension}): fix embedding.dimension"
             )
         store.write_batch_vectors(conn, run_key, ids, vectors, batch_no=batch_no)
     seconds = time.monotonic() - started
@@ -398,7 +387,7 @@ def aggregate_manifests(
 # -- batch_upsert_vectors -------------------------------------------------------------------
 
 
-def upsert_vectors(settings: PipelineSettings, aggregate: dict[str, Any]) -> dict[str, Any]:
+def upsert_vectors(settings: CollectionSettings, aggregate: dict[str, Any]) -> dict[str, Any]:
     """Merge the run's staged vectors into the table in transactions of ``upsert_batch_size``,
     ``upsert_parallelism`` transactions at a time.
 
@@ -449,7 +438,7 @@ def _check_staging_complete(staged: int, aggregate: dict[str, Any]) -> None:
 
 
 def _merge_spans(
-    conn: psycopg.Connection, settings: PipelineSettings, run_key: str, spans: list[tuple[str, str, int]]
+    conn: psycopg.Connection, settings: CollectionSettings, run_key: str, spans: list[tuple[str, str, int]]
 ) -> tuple[int, list[str]]:
     """Merge every span, ``settings.upsert_parallelism`` at a time; (rows upserted, failure notes).
 
@@ -524,13 +513,13 @@ class _MergeProgress:
 
 
 def _merge_worker(
-    conn: psycopg.Connection, settings: PipelineSettings, run_key: str, progress: _MergeProgress
+    conn: psycopg.Connection, settings: CollectionSettings, run_key: str, progress: _MergeProgress
 ) -> None:
     while (taken := progress.take()) is not None:
         number, (first_id, last_id, expected) = taken
         try:
             count = store.merge_batch(
-                conn, run_key, settings.store_table, settings.model, first_id, last_id, expected
+                conn, run_key, settings.store_table, settings.embedding.model, first_id, last_id, expected
             )
         except (psycopg.OperationalError, store.StagingIncomplete):
             progress.stop()  # the database or the staging is gone: no other batch can succeed
@@ -541,7 +530,7 @@ def _merge_worker(
             progress.merged(number, count)
 
 
-def _merge_on_own_connection(settings: PipelineSettings, run_key: str, progress: _MergeProgress) -> None:
+def _merge_on_own_connection(settings: CollectionSettings, run_key: str, progress: _MergeProgress) -> None:
     try:
         conn = _connect(settings)
     except psycopg.OperationalError as exc:

@@ -9,8 +9,9 @@ embed a query with the right model and search the right table the way validation
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,8 +19,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from capstone.embeddings.base import Embedder
 from capstone.index_build import IndexParams
-from capstone.pipeline import PipelineSettings
+from capstone.settings import CollectionSettings, EmbeddingSettings, IndexType, Metric
 from capstone.store import STAGING_SCHEMA, CollectionTable
 
 __all__ = ["REGISTRY_TABLE", "CollectionNotRegistered", "CollectionRecord", "lookup", "register"]
@@ -27,15 +29,6 @@ __all__ = ["REGISTRY_TABLE", "CollectionNotRegistered", "CollectionRecord", "loo
 REGISTRY_TABLE = "collections"
 _REGISTRY = sql.Identifier(STAGING_SCHEMA, REGISTRY_TABLE)
 _REGISTRY_LOCK = 7_245_021_114  # advisory lock serialising the registry's DDL
-# Provider options a search needs besides provider/model/dimension (never a secret: key *sources* only).
-_EMBEDDING_OPTIONS = (
-    "normalize",
-    "request_batch_size",
-    "base_url",
-    "api_key_connection_id",
-    "api_key_env",
-    "request_timeout_seconds",
-)
 _COLUMNS = (
     "name",
     "schema_name",
@@ -58,9 +51,9 @@ _COLUMNS = (
 class CollectionNotRegistered(LookupError):
     """No collection of that name has been validated in this database yet."""
 
-    def __init__(self, name: str, where: str) -> None:
+    def __init__(self, name: str, where: str, why: str = "is not indexed yet") -> None:
         super().__init__(
-            f"collection {name!r} is not indexed yet in {where}: run its Airflow DAG {name!r} (trigger it, "
+            f"collection {name!r} {why} in {where}: run its Airflow DAG {name!r} (trigger it, "
             f"or publish an event of its source asset) and search again once its validate_index_health "
             "task has run; if the collection lives in another Postgres, pass --connection or --dsn"
         )
@@ -68,89 +61,70 @@ class CollectionNotRegistered(LookupError):
 
 @dataclass(frozen=True)
 class CollectionRecord:
-    """One collection as search sees it: where it is, how to embed queries, how to search it."""
+    """One collection as search sees it: where it is, how to embed queries, how to search it.
+
+    ``embedding`` holds the model settings and where the API key comes from (never the key).
+    """
 
     name: str
     schema: str
     table: str
-    provider: str
-    model: str
-    dimension: int
-    metric: str
-    index_type: str
+    connection_id: str
+    embedding: EmbeddingSettings
+    metric: Metric
+    index_type: IndexType
+    index_name: str
     index_params: dict[str, int | None]
     ef_search: int
     probes: int
-    connection_id: str = "vector_store_default"
-    embedding_options: dict[str, Any] = field(default_factory=dict)
     last_validation: dict[str, Any] | None = None
     updated_at: datetime | None = None
 
     @classmethod
-    def from_settings(cls, settings: PipelineSettings, index: dict[str, Any]) -> CollectionRecord:
-        """The record of a collection from its pipeline settings and its spec's ``index`` section."""
-        index_type = str(index.get("type", "hnsw"))
+    def from_settings(cls, settings: CollectionSettings) -> CollectionRecord:
+        """The record of a collection, as its settings describe it."""
+        index = settings.index
         shape: dict[str, int | None] = (
-            {"m": int(index.get("m", 16)), "ef_construction": int(index.get("ef_construction", 64))}
-            if index_type == "hnsw"
-            else {"lists": index.get("lists")}
+            {"m": index.m, "ef_construction": index.ef_construction}
+            if index.type == "hnsw"
+            else {"lists": index.lists}
         )
         return cls(
             name=settings.collection,
-            schema=settings.schema,
-            table=settings.table,
-            provider=settings.provider,
-            model=settings.model,
-            dimension=settings.dimension,
-            metric=str(index.get("metric", "cosine")),
-            index_type=index_type,
+            schema=settings.store.schema,
+            table=settings.store.table,
+            connection_id=settings.store.connection_id,
+            embedding=settings.embedding,
+            metric=index.metric,
+            index_type=index.type,
+            index_name=IndexParams.of(settings).index_name,
             index_params=shape,
-            ef_search=int(index.get("ef_search", 100)),
-            probes=int(index.get("probes", 10)),
-            connection_id=settings.connection_id,
-            embedding_options={option: getattr(settings, option) for option in _EMBEDDING_OPTIONS},
+            ef_search=index.ef_search,
+            probes=index.probes,
         )
+
+    @property
+    def provider(self) -> str:
+        return self.embedding.provider
+
+    @property
+    def model(self) -> str:
+        return self.embedding.model
+
+    @property
+    def dimension(self) -> int:
+        return self.embedding.dimension
 
     @property
     def store_table(self) -> CollectionTable:
         """The collection's table."""
         return CollectionTable(self.schema, self.table, self.dimension)
 
-    @property
-    def index(self) -> IndexParams:
-        """The index the pipeline builds for this collection (its name carries a parameter hash)."""
-        return IndexParams(
-            schema=self.schema,
-            table=self.table,
-            index_type=self.index_type,  # type: ignore[arg-type]
-            metric=self.metric,  # type: ignore[arg-type]
-            m=int(self.index_params.get("m") or 16),
-            ef_construction=int(self.index_params.get("ef_construction") or 64),
-            lists=self.index_params.get("lists"),
-        )
-
-    def embedder(self) -> Any:
+    def embedder(self) -> Embedder:
         """The embedder the collection's chunks were embedded with, for embedding queries."""
-        from capstone.embeddings import create_embedder, resolve_api_key
+        from capstone.embeddings import embedder_for
 
-        options = self.embedding_options
-        api_key = (
-            resolve_api_key(
-                options.get("api_key_connection_id"), options.get("api_key_env", "OPENAI_API_KEY")
-            )
-            if self.provider == "openai"
-            else None
-        )
-        return create_embedder(
-            self.provider,  # type: ignore[arg-type]
-            model=self.model,
-            dimension=self.dimension,
-            normalize=bool(options.get("normalize", True)),
-            request_batch_size=int(options.get("request_batch_size", 64)),
-            base_url=options.get("base_url"),
-            api_key=api_key,
-            timeout=float(options.get("request_timeout_seconds", 60.0)),
-        )
+        return embedder_for(self.embedding)
 
 
 def ensure_registry(conn: psycopg.Connection) -> None:
@@ -186,11 +160,11 @@ def register(
         record.dimension,
         record.metric,
         record.index_type,
-        record.index.index_name,
+        record.index_name,
         json.dumps(record.index_params),
         record.ef_search,
         record.probes,
-        json.dumps(record.embedding_options),
+        json.dumps(dataclasses.asdict(record.embedding)),
         None if last_validation is None else json.dumps(last_validation),
     )
     updates = sql.SQL(", ").join(
@@ -220,20 +194,21 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
         row = cur.execute(sql.SQL("SELECT * FROM {} WHERE name = %s").format(_REGISTRY), (name,)).fetchone()
     if row is None:
         raise CollectionNotRegistered(name, where)
+    fields = {field.name for field in dataclasses.fields(EmbeddingSettings)}
+    if not fields <= set(row["embedding_options"]):
+        raise CollectionNotRegistered(name, where, "was registered by an earlier release of capstone")
     return CollectionRecord(
         name=row["name"],
         schema=row["schema_name"],
         table=row["table_name"],
-        provider=row["provider"],
-        model=row["model"],
-        dimension=row["dimension"],
+        connection_id=row["connection_id"],
+        embedding=EmbeddingSettings(**{key: row["embedding_options"][key] for key in fields}),
         metric=row["metric"],
         index_type=row["index_type"],
+        index_name=row["index_name"],
         index_params=row["index_params"],
         ef_search=row["ef_search"],
         probes=row["probes"],
-        connection_id=row["connection_id"],
-        embedding_options=row["embedding_options"],
         last_validation=row["last_validation"],
         updated_at=row["updated_at"],
     )

@@ -24,6 +24,7 @@ from psycopg import sql
 
 from capstone.index_build import DISTANCE_OPERATORS
 from capstone.registry import CollectionRecord, lookup
+from capstone.settings import IndexType, Metric
 from capstone.store import CollectionTable
 
 __all__ = [
@@ -51,10 +52,10 @@ class SearchTarget:
     """What to search and how: the collection table, its metric, and the index's query-time knob."""
 
     table: CollectionTable
-    metric: str
-    index_type: str
-    ef_search: int = 100
-    probes: int = 10
+    metric: Metric
+    index_type: IndexType
+    ef_search: int
+    probes: int
     lists: int | None = None
 
     @classmethod

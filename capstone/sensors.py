@@ -9,7 +9,6 @@ the worker instead.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -17,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from capstone.connections import DEFAULT_CONNECTION_ID, postgres_params
+from capstone.connections import postgres_params
 from capstone.errors import is_terminal
-from capstone.index_build import IndexParams, IndexType, Metric, build_index, check_index
+from capstone.index_build import IndexParams, build_index, check_index
 from capstone.triggers import VectorStoreIndexingTrigger
 
 if TYPE_CHECKING:
@@ -37,10 +36,12 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
 
     :param collection_name: the collection, for messages.
     :param expected_count: vectors the upsert wrote (templated; an XComArg or a Jinja string).
-    :param deferrable: build in the triggerer (True) or in this worker (False).
+    :param index: the index to build (:meth:`capstone.index_build.IndexParams.of` the collection).
+    :param connection_id: Airflow connection of the Postgres holding the collection.
+    :param poll_interval: seconds between progress checks of the build.
     :param timeout: seconds the build may take before it is cancelled and the task fails.
+    :param deferrable: build in the triggerer (True) or in this worker (False).
 
-    The other parameters are those of :class:`capstone.triggers.VectorStoreIndexingTrigger`.
     The returned value (pushed to XCom) is the trigger's success event.
     """
 
@@ -52,18 +53,10 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         *,
         collection_name: str,
         expected_count: int | str | Any,
-        schema: str,
-        table: str,
-        index_type: IndexType = "hnsw",
-        metric: Metric = "cosine",
-        m: int = 16,
-        ef_construction: int = 64,
-        lists: int | None = None,
-        maintenance_work_mem: str = "auto",
-        column: str = "embedding",
-        connection_id: str = DEFAULT_CONNECTION_ID,
-        poll_interval: float = 30.0,
-        timeout: float = 3600.0,
+        index: IndexParams,
+        connection_id: str,
+        poll_interval: float,
+        timeout: float,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -73,17 +66,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         self.connection_id = connection_id
         self.poll_interval = float(poll_interval)
         self.deferrable = deferrable
-        self.index_params = IndexParams(
-            schema=schema,
-            table=table,
-            index_type=index_type,
-            metric=metric,
-            m=m,
-            ef_construction=ef_construction,
-            lists=lists,
-            maintenance_work_mem=maintenance_work_mem,
-            column=column,
-        )
+        self.index_params = index
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Return at once when the index is ready; otherwise build it (deferred or in-process)."""
@@ -151,8 +134,8 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         return VectorStoreIndexingTrigger(
             collection_name=self.collection_name,
             expected_count=expected,
+            index=self.index_params,
             connection_id=self.connection_id,
             poll_interval=self.poll_interval,
             timeout=self.timeout,
-            **dataclasses.asdict(self.index_params),
         )

@@ -1,4 +1,10 @@
-"""What the tasks of one collection's DAG need to know, as a plain frozen dataclass.
+"""What the tasks of one collection's DAG run on: typed, immutable settings, named as in the YAML.
+
+Every setting is declared once, with its default and bounds, in the collection spec
+(``dag_factory.spec``); ``dag_factory.runtime.collection_settings`` builds these objects from it,
+and ``capstone`` (which never imports ``dag_factory``) receives them whole. So the dataclasses here
+carry no defaults of their own. What the spec and ``capstone`` both need to know (the provider,
+index and metric names, pgvector's limits, the providers' default models) is declared here, once.
 
 Kept free of heavy imports (numpy, psycopg): the DAG factory builds one of these per collection
 every time Airflow parses the DAGs folder.
@@ -7,42 +13,161 @@ every time Airflow parses the DAGs folder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from capstone.store import CollectionTable
 
-__all__ = ["PipelineSettings"]
+__all__ = [
+    "CHECKS",
+    "DEFAULT_MODELS",
+    "HNSW_EF_CONSTRUCTION",
+    "HNSW_EF_SEARCH",
+    "HNSW_M",
+    "INDEX_TYPES",
+    "IVFFLAT_LISTS",
+    "MAX_INDEXED_DIMENSION",
+    "MEMORY_SIZE",
+    "METRICS",
+    "PROVIDERS",
+    "Check",
+    "ChunkingSettings",
+    "CollectionSettings",
+    "EmbeddingSettings",
+    "IndexSettings",
+    "IndexType",
+    "Metric",
+    "Provider",
+    "SampleQuery",
+    "SourceSettings",
+    "StoreSettings",
+    "ValidationSettings",
+]
+
+Provider = Literal["hash", "sentence-transformers", "openai"]
+IndexType = Literal["hnsw", "ivfflat"]
+Metric = Literal["cosine", "l2", "inner_product"]
+Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
+PROVIDERS: tuple[Provider, ...] = get_args(Provider)
+INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
+METRICS: tuple[Metric, ...] = get_args(Metric)
+CHECKS: tuple[Check, ...] = get_args(Check)
+
+# provider -> (default model, its dimension)
+DEFAULT_MODELS: dict[Provider, tuple[str, int]] = {
+    "hash": ("hash-v1", 384),
+    "sentence-transformers": ("all-MiniLM-L6-v2", 384),
+    "openai": ("text-embedding-3-small", 1536),
+}
+
+# pgvector's limits (inclusive): the spec's bounds, and what IndexParams checks.
+MAX_INDEXED_DIMENSION = 2000  # HNSW and IVFFlat index `vector` columns of at most 2,000 dimensions
+HNSW_M = (2, 100)
+HNSW_EF_CONSTRUCTION = (4, 1000)
+HNSW_EF_SEARCH = (1, 1000)
+IVFFLAT_LISTS = (1, 32768)
+# A Postgres size for maintenance_work_mem, as the spec and the index build accept it.
+MEMORY_SIZE = r"([1-9][0-9]{0,6})(kB|MB|GB)"
 
 
 @dataclass(frozen=True)
-class PipelineSettings:
-    """Everything the tasks need to know about one collection (built by the DAG factory)."""
+class SourceSettings:
+    """``source``: where a run's batches come from when no event names one, and the reject guard."""
 
-    collection: str
+    default_location: str | None
+    max_rejected_fraction: float
+
+
+@dataclass(frozen=True)
+class ChunkingSettings:
+    """``chunking``: limits on the chunks the upstream pipeline produced."""
+
+    max_chunk_chars: int
+    max_chunks_per_document: int
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """``embedding``: the provider and model, resolved (model and dimension filled in), and how the
+    embedding calls are made. ``normalize`` follows from the index metric."""
+
+    provider: Provider
+    model: str
+    dimension: int
+    normalize: bool
+    batch_size: int
+    request_batch_size: int
+    base_url: str | None
+    connection_id: str | None
+    api_key_env: str
+    request_timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """``store``: the Postgres table (``table`` resolved to the collection name by default)."""
+
+    connection_id: str
     schema: str
     table: str
-    dimension: int
-    provider: str = "hash"
-    model: str = "hash-v1"
-    normalize: bool = True
-    connection_id: str = "vector_store_default"
-    embed_batch_size: int = 512
-    request_batch_size: int = 64
-    upsert_batch_size: int = 5000
-    upsert_parallelism: int = 2
-    max_chunk_chars: int = 8000
-    max_chunks_per_document: int = 10_000
-    base_url: str | None = None
-    api_key_connection_id: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    request_timeout_seconds: float = 60.0
-    default_location: str | None = None
-    max_rejected_fraction: float = 0.5
-    max_delete_fraction: float = 0.5
+    max_delete_fraction: float
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """``index``: the ANN index the triggerer builds and the query-time knobs searches use."""
+
+    type: IndexType
+    metric: Metric
+    m: int
+    ef_construction: int
+    ef_search: int
+    lists: int | None
+    probes: int
+    build_timeout_seconds: float
+    poll_interval_seconds: float
+    maintenance_work_mem: str
+
+
+@dataclass(frozen=True)
+class SampleQuery:
+    """A question users ask and the document that must answer it."""
+
+    id: str
+    query: str
+    expected_document_id: str
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """``validation``: the index health checks and which of them fail the task."""
+
+    sample_queries: tuple[SampleQuery, ...]
+    top_k: int
+    recall_k: int
+    recall_sample_size: int
+    recall_threshold: float
+    freshness_limit_seconds: float
+    fail_on: tuple[Check, ...]
+
+
+@dataclass(frozen=True)
+class CollectionSettings:
+    """One collection, as its tasks run it."""
+
+    collection: str
+    source: SourceSettings
+    chunking: ChunkingSettings
+    embedding: EmbeddingSettings
+    store: StoreSettings
+    index: IndexSettings
+    upsert_batch_size: int
+    upsert_parallelism: int
+    validation: ValidationSettings
 
     @property
     def store_table(self) -> CollectionTable:
+        """The collection's table, with the embedding dimension its vector column has."""
         from capstone.store import CollectionTable
 
-        return CollectionTable(self.schema, self.table, self.dimension)
+        return CollectionTable(self.store.schema, self.store.table, self.embedding.dimension)

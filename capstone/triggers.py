@@ -13,7 +13,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from capstone.connections import DEFAULT_CONNECTION_ID, ConnectionNotDefined, apostgres_params
+from capstone.connections import ConnectionNotDefined, apostgres_params
 from capstone.index_build import IndexParams, build_index
 
 __all__ = ["VectorStoreIndexingTrigger"]
@@ -24,13 +24,11 @@ class VectorStoreIndexingTrigger(BaseTrigger):
 
     :param collection_name: the collection, for messages.
     :param expected_count: rows that must have an embedding before the index counts as ready.
+    :param index: the index to build: an :class:`capstone.index_build.IndexParams`, or its fields
+        as a dict (how the triggerer re-creates the trigger from :meth:`serialize`).
     :param connection_id: Airflow connection of the Postgres holding the collection.
     :param poll_interval: seconds between progress checks of the build.
     :param timeout: seconds before the build is cancelled and a ``timeout`` event fires.
-    :param index: the fields of :class:`capstone.index_build.IndexParams`, by keyword: ``schema``,
-        ``table``, ``index_type`` (``hnsw`` or ``ivfflat``), ``metric`` (``cosine``, ``l2`` or
-        ``inner_product``), ``m``, ``ef_construction``, ``lists``, ``maintenance_work_mem``
-        (``auto`` or a Postgres size), ``column``.
     """
 
     def __init__(
@@ -38,10 +36,10 @@ class VectorStoreIndexingTrigger(BaseTrigger):
         *,
         collection_name: str,
         expected_count: int,
-        connection_id: str = DEFAULT_CONNECTION_ID,
-        poll_interval: float = 30.0,
-        timeout: float = 3600.0,
-        **index: Any,
+        index: IndexParams | dict[str, Any],
+        connection_id: str,
+        poll_interval: float,
+        timeout: float,
     ) -> None:
         super().__init__()
         self.collection_name = collection_name
@@ -50,7 +48,7 @@ class VectorStoreIndexingTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.timeout = float(timeout)
         # Validated here, so a bad spec fails the task when it defers, not later in the triggerer.
-        self.params = IndexParams(**index)
+        self.params = index if isinstance(index, IndexParams) else IndexParams(**index)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Class path and the keyword arguments that re-create this trigger in the triggerer."""
@@ -59,10 +57,10 @@ class VectorStoreIndexingTrigger(BaseTrigger):
             {
                 "collection_name": self.collection_name,
                 "expected_count": self.expected_count,
+                "index": dataclasses.asdict(self.params),
                 "connection_id": self.connection_id,
                 "poll_interval": self.poll_interval,
                 "timeout": self.timeout,
-                **dataclasses.asdict(self.params),
             },
         )
 

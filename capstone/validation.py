@@ -47,7 +47,6 @@ from capstone import registry
 from capstone.connections import connect, postgres_params
 from capstone.errors import TerminalError
 from capstone.exact_scan import exact_neighbours
-from capstone.pipeline import PipelineSettings
 from capstone.registry import CollectionRecord
 from capstone.search import (
     MAX_EF_SEARCH,
@@ -59,11 +58,11 @@ from capstone.search import (
     distinct_documents,
     explain,
 )
+from capstone.settings import CollectionSettings, SampleQuery, ValidationSettings
 
 __all__ = [
     "Check",
     "IndexHealthError",
-    "ValidationOptions",
     "check_freshness",
     "check_query_relevance",
     "check_recall",
@@ -98,27 +97,6 @@ class IndexHealthError(TerminalError, RuntimeError):
     gives the same answer)."""
 
 
-@dataclass(frozen=True)
-class ValidationOptions:
-    """The spec's ``validation`` section, with the spec's defaults."""
-
-    sample_queries: list[dict[str, str]] = field(default_factory=list)
-    top_k: int = 5
-    recall_k: int = 10
-    recall_sample_size: int = 50
-    recall_threshold: float = 0.9
-    freshness_limit_seconds: float = 3600.0
-    fail_on: tuple[str, ...] = ("vector_count",)
-
-    @classmethod
-    def from_spec(cls, validation: dict[str, Any]) -> ValidationOptions:
-        """Options from the ``ValidationSpec`` dumped to a dict; missing keys take the defaults."""
-        known = {key: validation[key] for key in cls.__dataclass_fields__ if key in validation}
-        if "fail_on" in known:
-            known["fail_on"] = tuple(known["fail_on"])
-        return cls(**known)
-
-
 @dataclass
 class Check:
     """One check's outcome: ``passed`` is None when there was nothing to measure."""
@@ -149,22 +127,18 @@ def family_of(check_name: str) -> str:
 
 
 def validate_collection(
-    settings: PipelineSettings,
-    index: dict[str, Any],
-    validation: dict[str, Any],
-    upserted: dict[str, Any],
-    indexed: dict[str, Any],
+    settings: CollectionSettings, upserted: dict[str, Any], indexed: dict[str, Any]
 ) -> dict[str, Any]:
     """Run the checks, log them as a table, register the collection; raise when a ``fail_on`` check fails.
 
-    ``index`` and ``validation`` are the spec's sections as dicts, ``upserted`` the upsert task's
-    result (``expected_count``: rows the table should hold), ``indexed`` the indexing sensor's event.
-    Returns the report (small enough for XCom); its ``summary`` goes into the asset event.
+    ``upserted`` is the upsert task's result (``expected_count``: rows the table should hold),
+    ``indexed`` the indexing sensor's event. Returns the report (small enough for XCom); its
+    ``summary`` goes into the asset event.
     """
-    record = CollectionRecord.from_settings(settings, index)
+    record = CollectionRecord.from_settings(settings)
     target = SearchTarget.of(record)
-    options = ValidationOptions.from_spec(validation)
-    params = postgres_params(settings.connection_id)
+    options = settings.validation
+    params = postgres_params(settings.store.connection_id)
     log.info(
         "validating %s (%s): %d sample queries, recall@%d over %d sampled vectors with %s",
         record.name,
@@ -197,7 +171,7 @@ def _run_checks(
     record: CollectionRecord,
     target: SearchTarget,
     facts: dict[str, Any],
-    options: ValidationOptions,
+    options: ValidationSettings,
     upserted: dict[str, Any],
     indexed: dict[str, Any],
 ) -> dict[str, Check]:
@@ -228,7 +202,7 @@ WHERE n.nspname = %s AND c.relname = %s
 def index_facts(conn: psycopg.Connection, record: CollectionRecord, target: SearchTarget) -> dict[str, Any]:
     """Name, type, parameters, size and validity of the collection's index (pg_index, pg_class), and
     whether the ANN query's plan scans it."""
-    name = record.index.index_name
+    name = record.index_name
     row = conn.execute(_INDEX_SQL, (record.schema, name)).fetchone()
     if row is None:
         return {"name": name, "exists": False, "valid": False, "scan": None, "usable": False}
@@ -295,31 +269,31 @@ def check_query_relevance(
     conn: psycopg.Connection,
     record: CollectionRecord,
     target: SearchTarget,
-    queries: Sequence[dict[str, str]],
+    queries: Sequence[SampleQuery],
     top_k: int,
 ) -> dict[str, Check]:
     """One check per sample query: its expected document among the ``top_k`` documents found."""
     if not queries:
         return {}
-    vectors = record.embedder().embed([query["query"] for query in queries])
+    vectors = record.embedder().embed([query.query for query in queries])
     candidates = min(_MAX_CANDIDATES, top_k * _CHUNKS_PER_DOCUMENT)
     with ann_session(conn, target):
         found = [ann_search(conn, target, vector, candidates) for vector in vectors]
     return {
-        f"query_relevance_{query['id']}": _relevance(conn, target, query, hits, top_k)
+        f"query_relevance_{query.id}": _relevance(conn, target, query, hits, top_k)
         for query, hits in zip(queries, found, strict=True)
     }
 
 
 def _relevance(
-    conn: psycopg.Connection, target: SearchTarget, query: dict[str, str], hits: list[Hit], top_k: int
+    conn: psycopg.Connection, target: SearchTarget, query: SampleQuery, hits: list[Hit], top_k: int
 ) -> Check:
-    expected = query["expected_document_id"]
+    expected = query.expected_document_id
     documents = distinct_documents(hits)
     rank = next((hit.rank for hit in documents if hit.document_id == expected), None)
     top = [hit.document_id for hit in documents[:top_k]]
     facts = {"rank": rank, "expected_document_id": expected, "top_documents": top}
-    asked = f"for {query['query']!r}"
+    asked = f"for {query.query!r}"
     if rank is not None and rank <= top_k:
         return Check(True, f"rank {rank}", f"{expected!r} at rank {rank} of top {top_k} {asked}", facts)
     if not _document_exists(conn, target, expected):

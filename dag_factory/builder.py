@@ -20,10 +20,11 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, get_current_context, task
 
-from capstone.settings import PipelineSettings
+from capstone.settings import CollectionSettings
+from dag_factory.runtime import collection_settings
 from dag_factory.spec import CollectionSpec
 
-__all__ = ["TASK_IDS", "build_collection_dag", "pipeline_settings"]
+__all__ = ["TASK_IDS", "build_collection_dag"]
 
 # The tasks of every collection's DAG, in pipeline order.
 TASK_IDS = (
@@ -40,37 +41,9 @@ TASK_IDS = (
 log = logging.getLogger(__name__)
 
 
-def pipeline_settings(spec: CollectionSpec) -> PipelineSettings:
-    """The runtime settings the tasks need, taken from the spec."""
-    embedding = spec.embedding
-    return PipelineSettings(
-        collection=spec.collection,
-        schema=spec.store.schema_name,
-        table=spec.table_name,
-        dimension=embedding.vector_dimension,
-        provider=embedding.provider,
-        model=embedding.model_name,
-        normalize=spec.index.metric in ("cosine", "inner_product"),
-        connection_id=spec.store.connection_id,
-        embed_batch_size=embedding.batch_size,
-        request_batch_size=embedding.request_batch_size,
-        upsert_batch_size=spec.upsert_batch_size,
-        upsert_parallelism=spec.upsert_parallelism,
-        max_chunk_chars=spec.chunking.max_chunk_chars,
-        max_chunks_per_document=spec.chunking.max_chunks_per_document,
-        base_url=embedding.base_url,
-        api_key_connection_id=embedding.connection_id,
-        api_key_env=embedding.api_key_env,
-        request_timeout_seconds=embedding.request_timeout_seconds,
-        default_location=spec.source.default_location,
-        max_rejected_fraction=spec.source.max_rejected_fraction,
-        max_delete_fraction=spec.store.max_delete_fraction,
-    )
-
-
 def build_collection_dag(spec: CollectionSpec, source_file: Path) -> DAG:
     """Build the collection's DAG; ``source_file`` is the YAML it came from (shown in the docs)."""
-    settings = pipeline_settings(spec)
+    settings = collection_settings(spec)
     source, output = Asset(spec.source_asset), Asset(spec.output_asset_name)
     default_args: dict[str, Any] = {
         "owner": spec.dag.owner,
@@ -80,7 +53,7 @@ def build_collection_dag(spec: CollectionSpec, source_file: Path) -> DAG:
     }
     with DAG(
         dag_id=spec.collection,
-        description=spec.description or f"Index {spec.source_asset} into {settings.schema}.{settings.table}",
+        description=spec.description or f"Index {spec.source_asset} into {settings.store_table.qualified}",
         schedule=source,
         catchup=False,
         max_active_runs=spec.dag.max_active_runs,
@@ -96,8 +69,8 @@ def build_collection_dag(spec: CollectionSpec, source_file: Path) -> DAG:
         manifests = _embed_task(spec, settings).expand(batch=batches)
         aggregated = _aggregate_task()(prepared, manifests)
         upserted = _upsert_task(settings)(aggregated)
-        indexed = _wait_task(spec, upserted)
-        report = _validate_task(spec, settings)(upserted, indexed.output)
+        indexed = _wait_task(settings, upserted)
+        report = _validate_task(settings)(upserted, indexed.output)
         _publish_task(spec, output)(loaded, prepared, aggregated, upserted, indexed.output, report)
     return dag
 
@@ -118,7 +91,7 @@ def _run_key() -> str:
     return run_key_for(context["dag"].dag_id, context["run_id"])
 
 
-def _batch_locations(settings: PipelineSettings) -> list[Any]:
+def _batch_locations(settings: CollectionSettings) -> list[Any]:
     """Batches named by the triggering asset events (newest first), a manual run's conf, or the default."""
     from capstone.documents import BatchLocation
 
@@ -128,8 +101,8 @@ def _batch_locations(settings: PipelineSettings) -> list[Any]:
     extras: list[dict[str, Any]] = [dict(event.extra or {}) for event in events]
     conf = context["dag_run"].conf or {}
     extras += list(conf.get("batches", []))
-    if not extras and settings.default_location:
-        extras.append({"format": "jsonl", "path": settings.default_location})
+    if not extras and settings.source.default_location:
+        extras.append({"format": "jsonl", "path": settings.source.default_location})
     return [BatchLocation.from_extra(extra) for extra in extras]
 
 
@@ -154,7 +127,7 @@ def _allow_mass_delete() -> bool:
     return conf.get("allow_mass_delete") is True
 
 
-def _load_task(settings: PipelineSettings) -> Any:
+def _load_task(settings: CollectionSettings) -> Any:
     @task(task_id="load_enriched_documents")
     def load_enriched_documents() -> dict[str, Any]:
         """Read the batches the triggering asset events name; set bad documents aside."""
@@ -166,7 +139,7 @@ def _load_task(settings: PipelineSettings) -> Any:
     return load_enriched_documents
 
 
-def _prepare_task(settings: PipelineSettings) -> Any:
+def _prepare_task(settings: CollectionSettings) -> Any:
     @task(task_id="prepare_chunks")
     def prepare_chunks(loaded: dict[str, Any]) -> list[dict[str, Any]]:
         """Hash chunks, skip unchanged ones, cut the rest into batches for mapping.
@@ -196,7 +169,7 @@ def _prepare_task(settings: PipelineSettings) -> Any:
     return prepare_chunks
 
 
-def _embed_task(spec: CollectionSpec, settings: PipelineSettings) -> Any:
+def _embed_task(spec: CollectionSpec, settings: CollectionSettings) -> Any:
     embedding = spec.embedding
 
     @task(
@@ -230,7 +203,7 @@ def _aggregate_task() -> Any:
     return aggregate_embeddings
 
 
-def _upsert_task(settings: PipelineSettings) -> Any:
+def _upsert_task(settings: CollectionSettings) -> Any:
     @task(task_id="batch_upsert_vectors")
     def batch_upsert_vectors(aggregated: dict[str, Any]) -> dict[str, Any]:
         """Merge staged vectors into the collection table, batch by batch."""
@@ -242,40 +215,30 @@ def _upsert_task(settings: PipelineSettings) -> Any:
     return batch_upsert_vectors
 
 
-def _wait_task(spec: CollectionSpec, upserted: Any) -> Any:
+def _wait_task(settings: CollectionSettings, upserted: Any) -> Any:
+    from capstone.index_build import IndexParams
     from capstone.sensors import VectorStoreIndexingSensor
 
-    index = spec.index
     return VectorStoreIndexingSensor(
         task_id="wait_for_indexing",
-        collection_name=spec.collection,
+        collection_name=settings.collection,
         expected_count=upserted["expected_count"],
-        connection_id=spec.store.connection_id,
-        schema=spec.store.schema_name,
-        table=spec.table_name,
-        index_type=index.type,
-        metric=index.metric,
-        m=index.m,
-        ef_construction=index.ef_construction,
-        lists=index.lists,
-        maintenance_work_mem=index.maintenance_work_mem,
-        poll_interval=index.poll_interval_seconds,
-        timeout=index.build_timeout_seconds,
+        index=IndexParams.of(settings),
+        connection_id=settings.store.connection_id,
+        poll_interval=settings.index.poll_interval_seconds,
+        timeout=settings.index.build_timeout_seconds,
         deferrable=True,
     )
 
 
-def _validate_task(spec: CollectionSpec, settings: PipelineSettings) -> Any:
-    validation = spec.validation.model_dump(mode="json")
-    index = spec.index.model_dump(mode="json")
-
+def _validate_task(settings: CollectionSettings) -> Any:
     @task(task_id="validate_index_health")
     def validate_index_health(upserted: dict[str, Any], indexed: dict[str, Any]) -> dict[str, Any]:
         """Counts, sample queries, recall vs exact search, freshness; fails on the spec's fail_on checks."""
         from capstone.validation import validate_collection
 
         with _terminal_errors_fail_at_once():
-            return validate_collection(settings, index, validation, upserted, indexed)
+            return validate_collection(settings, upserted, indexed)
 
     return validate_index_health
 

@@ -8,10 +8,23 @@ silently ignored key.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from capstone.settings import (
+    DEFAULT_MODELS,
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    IVFFLAT_LISTS,
+    MAX_INDEXED_DIMENSION,
+    MEMORY_SIZE,
+    Check,
+    IndexType,
+    Metric,
+    Provider,
+)
 from dag_factory.errors import InvalidField
 
 __all__ = [
@@ -28,22 +41,11 @@ __all__ = [
     "ValidationSpec",
 ]
 
-# pgvector can index `vector` columns of at most 2,000 dimensions (HNSW and IVFFlat).
-MAX_INDEXED_DIMENSION = 2000
 # Postgres truncates identifiers at 63 bytes; we refuse rather than truncate.
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _ASSET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,199}$")
 _POOL = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
-
-# provider -> (default model, its dimension)
-DEFAULT_MODELS: dict[str, tuple[str, int]] = {
-    "hash": ("hash-v1", 384),
-    "sentence-transformers": ("all-MiniLM-L6-v2", 384),
-    "openai": ("text-embedding-3-small", 1536),
-}
-
-Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
 
 
 class _Model(BaseModel):
@@ -111,7 +113,7 @@ class ChunkingSpec(_Model):
 class EmbeddingSpec(_Model):
     """How chunk texts become vectors, and how the mapped embedding tasks run."""
 
-    provider: Literal["hash", "sentence-transformers", "openai"] = "hash"
+    provider: Provider = "hash"
     model: str | None = Field(default=None, description="Model name; default depends on the provider.")
     dimension: int | None = Field(default=None, ge=1, le=16000)
     batch_size: int = Field(
@@ -209,13 +211,24 @@ class StoreSpec(_Model):
 class IndexSpec(_Model):
     """The ANN index built in the triggerer, and how search uses it."""
 
-    type: Literal["hnsw", "ivfflat"] = "hnsw"
-    metric: Literal["cosine", "l2", "inner_product"] = "cosine"
-    m: int = Field(default=16, ge=2, le=100, description="HNSW: links per node.")
-    ef_construction: int = Field(default=64, ge=4, le=1000, description="HNSW: build candidate list.")
-    ef_search: int = Field(default=100, ge=1, le=1000, description="HNSW: search candidate list.")
-    lists: int | None = Field(default=None, ge=1, le=32768, description="IVFFlat: number of lists.")
-    probes: int = Field(default=10, ge=1, le=32768, description="IVFFlat: lists searched per query.")
+    type: IndexType = "hnsw"
+    metric: Metric = "cosine"
+    m: int = Field(default=16, ge=HNSW_M[0], le=HNSW_M[1], description="HNSW: links per node.")
+    ef_construction: int = Field(
+        default=64,
+        ge=HNSW_EF_CONSTRUCTION[0],
+        le=HNSW_EF_CONSTRUCTION[1],
+        description="HNSW: build candidate list.",
+    )
+    ef_search: int = Field(
+        default=100, ge=HNSW_EF_SEARCH[0], le=HNSW_EF_SEARCH[1], description="HNSW: search candidate list."
+    )
+    lists: int | None = Field(
+        default=None, ge=IVFFLAT_LISTS[0], le=IVFFLAT_LISTS[1], description="IVFFlat: number of lists."
+    )
+    probes: int = Field(
+        default=10, ge=IVFFLAT_LISTS[0], le=IVFFLAT_LISTS[1], description="IVFFlat: lists searched per query."
+    )
     build_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     poll_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
     maintenance_work_mem: str = Field(
@@ -226,7 +239,7 @@ class IndexSpec(_Model):
     @field_validator("maintenance_work_mem")
     @classmethod
     def _memory(cls, value: str) -> str:
-        if value != "auto" and not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB)", value):
+        if value != "auto" and not re.fullmatch(MEMORY_SIZE, value):
             raise ValueError(f"must be 'auto' or a Postgres size such as '256MB' or '1GB', got {value!r}")
         return value
 
@@ -236,7 +249,7 @@ class IndexSpec(_Model):
             raise InvalidField(
                 "lists", "required for type 'ivfflat': add `lists: <n>` (rows / 1000 is a good start)"
             )
-        if self.type == "ivfflat" and self.probes > self.lists:  # type: ignore[operator]
+        if self.type == "ivfflat" and self.lists is not None and self.probes > self.lists:
             raise InvalidField("probes", f"cannot exceed lists ({self.lists}), got {self.probes}")
         if self.type == "hnsw" and self.ef_construction < 2 * self.m:
             raise InvalidField(

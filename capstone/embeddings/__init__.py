@@ -1,4 +1,4 @@
-"""Chunk texts to vectors behind one interface: ``create_embedder(...).embed(texts)``.
+"""Chunk texts to vectors behind one interface: ``embedder_for(settings.embedding).embed(texts)``.
 
 Providers: ``hash`` (deterministic and offline, for tests and demos), ``sentence-transformers``
 (a local model, offline; the ``[local]`` extra) and ``openai`` (the official client; ``base_url``
@@ -18,7 +18,7 @@ from capstone.embeddings.errors import (
     MissingExtraError,
     ModelNotAvailableError,
 )
-from capstone.embeddings.factory import PROVIDERS, Provider, create_embedder
+from capstone.embeddings.factory import PROVIDERS, Provider, create_embedder, embedder_for
 
 __all__ = [
     "PROVIDERS",
@@ -32,5 +32,6 @@ __all__ = [
     "ModelNotAvailableError",
     "Provider",
     "create_embedder",
+    "embedder_for",
     "resolve_api_key",
 ]

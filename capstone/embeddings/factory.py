@@ -2,47 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
+from capstone.embeddings.api_key import resolve_api_key
 from capstone.embeddings.base import Embedder
+from capstone.settings import PROVIDERS, EmbeddingSettings, Provider
 
-__all__ = ["PROVIDERS", "Provider", "create_embedder"]
+__all__ = ["PROVIDERS", "Provider", "create_embedder", "embedder_for"]
 
-Provider = Literal["hash", "sentence-transformers", "openai"]
-PROVIDERS: tuple[str, ...] = get_args(Provider)
+
+def embedder_for(embedding: EmbeddingSettings) -> Embedder:
+    """The embedder of a collection's ``embedding`` settings, its API key resolved where it is kept
+    (``embedding.connection_id``'s password, else ``$embedding.api_key_env``)."""
+    api_key = (
+        resolve_api_key(embedding.connection_id, embedding.api_key_env)
+        if embedding.provider == "openai"
+        else None
+    )
+    return create_embedder(embedding, api_key=api_key)
 
 
 def create_embedder(
-    provider: Provider,
-    *,
-    model: str,
-    dimension: int,
-    normalize: bool = True,
-    request_batch_size: int = 64,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    timeout: float = 60.0,
-    max_retries: int = 5,
+    embedding: EmbeddingSettings, *, api_key: str | None = None, max_retries: int = 5
 ) -> Embedder:
-    """An embedder for ``provider``; :class:`EmbeddingDimensionError` if ``model`` lacks ``dimension``.
-
-    ``request_batch_size`` is texts per model call or API request; ``base_url``, ``api_key``,
-    ``timeout`` (seconds per request) and ``max_retries`` apply to ``openai`` only.
+    """An embedder for ``embedding.provider``; :class:`EmbeddingDimensionError` if the model lacks
+    ``embedding.dimension``. ``api_key`` and ``max_retries`` (of the client) apply to ``openai`` only.
     """
-    if dimension < 1 or request_batch_size < 1:
+    provider, model, dimension = embedding.provider, embedding.model, embedding.dimension
+    if dimension < 1 or embedding.request_batch_size < 1:
         raise ValueError(
-            f"dimension and request_batch_size must be positive, got {dimension} and {request_batch_size}"
+            f"dimension and request_batch_size must be positive, got {dimension} and "
+            f"{embedding.request_batch_size}"
         )
     # Each provider is imported only when asked for: the openai client and torch are slow imports.
     if provider == "hash":
         from capstone.embeddings.hashing import HashEmbedder
 
-        return HashEmbedder(model=model, dimension=dimension, normalize=normalize)
+        return HashEmbedder(model=model, dimension=dimension, normalize=embedding.normalize)
     if provider == "sentence-transformers":
         from capstone.embeddings.local_model import SentenceTransformerEmbedder
 
         return SentenceTransformerEmbedder(
-            model=model, dimension=dimension, normalize=normalize, request_batch_size=request_batch_size
+            model=model,
+            dimension=dimension,
+            normalize=embedding.normalize,
+            request_batch_size=embedding.request_batch_size,
         )
     if provider == "openai":
         from capstone.embeddings.openai_api import OpenAIEmbedder
@@ -50,11 +52,11 @@ def create_embedder(
         return OpenAIEmbedder(
             model=model,
             dimension=dimension,
-            normalize=normalize,
-            request_batch_size=request_batch_size,
-            base_url=base_url,
+            normalize=embedding.normalize,
+            request_batch_size=embedding.request_batch_size,
+            base_url=embedding.base_url,
             api_key=api_key,
-            timeout=timeout,
+            timeout=embedding.request_timeout_seconds,
             max_retries=max_retries,
         )
     raise ValueError(f"unknown embedding provider {provider!r}: embedding.provider is one of {PROVIDERS}")

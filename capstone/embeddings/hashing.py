@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from capstone.embeddings.base import l2_normalize, no_vectors
+from capstone.settings import DEFAULT_MODELS
 
 __all__ = ["HashEmbedder"]
 
@@ -85,7 +86,9 @@ class HashEmbedder:
     provider = "hash"
     max_input_chars: int | None = None
 
-    def __init__(self, *, model: str = "hash-v1", dimension: int = 384, normalize: bool = True) -> None:
+    def __init__(
+        self, *, dimension: int, model: str = DEFAULT_MODELS["hash"][0], normalize: bool = True
+    ) -> None:
         self.model = model
         self.dimension = dimension
         self.normalize = normalize

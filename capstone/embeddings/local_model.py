@@ -19,12 +19,13 @@ import numpy as np
 
 from capstone.embeddings.base import no_vectors
 from capstone.embeddings.errors import EmbeddingDimensionError, MissingExtraError, ModelNotAvailableError
+from capstone.settings import DEFAULT_MODELS
 
 __all__ = ["BUNDLED_MODEL", "SentenceTransformerEmbedder", "load_sentence_transformer"]
 
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "all-MiniLM-L6-v2"
+BUNDLED_MODEL = DEFAULT_MODELS["sentence-transformers"][0]
 _BUNDLED_NAMES = frozenset({BUNDLED_MODEL, f"sentence-transformers/{BUNDLED_MODEL}"})
 # WordPiece/BPE tokens of English prose average ~4 characters. Past max_seq_length the model
 # silently truncates, so a longer chunk would be embedded from its beginning only: the pipeline
@@ -102,7 +103,7 @@ class SentenceTransformerEmbedder:
         model: str = BUNDLED_MODEL,
         dimension: int,
         normalize: bool = True,
-        request_batch_size: int = 64,
+        request_batch_size: int,
     ) -> None:
         self.model = model
         self.dimension = dimension

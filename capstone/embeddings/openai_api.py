@@ -109,10 +109,10 @@ class OpenAIEmbedder:
         model: str,
         dimension: int,
         normalize: bool = True,
-        request_batch_size: int = 64,
+        request_batch_size: int,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float = 60.0,
+        timeout: float,
         max_retries: int = 5,
     ) -> None:
         _check_declared_dimension(model, dimension)

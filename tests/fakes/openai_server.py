@@ -9,7 +9,7 @@ timeout, or fail a seeded random fraction of calls. Every call is recorded.
 
     with running_fake_openai_server() as server:
         server.fail_next(1, "429", retry_after=1)
-        embedder = create_embedder("openai", base_url=server.base_url, api_key=server.api_key, ...)
+        embedder = create_embedder(replace(settings, base_url=server.base_url), api_key=server.api_key)
 """
 
 from __future__ import annotations

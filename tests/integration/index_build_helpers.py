@@ -20,6 +20,7 @@ from psycopg import sql
 
 from capstone import store
 from capstone.index_build import IndexParams
+from tests.support.settings import index_params
 
 __all__ = [
     "IndexRow",
@@ -92,14 +93,13 @@ def indexes_on(
 
 
 def trigger_kwargs(schema: str, table: str, expected_count: int, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of a ``VectorStoreIndexingTrigger`` for the test table."""
+    """Keyword arguments of a ``VectorStoreIndexingTrigger`` for the test table (the spec's default
+    index, on the ``vector_store_default`` connection)."""
     return {
         "collection_name": table,
         "expected_count": expected_count,
-        "schema": schema,
-        "table": table,
-        "index_type": "hnsw",
-        "metric": "cosine",
+        "index": index_params(schema, table),
+        "connection_id": "vector_store_default",
         "poll_interval": 0.05,
         "timeout": 120.0,
         **overrides,

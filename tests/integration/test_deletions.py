@@ -12,8 +12,9 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from capstone.pipeline import PipelineSettings, run_key_for
+from capstone.pipeline import run_key_for
 from tests.reliability.support import assert_table_holds_exactly, jsonl_batch, run_pipeline
+from tests.support.settings import collection_settings
 
 
 def _document(doc_id: str, chunks: list[str]) -> dict[str, Any]:
@@ -24,8 +25,8 @@ def test_a_postgres_batch_deletes_documents_through_its_deleted_column(
     tmp_path: Path, pg_dsn: str, pg_schema: str
 ) -> None:
     # 7 of 12 rows go: above the mass-delete guard's default, which test_guards.py covers.
-    settings = PipelineSettings(
-        collection="tombs", schema=pg_schema, table="docs", dimension=32, max_delete_fraction=1.0
+    settings = collection_settings(
+        "tombs", pg_schema, "docs", embedding={"dimension": 32}, store={"max_delete_fraction": 1.0}
     )
     first = [_document(f"d{i}", [f"document {i} chunk {j}" for j in range(3)]) for i in range(4)]
     run_pipeline(settings, run_key_for("tombs", "1"), [jsonl_batch(tmp_path / "first.jsonl", first)])

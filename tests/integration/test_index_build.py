@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -21,6 +22,7 @@ from capstone.index_build import (
     is_managed_index_name,
 )
 from tests.integration.index_build_helpers import IndexRow, create_collection, indexes_on, random_unit_vectors
+from tests.support.settings import index_params
 
 log = logging.getLogger("test_index_build")
 
@@ -28,17 +30,18 @@ log = logging.getLogger("test_index_build")
 
 
 def test_index_name_carries_a_hash_of_the_parameters() -> None:
-    a = IndexParams("public", "docs", "hnsw", "cosine")
-    b = IndexParams("public", "docs", "hnsw", "cosine", m=8, ef_construction=32)
+    a = index_params("public", "docs")
+    b = index_params("public", "docs", m=8, ef_construction=32)
     assert a.index_name.startswith("docs_hnsw_") and len(a.index_name) == len("docs_hnsw_") + 8
     assert a.index_name != b.index_name
     # Options the index type ignores do not change the name (no needless rebuild).
-    assert a.index_name == IndexParams("public", "docs", "hnsw", "cosine", lists=100).index_name
-    assert a.index_name != IndexParams("public", "docs", "hnsw", "l2").index_name
+    assert a.index_name == index_params("public", "docs", lists=100).index_name
+    assert a.index_name != index_params("public", "docs", metric="l2").index_name
 
 
 def test_index_name_fits_63_bytes_and_keeps_the_hash() -> None:
-    params = IndexParams("public", "é" * 31, "ivfflat", "l2", lists=10)  # 62 bytes of table name
+    ivfflat = index_params("public", "docs", type="ivfflat", metric="l2", lists=10)
+    params = replace(ivfflat, table="é" * 31)  # 62 bytes of table name
     name = params.index_name
     assert len(name.encode()) <= 63
     assert name.endswith(f"_ivfflat_{params.params_hash}")
@@ -47,7 +50,8 @@ def test_index_name_fits_63_bytes_and_keeps_the_hash() -> None:
 
 
 def test_create_sql_quotes_identifiers_and_uses_the_metric_opclass() -> None:
-    params = IndexParams("my schema", 'odd"table', "ivfflat", "inner_product", lists=50)
+    ivfflat = index_params("public", "docs", type="ivfflat", metric="inner_product", lists=50)
+    params = replace(ivfflat, schema="my schema", table='odd"table')
     assert params.opclass == "vector_ip_ops" and DISTANCE_OPERATORS["inner_product"] == "<#>"
     assert params.create_sql() == (
         f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{params.index_name.replace(chr(34), chr(34) * 2)}" '
@@ -65,9 +69,8 @@ def test_create_sql_quotes_identifiers_and_uses_the_metric_opclass() -> None:
     ],
 )
 def test_bad_parameters_are_refused_with_the_reason(kwargs: dict[str, Any], error: str) -> None:
-    base: dict[str, Any] = {"schema": "public", "table": "docs", "index_type": "hnsw", "metric": "cosine"}
     with pytest.raises(ValueError, match=error):
-        IndexParams(**{**base, **kwargs})
+        replace(index_params("public", "docs"), **kwargs)
 
 
 def test_build_memory_is_sized_from_the_data_and_clamped() -> None:
@@ -82,9 +85,8 @@ def test_build_memory_is_sized_from_the_data_and_clamped() -> None:
 # -- builds ------------------------------------------------------------------------------------
 
 
-def _params(schema: str, **overrides: Any) -> IndexParams:
-    base: dict[str, Any] = {"schema": schema, "table": "docs", "index_type": "hnsw", "metric": "cosine"}
-    return IndexParams(**{**base, **overrides})
+def _params(schema: str, **index: Any) -> IndexParams:
+    return index_params(schema, "docs", **index)
 
 
 async def test_builds_a_fresh_table_and_logs_progress(

@@ -10,8 +10,9 @@ import pytest
 
 from capstone import pipeline
 from capstone.documents import BatchLocation
-from capstone.pipeline import PipelineSettings, run_key_for
+from capstone.pipeline import run_key_for
 from tests.reliability.support import jsonl_batch
+from tests.support.settings import collection_settings
 
 
 class _Collect(logging.Handler):
@@ -32,7 +33,7 @@ def test_loading_logs_its_progress_through_a_long_batch(
     ]
     documents.insert(2, {"id": "bad", "content": "x", "chunks": []})
     documents.append({"id": "d1", "deleted": True})  # a duplicate id: set aside, the first one wins
-    settings = PipelineSettings(collection="progress", schema=pg_schema, table="docs", dimension=8)
+    settings = collection_settings("progress", pg_schema, "docs", embedding={"dimension": 8})
 
     # A handler of its own: Airflow's logging set-up, done on first use, replaces the root's handlers.
     logger, collect = logging.getLogger("capstone.pipeline"), _Collect()

@@ -14,6 +14,7 @@ from capstone.embeddings import (
 )
 from capstone.embeddings.base import Embedder
 from capstone.embeddings.local_model import load_sentence_transformer
+from tests.support.settings import embedding_settings
 
 pytestmark = [
     pytest.mark.local_model,
@@ -48,7 +49,7 @@ def topic_chunks() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
-    return create_embedder("sentence-transformers", model=MODEL, dimension=384)
+    return create_embedder(embedding_settings("sentence-transformers", model=MODEL, dimension=384))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_vectors_are_float32_unit_rows(
 
 
 def test_the_loaded_model_is_shared_within_the_process(embedder: Embedder) -> None:
-    again = create_embedder("sentence-transformers", model=MODEL, dimension=384)
+    again = create_embedder(embedding_settings("sentence-transformers", model=MODEL, dimension=384))
 
     assert load_sentence_transformer(MODEL) is load_sentence_transformer(MODEL)
     np.testing.assert_array_equal(again.embed(["same model"]), embedder.embed(["same model"]))
@@ -96,9 +97,11 @@ def test_max_input_chars_follows_the_model_sequence_length(embedder: Embedder) -
 
 def test_a_configured_dimension_unlike_the_models_is_refused(embedder: Embedder) -> None:
     with pytest.raises(EmbeddingDimensionError, match=r"produces 384-dimensional .* configured for 768"):
-        create_embedder("sentence-transformers", model=MODEL, dimension=768)
+        create_embedder(embedding_settings("sentence-transformers", model=MODEL, dimension=768))
 
 
 def test_a_model_that_is_not_on_disk_fails_without_downloading() -> None:
     with pytest.raises(ModelNotAvailableError, match="not available offline"):
-        create_embedder("sentence-transformers", model="no-such-org/no-such-model", dimension=384)
+        create_embedder(
+            embedding_settings("sentence-transformers", model="no-such-org/no-such-model", dimension=384)
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from capstone.embeddings import (
 )
 from capstone.embeddings.base import Embedder
 from tests.fakes.openai_server import FakeOpenAIServer, running_fake_openai_server
+from tests.support.settings import embedding_settings
 
 MODEL = "text-embedding-3-small"
 DIMENSION = 64
@@ -29,16 +31,17 @@ def fake_openai() -> Iterator[FakeOpenAIServer]:
         yield server
 
 
-def _embedder(server: FakeOpenAIServer, **options: Any) -> Embedder:
-    settings: dict[str, Any] = {
-        "model": MODEL,
-        "dimension": DIMENSION,
-        "base_url": server.base_url,
-        "api_key": server.api_key,
-        "timeout": 5.0,
-        "max_retries": 5,
-    } | options
-    return create_embedder("openai", **settings)
+def _embedder(
+    server: FakeOpenAIServer, *, api_key: str | None = None, max_retries: int = 5, **embedding: Any
+) -> Embedder:
+    """The openai embedder against the fake; ``embedding`` replaces settings fields, even past the
+    spec's bounds (what the client does with them is under test)."""
+    settings = embedding_settings(
+        "openai", model=MODEL, dimension=DIMENSION, base_url=server.base_url, request_timeout_seconds=5.0
+    )
+    return create_embedder(
+        replace(settings, **embedding), api_key=api_key or server.api_key, max_retries=max_retries
+    )
 
 
 def _texts(count: int) -> list[str]:
@@ -118,7 +121,7 @@ def test_a_hang_past_the_timeout_is_retried_then_succeeds(fake_openai: FakeOpenA
     fake_openai.fail_next(1, "hang")
     started = time.monotonic()
 
-    vectors = _embedder(fake_openai, timeout=0.5).embed(_texts(3))
+    vectors = _embedder(fake_openai, request_timeout_seconds=0.5).embed(_texts(3))
 
     assert time.monotonic() - started < 5  # gave up on the hung call after ~0.5 s, not 30 s
     assert [r.status for r in fake_openai.embedding_requests()] == [0, 200]

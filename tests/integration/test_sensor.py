@@ -12,6 +12,7 @@ from airflow.sdk.exceptions import AirflowException, TaskDeferred
 from capstone.sensors import VectorStoreIndexingSensor
 from capstone.triggers import VectorStoreIndexingTrigger
 from tests.integration.index_build_helpers import IndexRow, create_collection, indexes_on
+from tests.support.settings import index_params
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -19,15 +20,15 @@ if TYPE_CHECKING:
 NO_CONTEXT = cast("Context", {})
 
 
-def _sensor(schema: str, expected_count: Any, **overrides: Any) -> VectorStoreIndexingSensor:
+def _sensor(
+    schema: str, expected_count: Any, index: dict[str, Any] | None = None, **overrides: Any
+) -> VectorStoreIndexingSensor:
     kwargs: dict[str, Any] = {
         "task_id": "wait_for_indexing",
         "collection_name": "docs",
         "expected_count": expected_count,
-        "schema": schema,
-        "table": "docs",
-        "index_type": "hnsw",
-        "metric": "cosine",
+        "index": index_params(schema, "docs", **(index or {})),
+        "connection_id": "vector_store_default",
         "poll_interval": 0.05,
         "timeout": 60,
         **overrides,
@@ -83,7 +84,7 @@ def test_missing_index_defers_to_the_trigger(
     pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
     create_collection(pg_conn, pg_schema, "docs", 100)
-    sensor = _sensor(pg_schema, " 100 ", m=8, ef_construction=32, timeout=600)
+    sensor = _sensor(pg_schema, " 100 ", index={"m": 8, "ef_construction": 32}, timeout=600)
 
     with pytest.raises(TaskDeferred) as deferred:
         sensor.execute(NO_CONTEXT)

@@ -30,7 +30,7 @@ from psycopg import sql
 
 from capstone.connections import PostgresConnectionRefused, PostgresParams, connect
 from capstone.embedded_pg import EmbeddedPostgres, ServerTls
-from capstone.index_build import IndexParams, build_index
+from capstone.index_build import build_index
 from tests.airflow_helpers import (
     asset_events,
     run_collection,
@@ -41,6 +41,7 @@ from tests.airflow_helpers import (
 )
 from tests.integration.tls_postgres import tls_capable_install
 from tests.reliability.support import assert_table_holds_exactly, free_port, jsonl_batch
+from tests.support.settings import index_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 
@@ -258,7 +259,7 @@ def test_psycopg_and_asyncpg_alike_refuse_a_server_certificate_of_another_ca(tls
     with pytest.raises(PostgresConnectionRefused, match="certificate"):
         connect(params, application_name="tls check")
 
-    index = IndexParams(schema="public", table="tls_docs", index_type="hnsw", metric="cosine")
+    index = index_params("public", "tls_docs")
     event = asyncio.run(build_index(params, index, 1, 0.2, 30, logging.getLogger("test")))
     assert event["status"] == "error" and event["terminal"] is True
     assert "certificate" in event["message"]
@@ -266,7 +267,7 @@ def test_psycopg_and_asyncpg_alike_refuse_a_server_certificate_of_another_ca(tls
 
 def test_asyncpg_refused_without_tls_says_what_to_set(tls_server: TlsServer) -> None:
     params = PostgresParams.from_dsn(tls_server.uri(sslmode="disable"))
-    index = IndexParams(schema="public", table="tls_docs", index_type="hnsw", metric="cosine")
+    index = index_params("public", "tls_docs")
 
     event = asyncio.run(build_index(params, index, 1, 0.2, 30, logging.getLogger("test")))
 

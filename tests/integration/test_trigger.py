@@ -23,6 +23,7 @@ from tests.integration.index_build_helpers import (
     run_trigger,
     trigger_kwargs,
 )
+from tests.support.settings import index_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,12 +39,9 @@ def test_serialize_round_trips_through_the_class_path() -> None:
     trigger = VectorStoreIndexingTrigger(
         collection_name="docs",
         expected_count=42,
-        schema="public",
-        table="docs",
-        index_type="ivfflat",
-        metric="l2",
-        lists=10,
-        maintenance_work_mem="256MB",
+        index=index_params(
+            "public", "docs", type="ivfflat", metric="l2", lists=10, maintenance_work_mem="256MB"
+        ),
         connection_id="my_pg",
         poll_interval=5,
         timeout=60,
@@ -54,7 +52,7 @@ def test_serialize_round_trips_through_the_class_path() -> None:
     rebuilt = import_string(classpath)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
     assert rebuilt.params == trigger.params
-    assert kwargs["expected_count"] == 42 and kwargs["timeout"] == 60.0 and kwargs["lists"] == 10
+    assert kwargs["expected_count"] == 42 and kwargs["timeout"] == 60.0 and kwargs["index"]["lists"] == 10
     assert json.loads(json.dumps(kwargs)) == kwargs  # Airflow stores the kwargs as JSON
 
 

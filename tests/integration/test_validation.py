@@ -26,14 +26,14 @@ from capstone import exact_scan, registry, store
 from capstone.corpus import reference_documents, write_jsonl_batch
 from capstone.embeddings import create_embedder
 from capstone.index_build import IndexParams, build_index
-from capstone.pipeline import PipelineSettings
 from capstone.search import SearchTarget, ann_session, ann_statement
+from capstone.settings import CollectionSettings, Metric
 from capstone.validation import IndexHealthError, sample_vectors, validate_collection
 from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection
 from tests.integration.exact_reference import exact_connection, exact_search, exact_statement
+from tests.support.settings import collection_settings, embedding_settings
 
 DIM = 64
-HNSW = {"type": "hnsw", "metric": "cosine", "m": 16, "ef_construction": 64, "ef_search": 100, "probes": 10}
 QUERIES = [
     {"id": "try", "query": "try statement exception handlers finally clause", "expected_document_id": "try"},
     {"id": "with", "query": "with statement context manager enter exit", "expected_document_id": "with"},
@@ -46,22 +46,28 @@ class Collection:
     """A collection table with a valid index, and what the pipeline's tasks would hand validation."""
 
     dsn: str
-    settings: PipelineSettings
-    index: dict[str, Any]
+    settings: CollectionSettings
     indexed: dict[str, Any]
     rows: int
 
     @property
     def table(self) -> sql.Identifier:
-        return sql.Identifier(self.settings.schema, self.settings.table)
+        return sql.Identifier(self.settings.store.schema, self.settings.store.table)
 
     def validate(
         self, *, upserted: int | None = None, indexed: dict[str, Any] | None = None, **validation: Any
     ) -> dict[str, Any]:
         """Run validation as the DAG task does; ``upserted`` rows written by "this run" (default: all)."""
         spec = {"sample_queries": QUERIES, "recall_threshold": 0.9, "fail_on": ["vector_count"], **validation}
+        checks = collection_settings("checks", "public", validation=spec).validation
         written = {"expected_count": self.rows, "upserted": self.rows if upserted is None else upserted}
-        return validate_collection(self.settings, self.index, spec, written, indexed or self.indexed)
+        return validate_collection(
+            replace(self.settings, validation=checks), written, indexed or self.indexed
+        )
+
+    def with_index(self, **index: Any) -> Collection:
+        """The same collection searched with other query-time settings (``probes=...``)."""
+        return replace(self, settings=replace(self.settings, index=replace(self.settings.index, **index)))
 
 
 def _copy_rows(
@@ -79,22 +85,16 @@ def _copy_rows(
 
 
 def _indexed_collection(
-    dsn: str, settings: PipelineSettings, index: dict[str, Any], rows: list[tuple], vectors: np.ndarray
+    dsn: str, settings: CollectionSettings, rows: list[tuple], vectors: np.ndarray
 ) -> Collection:
     table = settings.store_table
     with psycopg.connect(dsn, autocommit=True) as conn:
         store.ensure_collection_table(conn, table)
         _copy_rows(conn, table, rows, vectors)
-    params = IndexParams(
-        schema=settings.schema,
-        table=settings.table,
-        index_type=index["type"],
-        metric=index["metric"],
-        lists=index.get("lists"),
-    )
+    params = IndexParams.of(settings)
     event = asyncio.run(build_index(dsn, params, len(rows), 0.1, 120.0, logging.getLogger("test.build")))
     assert event["status"] == "success", event
-    return Collection(dsn, settings, index, event, len(rows))
+    return Collection(dsn, settings, event, len(rows))
 
 
 def _forget(dsn: str, name: str) -> None:
@@ -111,9 +111,9 @@ def reference(pg_dsn: str, pg_schema: str) -> Iterator[Collection]:
         for doc in reference_documents()
         for i, text in enumerate(doc["chunks"])
     ]
-    vectors = create_embedder("hash", model="hash-v1", dimension=DIM).embed([row[3] for row in rows])
-    settings = PipelineSettings(collection=pg_schema, schema=pg_schema, table="reference", dimension=DIM)
-    yield _indexed_collection(pg_dsn, settings, HNSW, rows, vectors)
+    vectors = create_embedder(embedding_settings(dimension=DIM)).embed([row[3] for row in rows])
+    settings = collection_settings(pg_schema, pg_schema, "reference", embedding={"dimension": DIM})
+    yield _indexed_collection(pg_dsn, settings, rows, vectors)
     _forget(pg_dsn, pg_schema)
 
 
@@ -127,13 +127,16 @@ def clusters(pg_dsn: str) -> Iterator[Collection]:
     rows = [
         (f"c{i // 2000}_chunk_{i % 2000}", f"c{i // 2000}", i % 2000, f"point {i}") for i in range(40_000)
     ]
-    settings = PipelineSettings(
-        collection=schema, schema=schema, table="clusters", dimension=32, normalize=False
+    settings = collection_settings(
+        schema,
+        schema,
+        "clusters",
+        embedding={"dimension": 32},
+        index={"type": "ivfflat", "metric": "l2", "lists": 100, "probes": 1},
     )
-    index = {"type": "ivfflat", "metric": "l2", "lists": 100, "probes": 1, "ef_search": 100}
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    yield _indexed_collection(pg_dsn, settings, index, rows, vectors)
+    yield _indexed_collection(pg_dsn, settings, rows, vectors)
     _forget(pg_dsn, schema)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
@@ -176,19 +179,19 @@ def test_validation_registers_the_collection_for_search(reference: Collection) -
     with psycopg.connect(reference.dsn) as conn:
         record = registry.lookup(conn, reference.settings.collection)
     assert (record.schema, record.table, record.provider, record.model, record.dimension) == (
-        reference.settings.schema,
+        reference.settings.store.schema,
         "reference",
         "hash",
         "hash-v1",
         DIM,
     )
     assert (record.metric, record.index_type, record.ef_search) == ("cosine", "hnsw", 100)
-    assert record.index.index_name == reference.indexed["index_name"]
+    assert record.index_name == reference.indexed["index_name"]
     assert record.last_validation is not None and record.last_validation["failed"] == []
 
 
 def test_the_recall_sample_is_the_same_on_every_run(reference: Collection) -> None:
-    target = SearchTarget(reference.settings.store_table, "cosine", "hnsw")
+    target = SearchTarget(reference.settings.store_table, "cosine", "hnsw", ef_search=100, probes=10)
     with psycopg.connect(reference.dsn, autocommit=True) as conn:
         register_vector(conn)
         first, second = sample_vectors(conn, target, 20), sample_vectors(conn, target, 20)
@@ -199,7 +202,7 @@ def test_the_recall_sample_is_the_same_on_every_run(reference: Collection) -> No
 
 
 def test_the_ann_query_uses_the_index_and_the_exact_query_does_not(reference: Collection) -> None:
-    target = SearchTarget(reference.settings.store_table, "cosine", "hnsw", ef_search=100)
+    target = SearchTarget(reference.settings.store_table, "cosine", "hnsw", ef_search=100, probes=10)
     query = {"query": np.ones(DIM, dtype=np.float32), "limit": 10}
     index_name = reference.indexed["index_name"]
 
@@ -217,9 +220,9 @@ def test_the_ann_query_uses_the_index_and_the_exact_query_does_not(reference: Co
 
 @pytest.mark.parametrize("metric", ["cosine", "l2", "inner_product"])
 def test_exact_search_returns_the_nearest_rows_with_their_own_details(
-    reference: Collection, metric: str
+    reference: Collection, metric: Metric
 ) -> None:
-    target = SearchTarget(reference.settings.store_table, metric, "hnsw")
+    target = SearchTarget(reference.settings.store_table, metric, "hnsw", ef_search=100, probes=10)
     with psycopg.connect(reference.dsn, autocommit=True) as conn:
         register_vector(conn)
         rows = conn.execute(
@@ -248,10 +251,10 @@ def test_exact_search_returns_the_nearest_rows_with_their_own_details(
 
 @pytest.mark.parametrize("metric", ["cosine", "l2", "inner_product"])
 def test_one_pass_exact_neighbours_match_exact_search_for_every_query(
-    reference: Collection, metric: str, monkeypatch: pytest.MonkeyPatch
+    reference: Collection, metric: Metric, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(exact_scan, "_BLOCK_ROWS", 100)  # 733 rows: several blocks and a last, short one
-    target = SearchTarget(reference.settings.store_table, metric, "hnsw")
+    target = SearchTarget(reference.settings.store_table, metric, "hnsw", ef_search=100, probes=10)
     with psycopg.connect(reference.dsn, autocommit=True) as conn:
         register_vector(conn)
         sample = sample_vectors(conn, target, 12)
@@ -349,7 +352,7 @@ def test_low_recall_only_warns_when_recall_is_not_in_fail_on(clusters: Collectio
     assert 1 < suggested <= 100
     summary = report["summary"]
     assert (summary["recall_at_k"], summary["recall"], summary["probes"]) == ("warn", recall["recall"], 1)
-    raised = replace(clusters, index={**clusters.index, "probes": suggested})
+    raised = clusters.with_index(probes=suggested)
     assert raised.validate(sample_queries=[], fail_on=["recall"])["summary"]["recall"] >= 0.9
 
 
@@ -357,7 +360,7 @@ def test_a_missing_index_fails_recall_and_freshness(reference: Collection) -> No
     with psycopg.connect(reference.dsn, autocommit=True) as conn:
         conn.execute(
             sql.SQL("DROP INDEX {}").format(
-                sql.Identifier(reference.settings.schema, reference.indexed["index_name"])
+                sql.Identifier(reference.settings.store.schema, reference.indexed["index_name"])
             )
         )
 

@@ -23,13 +23,13 @@ from capstone.documents import BatchLocation
 from capstone.embeddings.hashing import HashEmbedder
 from capstone.pipeline import (
     NothingToIndex,
-    PipelineSettings,
     aggregate_manifests,
     embed_batch,
     load_documents,
     prepare_chunks,
     upsert_vectors,
 )
+from capstone.settings import CollectionSettings
 from tests.fakes.openai_server import FakeOpenAIServer, Fault, FaultKind, RecordedRequest, _EmbeddingsHandler
 
 __all__ = [
@@ -129,7 +129,7 @@ def jsonl_batch(path: Path, lines: Sequence[bytes | dict[str, Any]]) -> dict[str
 
 
 def run_until_upsert(
-    settings: PipelineSettings, run_key: str, batches: Sequence[dict[str, Any]]
+    settings: CollectionSettings, run_key: str, batches: Sequence[dict[str, Any]]
 ) -> dict[str, Any] | None:
     """Run load -> prepare -> embed (every batch) -> aggregate; the aggregate to upsert, or None.
 
@@ -146,7 +146,7 @@ def run_until_upsert(
 
 
 def run_pipeline(
-    settings: PipelineSettings, run_key: str, batches: Sequence[dict[str, Any]]
+    settings: CollectionSettings, run_key: str, batches: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
     """The whole write path of one run (no index build); returns the upsert's result."""
     aggregate = run_until_upsert(settings, run_key, batches)

@@ -19,7 +19,6 @@ import pytest
 from capstone.documents import BatchLocation
 from capstone.index_build import IndexParams, build_index
 from capstone.pipeline import (
-    PipelineSettings,
     aggregate_manifests,
     embed_batch,
     load_documents,
@@ -31,6 +30,7 @@ from dag_factory.builder import build_collection_dag
 from dag_factory.loader import load_collection
 from tests.integration.index_build_helpers import IndexRow, indexes_on
 from tests.reliability.support import assert_table_holds_exactly, jsonl_batch
+from tests.support.settings import collection_settings
 
 log = logging.getLogger("test_concurrency")
 
@@ -60,20 +60,15 @@ def _documents(first: int, last: int) -> list[dict[str, Any]]:
 def test_two_overlapping_runs_end_with_exact_rows_and_one_index(
     tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    settings = PipelineSettings(
-        collection="twice",
-        schema=pg_schema,
-        table="twice",
-        dimension=64,
-        embed_batch_size=100,
-        upsert_batch_size=40,
+    settings = collection_settings(
+        "twice", pg_schema, embedding={"dimension": 64, "batch_size": 100}, upsert_batch_size=40
     )
     first, second = _documents(0, 400), _documents(200, 600)  # 200 documents in both runs
     batches = {
         "run-a": jsonl_batch(tmp_path / "a.jsonl", first),
         "run-b": jsonl_batch(tmp_path / "b.jsonl", second),
     }
-    params = IndexParams(schema=pg_schema, table="twice", index_type="hnsw", metric="cosine")
+    params = IndexParams.of(settings)
     at_merge, at_build = threading.Barrier(2, timeout=60), threading.Barrier(2, timeout=60)
     results: dict[str, dict[str, Any]] = {}
     errors: list[BaseException] = []

@@ -20,7 +20,8 @@ import pytest
 
 from capstone import store
 from capstone.embedded_pg import EmbeddedPostgres
-from capstone.pipeline import PipelineSettings, run_key_for, upsert_vectors
+from capstone.pipeline import run_key_for, upsert_vectors
+from capstone.settings import CollectionSettings
 from tests.reliability.support import (
     PRIVATE_CONNECTION_ID,
     assert_table_holds_exactly,
@@ -29,6 +30,7 @@ from tests.reliability.support import (
     run_until_upsert,
     stored_chunks,
 )
+from tests.support.settings import collection_settings
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +39,13 @@ UPSERT_BATCH = 100
 LOCKED_SPAN = 3  # the merge of the 4th span (0-based 3) is the one the stop interrupts
 
 
-def _settings(schema: str) -> PipelineSettings:
-    return PipelineSettings(
-        collection=schema,
-        schema=schema,
-        table="chunks",
-        dimension=DIMENSION,
-        connection_id=PRIVATE_CONNECTION_ID,
-        embed_batch_size=5000,
+def _settings(schema: str) -> CollectionSettings:
+    return collection_settings(
+        schema,
+        schema,
+        "chunks",
+        embedding={"dimension": DIMENSION, "batch_size": 5000},
+        store={"connection_id": PRIVATE_CONNECTION_ID},
         upsert_batch_size=UPSERT_BATCH,
     )
 

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 _LOAD_WITH_NO_CONNECTION = """
 import json, sys
 from capstone.documents import BatchLocation
-from capstone.pipeline import PipelineSettings, load_documents
+from capstone.pipeline import load_documents
+from tests.support.settings import collection_settings
 
-settings = PipelineSettings(collection="orphan", schema="public", table="orphan", dimension=8)
+settings = collection_settings("orphan", "public")
 try:
     load_documents(settings, "run", [BatchLocation.from_extra({"path": sys.argv[1]})])
 except Exception as exc:

@@ -19,7 +19,7 @@ import pytest
 from capstone import store
 from capstone.documents import BatchLocation
 from capstone.embeddings import EmbeddingInputRejected
-from capstone.pipeline import PipelineSettings, embed_batch, load_documents, prepare_chunks, run_key_for
+from capstone.pipeline import embed_batch, load_documents, prepare_chunks, run_key_for
 from tests.airflow_helpers import (
     asset_events,
     run_collection,
@@ -30,6 +30,7 @@ from tests.airflow_helpers import (
     xcoms,
 )
 from tests.reliability.support import FaultPlanServer, assert_table_holds_exactly, jsonl_batch, stored_chunks
+from tests.support.settings import collection_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 
@@ -192,16 +193,17 @@ def test_a_request_refused_whatever_it_holds_fails_the_batch(
     tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
-    settings = PipelineSettings(
-        collection="refused",
-        schema=pg_schema,
-        table="refused",
-        dimension=DIMENSION,
-        provider="openai",
-        model=MODEL,
-        base_url=fake_openai.base_url,
-        embed_batch_size=40,
-        request_batch_size=10,
+    settings = collection_settings(
+        "refused",
+        pg_schema,
+        embedding={
+            "provider": "openai",
+            "model": MODEL,
+            "dimension": DIMENSION,
+            "base_url": fake_openai.base_url,
+            "batch_size": 40,
+            "request_batch_size": 10,
+        },
     )
     run_key = run_key_for("refused", "r1")
     batch = jsonl_batch(tmp_path / "batch.jsonl", _documents(5))

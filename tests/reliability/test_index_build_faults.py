@@ -50,7 +50,7 @@ async def _interrupted_build(
 ) -> dict[str, Any]:
     """Run the trigger and call ``interrupt`` (a Postgres function of a pid) on its build backend."""
     running = asyncio.create_task(run_trigger(kwargs))
-    pid = await _build_backend(conn, schema, kwargs["table"])
+    pid = await _build_backend(conn, schema, kwargs["index"].table)
     conn.execute(sql.SQL("SELECT {}(%s)").format(sql.Identifier(interrupt)), (pid,))
     return await asyncio.wait_for(running, timeout=60)
 

@@ -18,7 +18,8 @@ import pytest
 from psycopg import sql
 
 from capstone import pipeline, store
-from capstone.pipeline import PipelineSettings, run_key_for, upsert_vectors
+from capstone.pipeline import run_key_for, upsert_vectors
+from capstone.settings import CollectionSettings
 from tests.reliability.support import (
     assert_table_holds_exactly,
     jsonl_batch,
@@ -26,6 +27,7 @@ from tests.reliability.support import (
     run_until_upsert,
     stored_chunks,
 )
+from tests.support.settings import collection_settings
 
 DIMENSION = 32
 UPSERT_BATCH = 50
@@ -52,14 +54,13 @@ LOST = 2 * len(range(0, 150, 5))  # version-1 chunks version 2 no longer has
 
 def _staged_at_version_1(
     tmp_path: Path, schema: str, parallelism: int
-) -> tuple[PipelineSettings, dict[str, Any]]:
+) -> tuple[CollectionSettings, dict[str, Any]]:
     """Version 1 stored, version 2 embedded and staged: the aggregate to upsert."""
-    settings = PipelineSettings(
-        collection="merges",
-        schema=schema,
-        table="chunks",
-        dimension=DIMENSION,
-        embed_batch_size=5000,
+    settings = collection_settings(
+        "merges",
+        schema,
+        "chunks",
+        embedding={"dimension": DIMENSION, "batch_size": 5000},
         upsert_batch_size=UPSERT_BATCH,
         upsert_parallelism=parallelism,
     )
@@ -110,7 +111,7 @@ def test_a_refused_batch_rolls_back_alone_and_the_retry_finishes_exactly(
 
     assert result["deleted"] == LOST and result["failed"] == 0
     assert result["expected_count"] == sum(len(d["chunks"]) for d in V2)
-    assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model=settings.model, dimension=DIMENSION)
+    assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model="hash-v1", dimension=DIMENSION)
     assert not store.run_staging_exists(pg_conn, run_key)
 
 
@@ -135,7 +136,7 @@ def test_batches_are_merged_on_upsert_parallelism_connections_at_once(
 
     assert len(backends) == 3 and not together.broken
     assert result["upserted"] == aggregate["embedded"] and result["deleted"] == LOST
-    assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model=settings.model, dimension=DIMENSION)
+    assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model="hash-v1", dimension=DIMENSION)
 
 
 def test_extra_connections_refused_by_the_server_leave_the_merge_to_the_others(
@@ -149,7 +150,7 @@ def test_extra_connections_refused_by_the_server_leave_the_merge_to_the_others(
     connect = pipeline._connect
     opened = itertools.count()
 
-    def max_connections_reached_after_one(settings: PipelineSettings) -> psycopg.Connection:
+    def max_connections_reached_after_one(settings: CollectionSettings) -> psycopg.Connection:
         if next(opened) > 0:
             raise psycopg.OperationalError("FATAL: sorry, too many clients already")
         return connect(settings)
@@ -159,6 +160,6 @@ def test_extra_connections_refused_by_the_server_leave_the_merge_to_the_others(
         result = upsert_vectors(settings, aggregate)
 
     assert result["upserted"] == aggregate["embedded"] and result["deleted"] == LOST
-    assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model=settings.model, dimension=DIMENSION)
+    assert_table_holds_exactly(pg_dsn, pg_schema, "chunks", V2, model="hash-v1", dimension=DIMENSION)
     refused = [r for r in caplog.records if "could not open an extra upsert connection" in r.getMessage()]
     assert len(refused) == 3 and "too many clients" in refused[0].getMessage()

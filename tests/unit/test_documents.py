@@ -116,25 +116,11 @@ def test_reference_corpus_chunks_cover_every_topic_within_the_size() -> None:
 
 
 def test_chunk_limit_is_lowered_to_the_models_hard_input_limit() -> None:
-    from capstone.pipeline import PipelineSettings, _chunk_limit
+    from capstone.pipeline import _chunk_limit
+    from tests.support.settings import collection_settings
 
-    openai = PipelineSettings("c", "s", "t", 1536, provider="openai", model="text-embedding-3-small")
-    assert _chunk_limit(openai) == 8000  # the spec's limit is lower than the model's
-    assert (
-        _chunk_limit(
-            PipelineSettings(
-                "c",
-                "s",
-                "t",
-                1536,
-                provider="openai",
-                model="text-embedding-3-small",
-                max_chunk_chars=100_000,
-            )
-        )
-        == 8191 * 3
-    )
-    assert (
-        _chunk_limit(PipelineSettings("c", "s", "t", 384, provider="hash", max_chunk_chars=100_000))
-        == 100_000
-    )
+    openai = {"provider": "openai", "model": "text-embedding-3-small", "dimension": 1536}
+    assert _chunk_limit(collection_settings("c", "s", embedding=openai)) == 8000  # the spec's is lower
+    long_chunks = {"max_chunk_chars": 100_000}
+    assert _chunk_limit(collection_settings("c", "s", embedding=openai, chunking=long_chunks)) == 8191 * 3
+    assert _chunk_limit(collection_settings("c", "s", chunking=long_chunks)) == 100_000

@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -20,6 +22,8 @@ from capstone.embeddings import (
     resolve_api_key,
 )
 from capstone.embeddings import local_model as local_model_module
+from capstone.settings import EmbeddingSettings, Provider
+from tests.support.settings import embedding_settings
 
 CHUNKS = [
     "Handling exceptions with try/except: an except clause catches the errors raised in the try block.",
@@ -30,7 +34,7 @@ CHUNKS = [
 
 
 def _hash(dimension: int = 384, normalize: bool = True) -> Embedder:
-    return create_embedder("hash", model="hash-v1", dimension=dimension, normalize=normalize)
+    return create_embedder(replace(embedding_settings(), dimension=dimension, normalize=normalize))
 
 
 def test_hash_vectors_are_float32_unit_rows_of_the_configured_dimension() -> None:
@@ -50,7 +54,8 @@ def test_hash_is_deterministic_across_embedders_and_calls() -> None:
 def test_hash_is_the_same_in_processes_with_different_string_hash_seeds() -> None:
     script = (
         "from capstone.embeddings import create_embedder;"
-        "embedder = create_embedder('hash', model='hash-v1', dimension=64);"
+        "from tests.support.settings import embedding_settings;"
+        "embedder = create_embedder(embedding_settings(dimension=64));"
         "print(embedder.embed(['with statement']).tobytes().hex())"
     )
     outputs = {
@@ -128,9 +133,13 @@ def test_hash_embedder_satisfies_the_protocol() -> None:
     )
 
 
+def _openai(model: str, dimension: int) -> EmbeddingSettings:
+    return embedding_settings("openai", model=model, dimension=dimension)
+
+
 def test_a_dimension_the_model_cannot_produce_names_both_numbers_and_the_fix() -> None:
     with pytest.raises(EmbeddingDimensionError) as raised:
-        create_embedder("openai", model="text-embedding-ada-002", dimension=384, api_key="sk-unused")
+        create_embedder(_openai("text-embedding-ada-002", 384), api_key="sk-unused")
 
     message = str(raised.value)
     assert "1536" in message and "384" in message
@@ -139,17 +148,16 @@ def test_a_dimension_the_model_cannot_produce_names_both_numbers_and_the_fix() -
 
 
 def test_text_embedding_3_accepts_shorter_dimensions_but_not_longer() -> None:
-    assert (
-        create_embedder("openai", model="text-embedding-3-small", dimension=256, api_key="k").dimension == 256
-    )
+    assert create_embedder(_openai("text-embedding-3-small", 256), api_key="k").dimension == 256
+    too_long = replace(_openai("text-embedding-3-small", 1536), dimension=3072)  # past the spec's bound
     with pytest.raises(EmbeddingDimensionError, match="at most 1536-dimensional"):
-        create_embedder("openai", model="text-embedding-3-small", dimension=3072, api_key="k")
+        create_embedder(too_long, api_key="k")
 
 
 def test_openai_max_input_chars_is_known_for_openai_models_only() -> None:
-    openai_model = create_embedder("openai", model="text-embedding-3-small", dimension=1536, api_key="k")
+    openai_model = create_embedder(_openai("text-embedding-3-small", 1536), api_key="k")
     other_model = create_embedder(
-        "openai", model="bge-small", dimension=384, api_key="k", base_url="http://x/v1"
+        embedding_settings("openai", model="bge-small", dimension=384, base_url="http://x/v1"), api_key="k"
     )
 
     assert openai_model.max_input_chars == 8191 * 3
@@ -161,7 +169,7 @@ def test_openai_without_any_key_says_where_to_put_one(monkeypatch: pytest.Monkey
     monkeypatch.delenv("OPENAI_ADMIN_KEY", raising=False)
 
     with pytest.raises(MissingAPIKeyError, match=r"embedding\.connection_id.*OPENAI_API_KEY"):
-        create_embedder("openai", model="text-embedding-3-small", dimension=1536)
+        create_embedder(_openai("text-embedding-3-small", 1536))
 
 
 def test_missing_local_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,12 +178,12 @@ def test_missing_local_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(local_model_module, "_MODELS", {})
 
     with pytest.raises(MissingExtraError, match=r"pip install '\.\[local\]'"):
-        create_embedder("sentence-transformers", model="all-MiniLM-L6-v2", dimension=384)
+        create_embedder(embedding_settings("sentence-transformers"))
 
 
 def test_an_unknown_provider_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"hash.*sentence-transformers.*openai"):
-        create_embedder("cohere", model="x", dimension=8)  # type: ignore[arg-type]
+        create_embedder(replace(embedding_settings(), provider=cast(Provider, "cohere")))
 
 
 def test_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,77 @@
+"""How a validated spec becomes the typed settings ``capstone`` runs on: one function, one place.
+
+Every default and bound lives in :mod:`dag_factory.spec`; this only resolves what the spec leaves
+implicit (the provider's default model and dimension, the table's default name, normalisation
+from the metric) and copies each section into its frozen :mod:`capstone.settings` twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from capstone.settings import (
+    ChunkingSettings,
+    CollectionSettings,
+    EmbeddingSettings,
+    IndexSettings,
+    SampleQuery,
+    SourceSettings,
+    StoreSettings,
+    ValidationSettings,
+)
+from dag_factory.spec import CollectionSpec
+
+__all__ = ["collection_settings", "settings_from_mapping"]
+
+
+def settings_from_mapping(raw: Mapping[str, Any]) -> CollectionSettings:
+    """The settings of a collection given as the mapping its YAML file would hold (validated by the
+    spec, defaults and all): for code that builds collections without a file, such as benchmarks."""
+    return collection_settings(CollectionSpec.model_validate(raw))
+
+
+def collection_settings(spec: CollectionSpec) -> CollectionSettings:
+    """The settings every task of the collection's DAG receives."""
+    embedding, store, index, validation = spec.embedding, spec.store, spec.index, spec.validation
+    return CollectionSettings(
+        collection=spec.collection,
+        source=SourceSettings(
+            default_location=spec.source.default_location,
+            max_rejected_fraction=spec.source.max_rejected_fraction,
+        ),
+        chunking=ChunkingSettings(
+            max_chunk_chars=spec.chunking.max_chunk_chars,
+            max_chunks_per_document=spec.chunking.max_chunks_per_document,
+        ),
+        embedding=EmbeddingSettings(
+            provider=embedding.provider,
+            model=embedding.model_name,
+            dimension=embedding.vector_dimension,
+            normalize=index.metric in ("cosine", "inner_product"),
+            batch_size=embedding.batch_size,
+            request_batch_size=embedding.request_batch_size,
+            base_url=embedding.base_url,
+            connection_id=embedding.connection_id,
+            api_key_env=embedding.api_key_env,
+            request_timeout_seconds=embedding.request_timeout_seconds,
+        ),
+        store=StoreSettings(
+            connection_id=store.connection_id,
+            schema=store.schema_name,
+            table=spec.table_name,
+            max_delete_fraction=store.max_delete_fraction,
+        ),
+        index=IndexSettings(**index.model_dump()),
+        upsert_batch_size=spec.upsert_batch_size,
+        upsert_parallelism=spec.upsert_parallelism,
+        validation=ValidationSettings(
+            sample_queries=tuple(SampleQuery(**query.model_dump()) for query in validation.sample_queries),
+            top_k=validation.top_k,
+            recall_k=validation.recall_k,
+            recall_sample_size=validation.recall_sample_size,
+            recall_threshold=validation.recall_threshold,
+            freshness_limit_seconds=validation.freshness_limit_seconds,
+            fail_on=tuple(validation.fail_on),
+        ),
+    )

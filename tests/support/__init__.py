@@ -1,0 +1,1 @@
+"""What tests share: settings built from specs, Airflow helpers, reference implementations, fakes."""
