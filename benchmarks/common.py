@@ -20,9 +20,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from capstone.contracts import BatchDescriptor, EmbeddingTotals, Manifest, PrepareSummary
 
 __all__ = [
     "BENCH_DATA",
@@ -171,6 +174,32 @@ def copy_collection_rows(conn: Any, table: Any, rows: Iterable[tuple[Any, ...]])
         copy.set_types(["text", "text", "int4", "text", "jsonb", "text", "bytea", "text"])
         for row in rows:
             copy.write_row(row)
+
+
+def totals_of_staged(run_key: str, batches: list[BatchDescriptor]) -> EmbeddingTotals:
+    """What ``aggregate_embeddings`` returns once every batch's vectors are staged (precomputed
+    vectors, no embedding step), for the benchmarks that time the write path."""
+    from capstone.pipeline import aggregate_manifests
+
+    to_embed = sum(batch["chunks"] for batch in batches)
+    summary: PrepareSummary = {
+        "run_key": run_key,
+        "staged_chunks": to_embed,
+        "to_embed": to_embed,
+        "unchanged": 0,
+        "to_delete": 0,
+    }
+    manifests: list[Manifest] = [
+        {
+            "batch_no": batch["batch_no"],
+            "embedded": batch["chunks"],
+            "failed": 0,
+            "failed_ids": [],
+            "seconds": 0,
+        }
+        for batch in batches
+    ]
+    return aggregate_manifests(summary, manifests)
 
 
 def bench_dsn() -> str:

@@ -36,12 +36,12 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import copy_collection_rows
+from common import copy_collection_rows, totals_of_staged
 
 from capstone import store
 from capstone.documents import EnrichedDocument
 from capstone.embedded_pg import default_server
-from capstone.pipeline import aggregate_manifests, upsert_vectors
+from capstone.pipeline import upsert_vectors
 from dag_factory.runtime import settings_from_mapping
 from dag_factory.spec import CollectionSpec
 
@@ -131,9 +131,7 @@ def ours(
         offset += len(ids)
     vectors_staged = time.perf_counter() - started
     started = time.perf_counter()
-    prepared = {"run_key": run_key, "to_embed": offset, "to_delete": 0}
-    manifests = [{"embedded": b["chunks"], "failed_ids": []} for b in batches]
-    result = upsert_vectors(settings, aggregate_manifests(prepared, manifests))
+    result = upsert_vectors(settings, totals_of_staged(run_key, batches))
     stored = time.perf_counter() - started
     assert result["expected_count"] == len(vectors), result
     return staged, vectors_staged, stored

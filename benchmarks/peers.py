@@ -53,6 +53,7 @@ from common import (
     collection_documents,
     drop_schema,
     machine_summary,
+    totals_of_staged,
     unit_vectors,
 )
 
@@ -101,7 +102,7 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
 
     from capstone import store
     from capstone.documents import EnrichedDocument
-    from capstone.pipeline import aggregate_manifests, upsert_vectors
+    from capstone.pipeline import upsert_vectors
     from dag_factory.runtime import settings_from_mapping
 
     rows, vectors = read_dataset()
@@ -132,9 +133,7 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
                 conn, run_key, ids, vectors[offset : offset + len(ids)], batch_no=batch["batch_no"]
             )
             offset += len(ids)
-        prepared = {"run_key": run_key, "to_embed": offset, "to_delete": 0}
-        manifests = [{"embedded": b["chunks"], "failed_ids": []} for b in batches]
-        result = upsert_vectors(settings, aggregate_manifests(prepared, manifests))
+        result = upsert_vectors(settings, totals_of_staged(run_key, batches))
         seconds = time.perf_counter() - started
     if result["expected_count"] != len(rows):
         raise SystemExit(f"ours stored {result['expected_count']} of {len(rows)} rows")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capstone.contracts import Rejection
 from capstone.errors import TerminalError
 
 __all__ = [
@@ -117,7 +118,7 @@ class RejectedDocument:
     source: str
     reason: str
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> Rejection:
         return {"id": self.id, "source": self.source, "reason": self.reason}
 
 

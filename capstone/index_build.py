@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from capstone.connections import PostgresConnectionRefused, PostgresParams, refusal_reason
+from capstone.contracts import IndexEvent
 from capstone.settings import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
@@ -394,7 +395,7 @@ class _IndexBuild:
     def name(self) -> str:
         return self.params.qualified_index()
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> IndexEvent:
         """Loop until the index is valid and holds ``expected_count`` vectors, or time runs out."""
         table = await self.table()
         while True:
@@ -417,7 +418,7 @@ class _IndexBuild:
             await self._log_waiting(waiting, state)
             await asyncio.sleep(self._pause())
 
-    async def ready(self) -> dict[str, Any] | None:
+    async def ready(self) -> IndexEvent | None:
         """The success event when the index is valid and every vector is there, else None."""
         try:
             table = await self.table()
@@ -588,7 +589,7 @@ class _IndexBuild:
                 await self._drop(name)
                 self.log.info("index %s is valid: dropped %s, built for other parameters", self.name, name)
 
-    async def success(self, state: _IndexState) -> dict[str, Any]:
+    async def success(self, state: _IndexState) -> IndexEvent:
         p = self.params
         row = await self.control.fetchrow(
             f"SELECT count({quote_ident(p.column)}), pg_relation_size($1::oid), "
@@ -619,7 +620,7 @@ async def build_index(
     poll_interval: float,
     timeout: float,
     log: BuildLog,
-) -> dict[str, Any]:
+) -> IndexEvent:
     """Make the index described by ``params`` valid over ``expected_count`` vectors; return the event.
 
     ``target`` is the Postgres (typed, or a libpq URI / conninfo string). The event is
@@ -650,7 +651,7 @@ async def build_index(
 
 async def check_index(
     target: PostgresParams | str, params: IndexParams, expected_count: int, log: BuildLog
-) -> dict[str, Any] | None:
+) -> IndexEvent | None:
     """The success event if the index is already valid over ``expected_count`` vectors, else None."""
     async with _connect(target, "check") as control:
         build = _IndexBuild(target, params, expected_count, 0.0, _Clock(0.0), log, control, lock=None)

@@ -20,6 +20,16 @@ import psycopg
 
 from capstone import store
 from capstone.connections import connect, postgres_params
+from capstone.contracts import (
+    MAX_LISTED,
+    BatchDescriptor,
+    EmbeddingTotals,
+    LoadResult,
+    Manifest,
+    Prepared,
+    PrepareSummary,
+    UpsertResult,
+)
 from capstone.documents import (
     BatchLocation,
     EnrichedDocument,
@@ -45,8 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# How many rejections a task's XCom lists in full; the count is always exact.
-MAX_LISTED_REJECTIONS = 50
 # How often reading a long batch says how far it got.
 LOAD_PROGRESS_SECONDS = 10.0
 
@@ -95,7 +103,7 @@ def _chunk_limit(settings: CollectionSettings) -> int:
 
 def load_documents(
     settings: CollectionSettings, run_key: str, locations: Sequence[BatchLocation]
-) -> dict[str, Any]:
+) -> LoadResult:
     """Read the batches, set bad documents aside, stage the good ones; returns counts and reasons.
 
     ``locations`` are newest first: when two batches carry the same document id, the newest wins.
@@ -166,7 +174,7 @@ def load_documents(
         "deleted_documents": deleted,
         "chunks": chunk_count,
         "rejected_count": len(rejected),
-        "rejected": [item.as_dict() for item in rejected[:MAX_LISTED_REJECTIONS]],
+        "rejected": [item.as_dict() for item in rejected[:MAX_LISTED]],
     }
 
 
@@ -197,7 +205,7 @@ def _too_many_rejected(tallies: Sequence[_BatchTally], max_fraction: float) -> T
 
 def prepare_chunks(
     settings: CollectionSettings, run_key: str, max_batches: int, *, allow_mass_delete: bool = False
-) -> dict[str, Any]:
+) -> Prepared:
     """Decide which staged chunks need embedding and cut them into batches for mapping.
 
     Raises :class:`NothingToIndex` when nothing is new, changed or removed, and
@@ -226,14 +234,14 @@ def prepare_chunks(
             f"no new or changed chunks in this run's batches ({staged} chunks, all already indexed "
             "with the same text, metadata and model): nothing to do, no new asset event"
         )
-    return {
+    summary: PrepareSummary = {
         "run_key": run_key,
         "staged_chunks": staged,
         "to_embed": to_embed,
         "unchanged": staged - to_embed,
         "to_delete": lost,
-        "batches": batches,
     }
+    return {"summary": summary, "batches": batches}
 
 
 def _check_deletions(settings: CollectionSettings, lost: int, rows: int, allowed: bool) -> None:
@@ -257,7 +265,7 @@ def _check_deletions(settings: CollectionSettings, lost: int, rows: int, allowed
 # -- generate_embedding ---------------------------------------------------------------------
 
 
-def embed_batch(settings: CollectionSettings, run_key: str, batch: dict[str, Any]) -> dict[str, Any]:
+def embed_batch(settings: CollectionSettings, run_key: str, batch: BatchDescriptor) -> Manifest:
     """Embed one batch's texts and stage their vectors; returns a small manifest.
 
     Chunks the embedding API refuses for what they are (an input over the model's token limit,
@@ -296,7 +304,7 @@ def embed_batch(settings: CollectionSettings, run_key: str, batch: dict[str, Any
         "batch_no": batch_no,
         "embedded": len(ids),
         "failed": len(failed),
-        "failed_ids": failed[:MAX_LISTED_REJECTIONS],
+        "failed_ids": failed[:MAX_LISTED],
         "seconds": round(seconds, 3),
     }
 
@@ -350,15 +358,13 @@ def _embed_leaving_out_rejected(
 # -- aggregate_embeddings -------------------------------------------------------------------
 
 
-def aggregate_manifests(
-    prepared: dict[str, Any], manifests: Iterable[dict[str, Any] | None]
-) -> dict[str, Any]:
+def aggregate_manifests(prepared: PrepareSummary, manifests: Iterable[Manifest | None]) -> EmbeddingTotals:
     """Totals over the mapped embedding tasks: embedded chunks and failed chunk ids."""
     results = [manifest for manifest in manifests if manifest]
-    embedded = sum(int(manifest["embedded"]) for manifest in results)
-    failed = [chunk for manifest in results for chunk in manifest.get("failed_ids", [])]
-    failed_count = sum(int(manifest.get("failed", len(manifest["failed_ids"]))) for manifest in results)
-    seconds = sum(float(manifest.get("seconds", 0.0)) for manifest in results)
+    embedded = sum(manifest["embedded"] for manifest in results)
+    failed = [chunk for manifest in results for chunk in manifest["failed_ids"]]
+    failed_count = sum(manifest["failed"] for manifest in results)
+    seconds = sum(manifest["seconds"] for manifest in results)
     log.info(
         "embeddings: %d chunks in %d batch(es), %d failed, %.1fs of embedding time",
         embedded,
@@ -371,7 +377,7 @@ def aggregate_manifests(
             "%d chunks refused by the embedding API are not indexed (the table keeps what it had for "
             "them; the next run tries them again): %s",
             failed_count,
-            failed[:MAX_LISTED_REJECTIONS],
+            failed[:MAX_LISTED],
         )
     return {
         "run_key": prepared["run_key"],
@@ -379,7 +385,7 @@ def aggregate_manifests(
         "embedded": embedded,
         "expected": prepared["to_embed"],
         "failed_count": failed_count,
-        "failed_ids": failed[:MAX_LISTED_REJECTIONS],
+        "failed_ids": failed[:MAX_LISTED],
         "to_delete": prepared["to_delete"],
     }
 
@@ -387,7 +393,7 @@ def aggregate_manifests(
 # -- batch_upsert_vectors -------------------------------------------------------------------
 
 
-def upsert_vectors(settings: CollectionSettings, aggregate: dict[str, Any]) -> dict[str, Any]:
+def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> UpsertResult:
     """Merge the run's staged vectors into the table in transactions of ``upsert_batch_size``,
     ``upsert_parallelism`` transactions at a time.
 
@@ -428,7 +434,7 @@ def upsert_vectors(settings: CollectionSettings, aggregate: dict[str, Any]) -> d
     }
 
 
-def _check_staging_complete(staged: int, aggregate: dict[str, Any]) -> None:
+def _check_staging_complete(staged: int, aggregate: EmbeddingTotals) -> None:
     if staged != int(aggregate["embedded"]):
         raise store.StagingIncomplete(
             f"{aggregate['embedded']} vectors were embedded but {staged} are in staging (did Postgres "

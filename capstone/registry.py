@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from capstone.contracts import ValidationSummary
 from capstone.embeddings.base import Embedder
 from capstone.index_build import IndexParams
 from capstone.settings import CollectionSettings, EmbeddingSettings, IndexType, Metric
@@ -146,7 +147,7 @@ def ensure_registry(conn: psycopg.Connection) -> None:
 
 
 def register(
-    conn: psycopg.Connection, record: CollectionRecord, last_validation: dict[str, Any] | None = None
+    conn: psycopg.Connection, record: CollectionRecord, last_validation: ValidationSummary | None = None
 ) -> None:
     """Insert or replace the collection's row, with the summary of its latest validation."""
     ensure_registry(conn)

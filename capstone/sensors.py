@@ -17,6 +17,7 @@ from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from capstone.connections import postgres_params
+from capstone.contracts import IndexEvent
 from capstone.errors import is_terminal
 from capstone.index_build import IndexParams, build_index, check_index
 from capstone.triggers import VectorStoreIndexingTrigger
@@ -68,7 +69,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         self.deferrable = deferrable
         self.index_params = index
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> IndexEvent:
         """Return at once when the index is ready; otherwise build it (deferred or in-process)."""
         expected = self._expected_count()
         try:
@@ -94,7 +95,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
             timeout=timedelta(seconds=self.timeout + self.poll_interval + _DEFERRAL_GRACE_S),
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: IndexEvent | None = None) -> IndexEvent:
         """Resume after the trigger: return the success event, raise on a timeout or error event."""
         if not event or "status" not in event:
             raise AirflowException(

@@ -21,6 +21,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from capstone.contracts import BatchDescriptor
 from capstone.documents import EnrichedDocument
 from capstone.errors import TerminalError
 
@@ -315,7 +316,7 @@ def assign_batches(
     table: CollectionTable,
     batch_size: int,
     max_batches: int,
-) -> list[dict[str, int]]:
+) -> list[BatchDescriptor]:
     """Cut the run's new or changed chunks into batches for mapping: ``[{"batch_no", "chunks"}]``.
 
     A chunk whose hash is already stored with an embedding is skipped. Batches grow beyond

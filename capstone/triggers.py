@@ -14,6 +14,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from capstone.connections import ConnectionNotDefined, apostgres_params
+from capstone.contracts import IndexEvent
 from capstone.index_build import IndexParams, build_index
 
 __all__ = ["VectorStoreIndexingTrigger"]
@@ -83,10 +84,10 @@ class VectorStoreIndexingTrigger(BaseTrigger):
         )
         yield TriggerEvent(self._event(event))
 
-    def _event(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _event(self, payload: IndexEvent) -> IndexEvent:
         return {**payload, "collection_name": self.collection_name}
 
-    def _connection_error(self, exc: Exception) -> dict[str, Any]:
+    def _connection_error(self, exc: Exception) -> IndexEvent:
         if isinstance(exc, ConnectionNotDefined):
             message = f"collection {self.collection_name!r}, in the triggerer: {exc}"
         else:

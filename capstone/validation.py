@@ -45,6 +45,7 @@ from psycopg import sql
 
 from capstone import registry
 from capstone.connections import connect, postgres_params
+from capstone.contracts import IndexEvent, UpsertResult, ValidationReport
 from capstone.errors import TerminalError
 from capstone.exact_scan import exact_neighbours
 from capstone.registry import CollectionRecord
@@ -127,8 +128,8 @@ def family_of(check_name: str) -> str:
 
 
 def validate_collection(
-    settings: CollectionSettings, upserted: dict[str, Any], indexed: dict[str, Any]
-) -> dict[str, Any]:
+    settings: CollectionSettings, upserted: UpsertResult, indexed: IndexEvent
+) -> ValidationReport:
     """Run the checks, log them as a table, register the collection; raise when a ``fail_on`` check fails.
 
     ``upserted`` is the upsert task's result (``expected_count``: rows the table should hold),
@@ -172,8 +173,8 @@ def _run_checks(
     target: SearchTarget,
     facts: dict[str, Any],
     options: ValidationSettings,
-    upserted: dict[str, Any],
-    indexed: dict[str, Any],
+    upserted: UpsertResult,
+    indexed: IndexEvent,
 ) -> dict[str, Check]:
     checks = {"vector_count": check_vector_count(conn, target, int(upserted["expected_count"]))}
     checks |= check_query_relevance(conn, record, target, options.sample_queries, options.top_k)
@@ -502,7 +503,7 @@ def _report(
     facts: dict[str, Any],
     checks: dict[str, Check],
     fail_on: Sequence[str],
-) -> dict[str, Any]:
+) -> ValidationReport:
     statuses = {name: check.status(family_of(name), fail_on) for name, check in checks.items()}
     knob_name, knob = target.knob
     recall = checks["recall_at_k"].facts.get("recall")
@@ -525,7 +526,7 @@ def _report(
     }
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: ValidationReport) -> str:
     """The report as the table the task logs: one line of index facts, then one line per check."""
     index = report["index"]
     search = ", ".join(f"{name}={value}" for name, value in report["search"].items())

@@ -20,6 +20,17 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, get_current_context, task
 
+from capstone.contracts import (
+    BatchDescriptor,
+    EmbeddingTotals,
+    IndexedEvent,
+    IndexEvent,
+    LoadResult,
+    Manifest,
+    PrepareSummary,
+    UpsertResult,
+    ValidationReport,
+)
 from capstone.settings import CollectionSettings
 from dag_factory.runtime import collection_settings
 from dag_factory.spec import CollectionSpec
@@ -128,8 +139,8 @@ def _allow_mass_delete() -> bool:
 
 
 def _load_task(settings: CollectionSettings) -> Any:
-    @task(task_id="load_enriched_documents")
-    def load_enriched_documents() -> dict[str, Any]:
+    @task(task_id="load_enriched_documents", multiple_outputs=True)
+    def load_enriched_documents() -> LoadResult:
         """Read the batches the triggering asset events name; set bad documents aside."""
         from capstone.pipeline import load_documents
 
@@ -141,7 +152,7 @@ def _load_task(settings: CollectionSettings) -> Any:
 
 def _prepare_task(settings: CollectionSettings) -> Any:
     @task(task_id="prepare_chunks")
-    def prepare_chunks(loaded: dict[str, Any]) -> list[dict[str, Any]]:
+    def prepare_chunks(loaded: LoadResult) -> list[BatchDescriptor]:
         """Hash chunks, skip unchanged ones, cut the rest into batches for mapping.
 
         Returns the batch descriptors (mapped over); the counts go to the ``summary`` XCom.
@@ -162,9 +173,8 @@ def _prepare_task(settings: CollectionSettings) -> Any:
         except NothingToIndex as reason:
             log.info("%s", reason)
             raise AirflowSkipException(str(reason)) from None
-        batches = prepared.pop("batches")
-        get_current_context()["ti"].xcom_push(key="summary", value=prepared)
-        return batches
+        get_current_context()["ti"].xcom_push(key="summary", value=prepared["summary"])
+        return prepared["batches"]
 
     return prepare_chunks
 
@@ -180,8 +190,9 @@ def _embed_task(spec: CollectionSpec, settings: CollectionSettings) -> Any:
         retry_exponential_backoff=2.0,
         max_retry_delay=timedelta(seconds=embedding.max_retry_delay_seconds),
         map_index_template="batch {{ task.op_kwargs['batch']['batch_no'] }}",
+        multiple_outputs=True,
     )
-    def generate_embedding(batch: dict[str, Any]) -> dict[str, Any]:
+    def generate_embedding(batch: BatchDescriptor) -> Manifest:
         """Embed one batch of chunks and stage the vectors in Postgres."""
         from capstone.pipeline import embed_batch
 
@@ -193,8 +204,8 @@ def _embed_task(spec: CollectionSpec, settings: CollectionSettings) -> Any:
 
 def _aggregate_task() -> Any:
     # Runs when embedding was skipped because a re-indexed document only lost chunks.
-    @task(task_id="aggregate_embeddings", trigger_rule="none_failed_min_one_success")
-    def aggregate_embeddings(prepared: dict[str, Any], manifests: Any) -> dict[str, Any]:
+    @task(task_id="aggregate_embeddings", trigger_rule="none_failed_min_one_success", multiple_outputs=True)
+    def aggregate_embeddings(prepared: PrepareSummary, manifests: Any) -> EmbeddingTotals:
         """Totals and failed chunk ids over all embedding batches."""
         from capstone.pipeline import aggregate_manifests
 
@@ -204,8 +215,8 @@ def _aggregate_task() -> Any:
 
 
 def _upsert_task(settings: CollectionSettings) -> Any:
-    @task(task_id="batch_upsert_vectors")
-    def batch_upsert_vectors(aggregated: dict[str, Any]) -> dict[str, Any]:
+    @task(task_id="batch_upsert_vectors", multiple_outputs=True)
+    def batch_upsert_vectors(aggregated: EmbeddingTotals) -> UpsertResult:
         """Merge staged vectors into the collection table, batch by batch."""
         from capstone.pipeline import upsert_vectors
 
@@ -232,8 +243,8 @@ def _wait_task(settings: CollectionSettings, upserted: Any) -> Any:
 
 
 def _validate_task(settings: CollectionSettings) -> Any:
-    @task(task_id="validate_index_health")
-    def validate_index_health(upserted: dict[str, Any], indexed: dict[str, Any]) -> dict[str, Any]:
+    @task(task_id="validate_index_health", multiple_outputs=True)
+    def validate_index_health(upserted: UpsertResult, indexed: IndexEvent) -> ValidationReport:
         """Counts, sample queries, recall vs exact search, freshness; fails on the spec's fail_on checks."""
         from capstone.validation import validate_collection
 
@@ -244,18 +255,18 @@ def _validate_task(settings: CollectionSettings) -> Any:
 
 
 def _publish_task(spec: CollectionSpec, output: Asset) -> Any:
-    @task(task_id="publish_indexed_asset", outlets=[output])
+    @task(task_id="publish_indexed_asset", outlets=[output], multiple_outputs=True)
     def publish_indexed_asset(
-        loaded: dict[str, Any],
-        prepared: dict[str, Any],
-        aggregated: dict[str, Any],
-        upserted: dict[str, Any],
-        indexed: dict[str, Any],
-        report: dict[str, Any],
-    ) -> dict[str, Any]:
+        loaded: LoadResult,
+        prepared: PrepareSummary,
+        aggregated: EmbeddingTotals,
+        upserted: UpsertResult,
+        indexed: IndexEvent,
+        report: ValidationReport,
+    ) -> IndexedEvent:
         """Publish the collection's indexed asset with a summary of the run in the event extra."""
         context = get_current_context()
-        summary = {
+        summary: IndexedEvent = {
             "collection": spec.collection,
             "run_id": context["run_id"],
             "model": spec.embedding.model_name,
@@ -273,9 +284,9 @@ def _publish_task(spec: CollectionSpec, output: Asset) -> Any:
             "vector_count": upserted["expected_count"],
             "index_name": indexed.get("index_name"),
             "index_size_bytes": indexed.get("index_size_bytes"),
-            "validation": report.get("summary", {}),
+            "validation": report["summary"],
         }
-        context["outlet_events"][output].extra = summary
+        context["outlet_events"][output].extra = dict[str, Any](summary)
         log.info("publishing %s: %s", output.name, summary)
         return summary
 

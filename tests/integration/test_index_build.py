@@ -100,7 +100,7 @@ async def test_builds_a_fresh_table_and_logs_progress(
     assert event["status"] == "success", event
     assert event["index_name"] == params.index_name
     assert event["indexed_count"] == 20_000 and event["builds_started"] == 1
-    assert event["index_size_bytes"] > 0 and event["duration_s"] > 0 and event["freshness_ms"] >= 0
+    assert event["index_size_bytes"] > 0 and event["duration_s"] > 0 and (event["freshness_ms"] or 0) >= 0
     assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(params.index_name, "hnsw", True)]
     progress = [r.getMessage() for r in caplog.records if "tuples (" in r.getMessage()]
     assert progress, caplog.text

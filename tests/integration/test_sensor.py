@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import psycopg
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
+from capstone.contracts import IndexEvent
 from capstone.sensors import VectorStoreIndexingSensor
 from capstone.triggers import VectorStoreIndexingTrigger
 from tests.integration.index_build_helpers import IndexRow, create_collection, indexes_on
@@ -37,9 +38,9 @@ def _sensor(
 
 
 @pytest.mark.parametrize("status", ["timeout", "error"])
-def test_execute_complete_raises_on_a_failed_build(status: str) -> None:
+def test_execute_complete_raises_on_a_failed_build(status: Literal["timeout", "error"]) -> None:
     sensor = _sensor("public", 10)
-    event = {"status": status, "message": "index x was not built within 5s"}
+    event: IndexEvent = {"status": status, "message": "index x was not built within 5s"}
 
     with pytest.raises(AirflowException, match=f"collection 'docs': index build {status}: index x was not"):
         sensor.execute_complete(NO_CONTEXT, event)
@@ -51,7 +52,7 @@ def test_execute_complete_raises_without_an_event() -> None:
 
 
 def test_execute_complete_returns_the_success_event() -> None:
-    event = {"status": "success", "index_name": "docs_hnsw_0123abcd", "indexed_count": 10}
+    event: IndexEvent = {"status": "success", "index_name": "docs_hnsw_0123abcd", "indexed_count": 10}
 
     assert _sensor("public", 10).execute_complete(NO_CONTEXT, event) == event
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
 
 from capstone import store
+from capstone.contracts import BatchDescriptor
 from capstone.documents import EnrichedDocument
 
 DIM = 8
@@ -28,7 +27,7 @@ def _docs(n: int, chunks: int = 3, tag: str = "v1") -> list[EnrichedDocument]:
 
 
 def _embed_all(
-    conn: psycopg.Connection, table: store.CollectionTable, run_key: str, batches: list[dict[str, Any]]
+    conn: psycopg.Connection, table: store.CollectionTable, run_key: str, batches: list[BatchDescriptor]
 ) -> None:
     rng = np.random.default_rng(0)
     for batch in batches:

@@ -23,6 +23,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from capstone import exact_scan, registry, store
+from capstone.contracts import IndexEvent, UpsertResult, ValidationReport
 from capstone.corpus import reference_documents, write_jsonl_batch
 from capstone.embeddings import create_embedder
 from capstone.index_build import IndexParams, build_index
@@ -47,7 +48,7 @@ class Collection:
 
     dsn: str
     settings: CollectionSettings
-    indexed: dict[str, Any]
+    indexed: IndexEvent
     rows: int
 
     @property
@@ -55,12 +56,19 @@ class Collection:
         return sql.Identifier(self.settings.store.schema, self.settings.store.table)
 
     def validate(
-        self, *, upserted: int | None = None, indexed: dict[str, Any] | None = None, **validation: Any
-    ) -> dict[str, Any]:
+        self, *, upserted: int | None = None, indexed: IndexEvent | None = None, **validation: Any
+    ) -> ValidationReport:
         """Run validation as the DAG task does; ``upserted`` rows written by "this run" (default: all)."""
         spec = {"sample_queries": QUERIES, "recall_threshold": 0.9, "fail_on": ["vector_count"], **validation}
         checks = collection_settings("checks", "public", validation=spec).validation
-        written = {"expected_count": self.rows, "upserted": self.rows if upserted is None else upserted}
+        written: UpsertResult = {
+            "run_key": "validation test",
+            "upserted": self.rows if upserted is None else upserted,
+            "failed": 0,
+            "deleted": 0,
+            "batches": 1,
+            "expected_count": self.rows,
+        }
         return validate_collection(
             replace(self.settings, validation=checks), written, indexed or self.indexed
         )
@@ -388,10 +396,7 @@ def test_revalidating_an_unchanged_collection_is_fresh_however_old_its_rows(refe
 
 
 def test_rows_that_became_searchable_late_fail_freshness(reference: Collection) -> None:
-    late = {
-        **reference.indexed,
-        "freshness_ms": 2 * 3_600_000,
-    }  # the sensor saw the index 2 h after the write
+    late: IndexEvent = {**reference.indexed, "freshness_ms": 2 * 3_600_000}  # seen 2 h after the write
 
     on_time = reference.validate(freshness_limit_seconds=3600, fail_on=["freshness"])
     with pytest.raises(IndexHealthError, match=r"index_freshness failed") as failure:

@@ -19,6 +19,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
+from capstone.contracts import EmbeddingTotals, UpsertResult
 from capstone.documents import BatchLocation
 from capstone.embeddings.hashing import HashEmbedder
 from capstone.pipeline import (
@@ -130,7 +131,7 @@ def jsonl_batch(path: Path, lines: Sequence[bytes | dict[str, Any]]) -> dict[str
 
 def run_until_upsert(
     settings: CollectionSettings, run_key: str, batches: Sequence[dict[str, Any]]
-) -> dict[str, Any] | None:
+) -> EmbeddingTotals | None:
     """Run load -> prepare -> embed (every batch) -> aggregate; the aggregate to upsert, or None.
 
     None when the batches hold nothing new (the DAG would skip the rest of the run).
@@ -140,14 +141,13 @@ def run_until_upsert(
         prepared = prepare_chunks(settings, run_key, max_batches=1024)
     except NothingToIndex:
         return None
-    descriptors = prepared.pop("batches")
-    manifests = [embed_batch(settings, run_key, descriptor) for descriptor in descriptors]
-    return aggregate_manifests(prepared, manifests)
+    manifests = [embed_batch(settings, run_key, descriptor) for descriptor in prepared["batches"]]
+    return aggregate_manifests(prepared["summary"], manifests)
 
 
 def run_pipeline(
     settings: CollectionSettings, run_key: str, batches: Sequence[dict[str, Any]]
-) -> dict[str, Any]:
+) -> UpsertResult:
     """The whole write path of one run (no index build); returns the upsert's result."""
     aggregate = run_until_upsert(settings, run_key, batches)
     assert aggregate is not None, "nothing to index"

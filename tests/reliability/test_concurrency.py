@@ -78,8 +78,8 @@ def test_two_overlapping_runs_end_with_exact_rows_and_one_index(
             run_key = run_key_for("twice", name)
             load_documents(settings, run_key, [BatchLocation.from_extra(batches[name])])
             prepared = prepare_chunks(settings, run_key, max_batches=1024)
-            manifests = [embed_batch(settings, run_key, batch) for batch in prepared.pop("batches")]
-            aggregate = aggregate_manifests(prepared, manifests)
+            manifests = [embed_batch(settings, run_key, batch) for batch in prepared["batches"]]
+            aggregate = aggregate_manifests(prepared["summary"], manifests)
             at_merge.wait()  # both merge at the same moment, into overlapping ids
             upserted = upsert_vectors(settings, aggregate)
             at_build.wait()  # both ask for the index at the same moment

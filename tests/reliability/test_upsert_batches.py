@@ -18,6 +18,7 @@ import pytest
 from psycopg import sql
 
 from capstone import pipeline, store
+from capstone.contracts import EmbeddingTotals
 from capstone.pipeline import run_key_for, upsert_vectors
 from capstone.settings import CollectionSettings
 from tests.reliability.support import (
@@ -54,7 +55,7 @@ LOST = 2 * len(range(0, 150, 5))  # version-1 chunks version 2 no longer has
 
 def _staged_at_version_1(
     tmp_path: Path, schema: str, parallelism: int
-) -> tuple[CollectionSettings, dict[str, Any]]:
+) -> tuple[CollectionSettings, EmbeddingTotals]:
     """Version 1 stored, version 2 embedded and staged: the aggregate to upsert."""
     settings = collection_settings(
         "merges",
