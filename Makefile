@@ -31,15 +31,15 @@ test: lint typecheck
 ## make demo: the asset chain on a real local Airflow: enrich -> documents -> documents.indexed
 demo: $(VENV)/.installed-local
 	$(PY) -m dag_factory validate configs/
-	$(PY) -m dag_factory.demo
+	$(PY) -m dag_factory.local.demo
 
 ## make up: like demo, then leave Airflow running for the UI; make down stops it
 up: $(VENV)/.installed-local
 	$(PY) -m dag_factory validate configs/
-	$(PY) -m dag_factory.demo --keep-running
+	$(PY) -m dag_factory.local.demo --keep-running
 
 down: $(VENV)/.installed-dev
-	$(PY) -m dag_factory.stack down
+	$(PY) -m dag_factory.local.stack down
 
 BENCHMARKS := load peers index_build pipeline incremental mapping embed
 .PHONY: bench $(addprefix bench-,$(BENCHMARKS))

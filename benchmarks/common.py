@@ -207,7 +207,7 @@ def bench_dsn() -> str:
     import psycopg
     from psycopg import sql
 
-    from capstone.embedded_pg import default_server
+    from capstone.local.embedded_pg import default_server
 
     os.environ.setdefault("CAPSTONE_DATA_DIR", str(PROJECT_ROOT / ".data"))
     server = default_server().start()

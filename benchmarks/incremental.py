@@ -122,7 +122,7 @@ def main() -> None:
     if args.worker:
         worker(args.dsn, args.result)
         return
-    from capstone.corpus import write_jsonl_batch
+    from capstone.local.corpus import write_jsonl_batch
 
     print(machine_summary(), flush=True)
     dsn = bench_dsn()

@@ -40,7 +40,7 @@ from common import copy_collection_rows, totals_of_staged
 
 from capstone import store
 from capstone.documents import EnrichedDocument
-from capstone.embedded_pg import default_server
+from capstone.local.embedded_pg import default_server
 from capstone.pipeline import upsert_vectors
 from dag_factory.runtime import settings_from_mapping
 from dag_factory.spec import CollectionSpec

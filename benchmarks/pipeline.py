@@ -65,7 +65,7 @@ def batch_file(chunks: int) -> Path:
 
 def write_batch(chunks: int) -> list[dict[str, Any]]:
     """Write the size's batch file; returns its documents."""
-    from capstone.corpus import write_jsonl_batch
+    from capstone.local.corpus import write_jsonl_batch
 
     documents = collection_documents(chunks)
     write_jsonl_batch(documents, batch_file(chunks))

@@ -1,0 +1,7 @@
+"""The runtime of a collection's DAG: what workers and the triggerer import.
+
+``settings`` (typed settings) and ``contracts`` (typed task results) are what the DAG factory
+hands over; ``pipeline`` and ``validation`` are the task bodies; ``triggers`` and ``sensors``
+build the index in the triggerer; ``search`` and ``registry`` serve queries. ``capstone`` never
+imports ``dag_factory``, and nothing here imports ``capstone.local`` (local tooling).
+"""

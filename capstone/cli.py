@@ -22,7 +22,7 @@ _SNIPPET_WIDTH = 90
 
 
 def _db(action: str) -> int:
-    from capstone.embedded_pg import default_server
+    from capstone.local.embedded_pg import default_server
 
     server = default_server()
     if action == "start":
@@ -116,7 +116,7 @@ def _search_dsn(dsn: str | None, connection_id: str | None) -> str:
     except ConnectionNotDefined as undefined:
         if connection_id is not None:
             raise LookupError(f"{undefined}; or pass the database's postgresql:// URI with --dsn") from None
-        from capstone.embedded_pg import EmbeddedPostgres, default_data_dir
+        from capstone.local.embedded_pg import EmbeddedPostgres, default_data_dir
 
         try:
             server = EmbeddedPostgres.running_at(default_data_dir())

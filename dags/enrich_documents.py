@@ -30,7 +30,7 @@ def enrich_documents() -> None:
     @task(outlets=[ENRICHED])
     def write_enriched_batch() -> dict[str, Any]:
         """Chunk every topic, write the batch atomically, put its location in the event extra."""
-        from capstone.corpus import reference_documents, write_jsonl_batch
+        from capstone.local.corpus import reference_documents, write_jsonl_batch
 
         context = get_current_context()
         # A run's conf may ask for the corpus several times over (ids suffixed), for load tests.

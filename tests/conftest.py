@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from capstone.embedded_pg import EmbeddedPostgres, default_server
+from capstone.local.embedded_pg import EmbeddedPostgres, default_server
 
 # Shared assertion helpers, imported by tests of more than one folder: registered here, before any
 # test module imports them, so that their asserts explain themselves.

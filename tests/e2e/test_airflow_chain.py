@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from dag_factory.api import AirflowApi
-from dag_factory.stack import AirflowStack
+from dag_factory.local.api import AirflowApi
+from dag_factory.local.stack import AirflowStack
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import yaml
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from capstone.corpus import reference_documents, write_jsonl_batch
+from capstone.local.corpus import reference_documents, write_jsonl_batch
 from dag_factory.loader import load_collection
 from dag_factory.spec import CollectionSpec
 from tests.airflow_helpers import run_collection, task_states, xcom_value

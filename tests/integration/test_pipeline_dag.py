@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from capstone.corpus import reference_documents, write_jsonl_batch
+from capstone.local.corpus import reference_documents, write_jsonl_batch
 from tests.airflow_helpers import (
     asset_events,
     run_collection,

@@ -29,8 +29,8 @@ from cryptography.x509.oid import NameOID
 from psycopg import sql
 
 from capstone.connections import PostgresConnectionRefused, PostgresParams, connect
-from capstone.embedded_pg import EmbeddedPostgres, ServerTls
 from capstone.index_build import build_index
+from capstone.local.embedded_pg import EmbeddedPostgres, ServerTls
 from tests.airflow_helpers import (
     asset_events,
     run_collection,

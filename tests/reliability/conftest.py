@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from capstone.embedded_pg import EmbeddedPostgres
+from capstone.local.embedded_pg import EmbeddedPostgres
 from tests.reliability.support import (  # rewritten asserts: registered in tests/conftest.py
     PRIVATE_CONNECTION_ID,
     FaultPlanServer,

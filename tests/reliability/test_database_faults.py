@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from capstone import store
-from capstone.embedded_pg import EmbeddedPostgres
+from capstone.local.embedded_pg import EmbeddedPostgres
 from capstone.pipeline import run_key_for, upsert_vectors
 from capstone.settings import CollectionSettings
 from tests.reliability.support import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from capstone.embedded_pg import default_data_dir
+from capstone.local.embedded_pg import default_data_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from capstone.embedded_pg import EmbeddedPostgres
+from capstone.local.embedded_pg import EmbeddedPostgres
 from tests.airflow_helpers import asset_events, run_collection, task_states, try_numbers, write_collection
 from tests.reliability.support import (
     PRIVATE_CONNECTION_ID,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from capstone.embedded_pg import EmbeddedPostgres
+from capstone.local.embedded_pg import EmbeddedPostgres
 from dag_factory.errors import InvalidCollectionConfig
 from dag_factory.loader import load_collection
 from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection, xcoms

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from capstone.corpus import chunk_text, reference_documents
 from capstone.documents import (
     BatchLocation,
     EnrichedDocument,
@@ -15,6 +14,7 @@ from capstone.documents import (
     read_batch,
     validate_documents,
 )
+from capstone.local.corpus import chunk_text, reference_documents
 
 
 def _check(

@@ -31,13 +31,13 @@ import httpx
 from dag_factory.loader import configs_dir, load_collections
 
 if TYPE_CHECKING:
-    from capstone.embedded_pg import EmbeddedPostgres
+    from capstone.local.embedded_pg import EmbeddedPostgres
 
 __all__ = ["SERVICES", "AirflowStack"]
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN = "admin"
 
@@ -123,7 +123,7 @@ class AirflowStack:
 
     def postgres(self) -> EmbeddedPostgres:
         """The embedded Postgres this stack uses (``$CAPSTONE_PG_PORT``, data under ``data_dir``)."""
-        from capstone.embedded_pg import EmbeddedPostgres
+        from capstone.local.embedded_pg import EmbeddedPostgres
 
         return EmbeddedPostgres(root=self.data_dir, port=int(os.environ.get("CAPSTONE_PG_PORT", 55432)))
 
@@ -297,10 +297,10 @@ def _group_alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dag_factory.stack up|down``: start or stop the local Airflow."""
+    """``python -m dag_factory.local.stack up|down``: start or stop the local Airflow."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dag_factory.stack", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dag_factory.local.stack", description=main.__doc__)
     parser.add_argument("action", choices=["up", "down"])
     args = parser.parse_args(argv)
     stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)))

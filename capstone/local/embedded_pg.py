@@ -50,7 +50,7 @@ SUPERUSER = "postgres"
 def project_root() -> Path | None:
     """The source checkout this package runs from (``pyproject.toml`` beside ``capstone/``), or
     None when it runs from an installed package."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() and (root / "capstone").is_dir() else None
 
 

@@ -1,6 +1,6 @@
-"""``python -m dag_factory.demo``: the asset chain on a real local Airflow, end to end.
+"""``python -m dag_factory.local.demo``: the asset chain on a real local Airflow, end to end.
 
-Starts the embedded Postgres and Airflow's four services (see :mod:`dag_factory.stack`),
+Starts the embedded Postgres and Airflow's four services (see :mod:`dag_factory.local.stack`),
 triggers the upstream ``enrich_documents`` DAG through the REST API, follows the
 asset-triggered ``documents`` run stage by stage, and prints the stage table, the validation
 report, the ``documents.indexed`` event and two searches. Run it again and the incremental path
@@ -17,8 +17,8 @@ import time
 from datetime import datetime
 from typing import Any
 
-from dag_factory.api import AirflowApi
-from dag_factory.stack import AirflowStack
+from dag_factory.local.api import AirflowApi
+from dag_factory.local.stack import AirflowStack
 
 __all__ = ["main"]
 
@@ -141,7 +141,7 @@ def _print_searches(collection: str, dsn: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m dag_factory.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dag_factory.local.demo", description=__doc__)
     parser.add_argument("--keep-running", action="store_true", help="leave Airflow running (make up)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the run")
     args = parser.parse_args(argv)
