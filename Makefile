@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test lint typecheck demo up down validate schema clean db-stop
+.PHONY: test test-fast lint typecheck demo up down validate schema clean db-stop
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ typecheck: $(VENV)/.installed-local
 ## the local model), e2e (real Airflow services). It starts the embedded Postgres itself.
 test: lint typecheck
 	$(PY) -m pytest -q
+
+## make test-fast: unit and integration tests that take seconds (not slow, not e2e); under two minutes
+test-fast: $(VENV)/.installed-local
+	$(PY) -m pytest -q tests/unit tests/integration -m "not slow and not e2e"
 
 ## make demo: the asset chain on a real local Airflow: enrich -> documents -> documents.indexed
 demo: $(VENV)/.installed-local

@@ -110,58 +110,23 @@ def load_documents(
     Raises :class:`TooManyRejected` (and drops what it staged) when a batch rejects more than
     ``max_rejected_fraction`` of its documents.
     """
-    rejected: list[RejectedDocument] = []
-    deleted = 0
-    limit = _chunk_limit(settings)
-    tallies = [_BatchTally(location.describe()) for location in locations]
-    current = tallies[0] if tallies else _BatchTally("")
-
-    def records() -> Iterator[tuple[str, Any]]:
-        nonlocal current
-        started = last_report = time.monotonic()
-        read = 0
-        for location, tally in zip(locations, tallies, strict=True):
-            log.info("reading batch %s", location.describe())
-            current = tally
-            for record in read_batch(location):
-                tally.documents += 1
-                yield record
-                read += 1
-                if time.monotonic() - last_report >= LOAD_PROGRESS_SECONDS:
-                    last_report = time.monotonic()
-                    rate = read / max(last_report - started, 1e-9)
-                    log.info(
-                        "read %d documents so far (%.0f documents/s), %d set aside", read, rate, len(rejected)
-                    )
-
-    def documents() -> Iterator[EnrichedDocument]:
-        nonlocal deleted
-        for result in validate_documents(
-            records(), max_chunk_chars=limit, max_chunks=settings.chunking.max_chunks_per_document
-        ):
-            if isinstance(result, RejectedDocument):
-                log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
-                rejected.append(result)
-                current.rejected.append(result)
-            else:
-                deleted += result.deleted
-                yield result
-
+    reader = _BatchReader(settings, locations)
     with _connect(settings) as conn:
         store.ensure_staging(conn)
         stale = store.drop_stale_staging(conn, settings.collection)
         if stale:
             log.info("dropped the staging tables of %d abandoned runs", stale)
         document_count, chunk_count = store.stage_documents(
-            conn, run_key, settings.collection, documents(), settings.embedding.model
+            conn, run_key, settings.collection, reader.documents(), settings.embedding.model
         )
-        refusal = _too_many_rejected(tallies, settings.source.max_rejected_fraction)
+        refusal = reader.too_many_rejected(settings.source.max_rejected_fraction)
         if refusal is not None:
             store.drop_run_staging(conn, run_key)
             raise refusal
+    documents, deleted, rejected = document_count - reader.deleted, reader.deleted, reader.rejected
     log.info(
         "staged %d documents (%d chunks) from %d batch(es); %d deleted upstream; %d set aside",
-        document_count - deleted,
+        documents,
         chunk_count,
         len(locations),
         deleted,
@@ -170,7 +135,7 @@ def load_documents(
     return {
         "run_key": run_key,
         "sources": [location.describe() for location in locations],
-        "documents": document_count - deleted,
+        "documents": documents,
         "deleted_documents": deleted,
         "chunks": chunk_count,
         "rejected_count": len(rejected),
@@ -187,17 +152,67 @@ class _BatchTally:
         self.rejected: list[RejectedDocument] = []
 
 
-def _too_many_rejected(tallies: Sequence[_BatchTally], max_fraction: float) -> TooManyRejected | None:
-    for tally in tallies:
-        if tally.documents and len(tally.rejected) / tally.documents > max_fraction:
-            reasons = "; ".join(f"{item.source}: {item.reason}" for item in tally.rejected[:3])
-            return TooManyRejected(
-                f"batch {tally.name}: {len(tally.rejected)} of {tally.documents} documents were rejected, "
-                f"more than source.max_rejected_fraction ({max_fraction:g}) allows, so nothing was written. "
-                f"First reasons: {reasons}. Fix the batch upstream (or its path in the asset event); raise "
-                "source.max_rejected_fraction only if so many bad documents are expected"
-            )
-    return None
+class _BatchReader:
+    """Streams the documents of a run's batches, counting per batch what was read and set aside,
+    and saying how far it got every :data:`LOAD_PROGRESS_SECONDS`."""
+
+    def __init__(self, settings: CollectionSettings, locations: Sequence[BatchLocation]) -> None:
+        self._settings = settings
+        self._locations = locations
+        self._tallies = [_BatchTally(location.describe()) for location in locations]
+        self._current = _BatchTally("")
+        self.rejected: list[RejectedDocument] = []
+        self.deleted = 0
+
+    def documents(self) -> Iterator[EnrichedDocument]:
+        """The valid documents and tombstones, in batch order; rejections are kept aside."""
+        checked = validate_documents(
+            self._records(),
+            max_chunk_chars=_chunk_limit(self._settings),
+            max_chunks=self._settings.chunking.max_chunks_per_document,
+        )
+        for result in checked:
+            if isinstance(result, RejectedDocument):
+                log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
+                self.rejected.append(result)
+                self._current.rejected.append(result)
+            else:
+                self.deleted += result.deleted
+                yield result
+
+    def _records(self) -> Iterator[tuple[str, Any]]:
+        started = last_report = time.monotonic()
+        read = 0
+        for location, tally in zip(self._locations, self._tallies, strict=True):
+            log.info("reading batch %s", location.describe())
+            self._current = tally
+            for record in read_batch(location):
+                tally.documents += 1
+                yield record
+                read += 1
+                if time.monotonic() - last_report >= LOAD_PROGRESS_SECONDS:
+                    last_report = time.monotonic()
+                    rate = read / max(last_report - started, 1e-9)
+                    log.info(
+                        "read %d documents so far (%.0f documents/s), %d set aside",
+                        read,
+                        rate,
+                        len(self.rejected),
+                    )
+
+    def too_many_rejected(self, max_fraction: float) -> TooManyRejected | None:
+        """The refusal for the first batch that rejected more than ``max_fraction``, if any."""
+        for tally in self._tallies:
+            if tally.documents and len(tally.rejected) / tally.documents > max_fraction:
+                reasons = "; ".join(f"{item.source}: {item.reason}" for item in tally.rejected[:3])
+                return TooManyRejected(
+                    f"batch {tally.name}: {len(tally.rejected)} of {tally.documents} documents were "
+                    f"rejected, more than source.max_rejected_fraction ({max_fraction:g}) allows, so nothing "
+                    f"was written. First reasons: {reasons}. Fix the batch upstream (or its path in the "
+                    "asset event); raise source.max_rejected_fraction only if so many bad documents are "
+                    "expected"
+                )
+        return None
 
 
 # -- prepare_chunks -------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from psycopg import sql
 
 from capstone.local.embedded_pg import EmbeddedPostgres, default_server
 
-# Shared assertion helpers, imported by tests of more than one folder: registered here, before any
-# test module imports them, so that their asserts explain themselves.
-pytest.register_assert_rewrite("tests.reliability.support")
+# The shared helpers (tests/support/): registered here, before any test module imports them, so
+# that their asserts explain themselves.
+pytest.register_assert_rewrite("tests.support")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CAPSTONE_DATA_DIR", str(PROJECT_ROOT / ".data"))

@@ -13,8 +13,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from capstone.pipeline import run_key_for
-from tests.reliability.support import assert_table_holds_exactly, jsonl_batch, run_pipeline
+from tests.support.pipeline import run_pipeline
 from tests.support.settings import collection_settings
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch
 
 
 def _document(doc_id: str, chunks: list[str]) -> dict[str, Any]:

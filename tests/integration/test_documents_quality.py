@@ -23,9 +23,10 @@ from psycopg.types.json import Jsonb
 from capstone.local.corpus import reference_documents, write_jsonl_batch
 from dag_factory.loader import load_collection
 from dag_factory.spec import CollectionSpec
-from tests.airflow_helpers import run_collection, task_states, xcom_value
+from tests.support.airflow import run_collection, task_states, xcom_value
 
 pytestmark = [
+    pytest.mark.slow,  # embeds the whole demo corpus with the local model (~45 s on 2 cores)
     pytest.mark.local_model,
     pytest.mark.skipif(
         importlib.util.find_spec("sentence_transformers") is None

@@ -21,7 +21,14 @@ from capstone.index_build import (
     build_memory,
     is_managed_index_name,
 )
-from tests.integration.index_build_helpers import IndexRow, create_collection, indexes_on, random_unit_vectors
+from tests.support.index_build import (
+    IndexRow,
+    create_collection,
+    indexes_on,
+    random_unit_vectors,
+    wait_for_build,
+    wait_until_gone,
+)
 from tests.support.settings import index_params
 
 log = logging.getLogger("test_index_build")
@@ -169,7 +176,7 @@ async def test_follows_a_build_another_backend_is_running(
     other = threading.Thread(target=_run_sql, args=(pg_dsn, params.create_sql()))
     other.start()
     try:
-        await _wait_for_build(pg_conn, pg_schema, params.index_name)
+        await wait_for_build(pg_conn, pg_schema, params.index_name)
         with caplog.at_level(logging.INFO, logger=log.name):
             event = await build_index(pg_dsn, params, 8_000, poll_interval=0.05, timeout=60, log=log)
     finally:
@@ -187,12 +194,12 @@ async def test_cancelled_build_stops_on_the_server_and_the_next_run_rebuilds(
     params = _params(pg_schema)
     # Airflow cancels a trigger when its task is cleared or marked failed, or the triggerer stops.
     running = asyncio.create_task(build_index(pg_dsn, params, 8_000, poll_interval=0.05, timeout=60, log=log))
-    builder = await _wait_for_build(pg_conn, pg_schema, params.index_name)
+    builder = await wait_for_build(pg_conn, pg_schema, params.index_name)
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
 
-    await _wait_until_gone(pg_conn, builder)
+    await wait_until_gone(pg_conn, builder)
     assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(params.index_name, "hnsw", False)]
     event = await build_index(pg_dsn, params, 8_000, poll_interval=0.05, timeout=60, log=log)
     assert event["status"] == "success" and event["builds_started"] == 1
@@ -254,30 +261,6 @@ def _validity(conn: psycopg.Connection, schema: str, name: str) -> bool | None:
 def _run_sql(dsn: str, statement: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(statement.encode())
-
-
-async def _wait_for_build(conn: psycopg.Connection, schema: str, name: str, within: float = 30.0) -> int:
-    """Pid of the backend building index ``name``, once the build is loading tuples."""
-    deadline = asyncio.get_running_loop().time() + within
-    while asyncio.get_running_loop().time() < deadline:
-        row = conn.execute(
-            "SELECT p.pid FROM pg_stat_progress_create_index p JOIN pg_class c ON c.oid = p.index_relid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s AND p.phase LIKE 'building index%%'",
-            (schema, name),
-        ).fetchone()
-        if row:
-            return int(row[0])
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no build of {name} started within {within}s")
-
-
-async def _wait_until_gone(conn: psycopg.Connection, pid: int, within: float = 5.0) -> None:
-    for _ in range(int(within / 0.05)):
-        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"backend {pid} still ran {within}s after its client went away")
 
 
 async def _search_while(dsn: str, schema: str, stop: asyncio.Event) -> tuple[list[int], list[bool]]:

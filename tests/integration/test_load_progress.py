@@ -11,8 +11,8 @@ import pytest
 from capstone import pipeline
 from capstone.documents import BatchLocation
 from capstone.pipeline import run_key_for
-from tests.reliability.support import jsonl_batch
 from tests.support.settings import collection_settings
+from tests.support.tables import jsonl_batch
 
 
 class _Collect(logging.Handler):

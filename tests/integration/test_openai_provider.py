@@ -18,7 +18,7 @@ from capstone.embeddings import (
     resolve_api_key,
 )
 from capstone.embeddings.base import Embedder
-from tests.fakes.openai_server import FakeOpenAIServer, running_fake_openai_server
+from tests.support.fake_openai import FakeOpenAIServer, running_fake_openai_server
 from tests.support.settings import embedding_settings
 
 MODEL = "text-embedding-3-small"

@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 
 from capstone.local.corpus import reference_documents, write_jsonl_batch
-from tests.airflow_helpers import (
+from tests.support.airflow import (
     asset_events,
     run_collection,
     task_states,
@@ -159,6 +159,7 @@ def test_documents_deleted_upstream_leave_the_collection(
     assert (event["chunks_embedded"], event["vector_count"]) == (0, len(after))
 
 
+@pytest.mark.slow
 def test_5000_chunks_map_over_batches_and_keep_xcoms_small(
     tmp_path: Path, pg_dsn: str, pg_schema: str
 ) -> None:

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from capstone.local.corpus import reference_documents, write_jsonl_batch
 from capstone.search import search_collection
-from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection, xcom_value
+from tests.support.airflow import asset_events, run_collection, task_states, write_collection, xcom_value
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowException, TaskDeferred
 from capstone.contracts import IndexEvent
 from capstone.sensors import VectorStoreIndexingSensor
 from capstone.triggers import VectorStoreIndexingTrigger
-from tests.integration.index_build_helpers import IndexRow, create_collection, indexes_on
+from tests.support.index_build import IndexRow, create_collection, indexes_on
 from tests.support.settings import index_params
 
 if TYPE_CHECKING:

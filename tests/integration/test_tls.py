@@ -31,7 +31,7 @@ from psycopg import sql
 from capstone.connections import PostgresConnectionRefused, PostgresParams, connect
 from capstone.index_build import build_index
 from capstone.local.embedded_pg import EmbeddedPostgres, ServerTls
-from tests.airflow_helpers import (
+from tests.support.airflow import (
     asset_events,
     run_collection,
     task_states,
@@ -39,9 +39,10 @@ from tests.airflow_helpers import (
     write_collection,
     xcoms,
 )
-from tests.integration.tls_postgres import tls_capable_install
-from tests.reliability.support import assert_table_holds_exactly, free_port, jsonl_batch
+from tests.support.postgres import free_port
 from tests.support.settings import index_params
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch
+from tests.support.tls_postgres import tls_capable_install
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 

@@ -12,27 +12,24 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 from airflow.sdk.module_loading import import_string
 
 from capstone.triggers import VectorStoreIndexingTrigger
-from tests.integration.index_build_helpers import (
+from tests.support.index_build import (
+    BUILDERS_SQL,
     IndexRow,
     create_collection,
     indexes_on,
     params_of,
     run_trigger,
     trigger_kwargs,
+    wait_for_build,
+    wait_until_gone,
 )
 from tests.support.settings import index_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-_BUILDERS_SQL = """
-SELECT p.pid, p.phase FROM pg_stat_progress_create_index p
-JOIN pg_class c ON c.oid = p.index_relid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relname = %s
-"""
 
 
 def test_serialize_round_trips_through_the_class_path() -> None:
@@ -93,6 +90,7 @@ async def test_two_triggers_for_one_index_build_it_once(
     assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(name, "hnsw", True)]
 
 
+@pytest.mark.slow
 async def test_killed_triggerer_build_is_aborted_and_a_fresh_trigger_finishes(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
@@ -100,14 +98,14 @@ async def test_killed_triggerer_build_is_aborted_and_a_fresh_trigger_finishes(
     kwargs = trigger_kwargs(pg_schema, "docs", 20_000)
     name = params_of(kwargs).index_name
     triggerer = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.index_build_helpers", pg_schema, "docs", "20000"],
+        [sys.executable, "-m", "tests.support.index_build", pg_schema, "docs", "20000"],
         cwd=PROJECT_ROOT,
         env=os.environ.copy(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        orphan = await _wait_for_loading(pg_conn, pg_schema, name)
+        orphan = await wait_for_build(pg_conn, pg_schema, name, phase="building index: loading tuples")
         triggerer.send_signal(signal.SIGKILL)
     finally:
         triggerer.kill()
@@ -115,7 +113,7 @@ async def test_killed_triggerer_build_is_aborted_and_a_fresh_trigger_finishes(
 
     # The server notices the dead client (client_connection_check_interval) and aborts the build,
     # well before it could have finished: what is left is an INVALID index, not a built one.
-    await _wait_until_gone(pg_conn, orphan, within=5.0)
+    await wait_until_gone(pg_conn, orphan, within=5.0)
     assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(name, "hnsw", False)]
 
     event = await run_trigger(kwargs)
@@ -130,25 +128,7 @@ async def _builder_pids(dsn: str, schema: str, name: str, stop: asyncio.Event) -
     pids: set[int] = set()
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         while not stop.is_set():
-            rows = await (await conn.execute(_BUILDERS_SQL, (schema, name))).fetchall()
+            rows = await (await conn.execute(BUILDERS_SQL, (schema, name))).fetchall()
             pids.update(pid for pid, _phase in rows)
             await asyncio.sleep(0.005)
     return pids
-
-
-async def _wait_for_loading(conn: psycopg.Connection, schema: str, name: str, within: float = 30.0) -> int:
-    """Pid of the backend building ``name`` once it loads tuples (i.e. mid-build)."""
-    for _ in range(int(within / 0.02)):
-        for pid, phase in conn.execute(_BUILDERS_SQL, (schema, name)).fetchall():
-            if phase == "building index: loading tuples":
-                return int(pid)
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no build of {name} was seen loading tuples within {within}s")
-
-
-async def _wait_until_gone(conn: psycopg.Connection, pid: int, within: float) -> None:
-    for _ in range(int(within / 0.05)):
-        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"backend {pid} still ran {within}s after its client was killed")

@@ -30,8 +30,8 @@ from capstone.local.corpus import reference_documents, write_jsonl_batch
 from capstone.search import SearchTarget, ann_session, ann_statement
 from capstone.settings import CollectionSettings, Metric
 from capstone.validation import IndexHealthError, sample_vectors, validate_collection
-from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection
-from tests.integration.exact_reference import exact_connection, exact_search, exact_statement
+from tests.support.airflow import asset_events, run_collection, task_states, write_collection
+from tests.support.exact_reference import exact_connection, exact_search, exact_statement
 from tests.support.settings import collection_settings, embedding_settings
 
 DIM = 64

@@ -9,12 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from capstone.local.embedded_pg import EmbeddedPostgres
-from tests.reliability.support import (  # rewritten asserts: registered in tests/conftest.py
-    PRIVATE_CONNECTION_ID,
-    FaultPlanServer,
-    free_port,
-    running_fault_plan_server,
-)
+from tests.support.fake_openai import FaultPlanServer, running_fault_plan_server
+from tests.support.postgres import PRIVATE_CONNECTION_ID, free_port
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +49,7 @@ def running_private_pg(private_pg: EmbeddedPostgres) -> EmbeddedPostgres:
 
 
 @pytest.fixture
-def fake_openai() -> Iterator[FaultPlanServer]:
+def faulty_openai() -> Iterator[FaultPlanServer]:
     """A fake OpenAI server with a distinctive key and a fault plan the test sets."""
     with running_fault_plan_server(api_key="sk-reliability-7f3a9c2e1d", seed=30) as server:
         yield server

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from dag_factory.factory import build_dags
 from dag_factory.loader import load_collection
-from tests.airflow_helpers import configs_env, write_collection
+from tests.support.airflow import configs_env, write_collection
 from tests.unit.test_loader import BAD_FILES, REPO_ROOT, expected_issues
 from tests.unit.test_spec_fuzz import documents
 

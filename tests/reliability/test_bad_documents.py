@@ -16,8 +16,8 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection, xcom_value
-from tests.reliability.support import assert_table_holds_exactly, jsonl_batch
+from tests.support.airflow import asset_events, run_collection, task_states, write_collection, xcom_value
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 

@@ -28,9 +28,9 @@ from capstone.pipeline import (
 )
 from dag_factory.builder import build_collection_dag
 from dag_factory.loader import load_collection
-from tests.integration.index_build_helpers import IndexRow, indexes_on
-from tests.reliability.support import assert_table_holds_exactly, jsonl_batch
+from tests.support.index_build import IndexRow, indexes_on
 from tests.support.settings import collection_settings
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch
 
 log = logging.getLogger("test_concurrency")
 

@@ -22,15 +22,10 @@ from capstone import store
 from capstone.local.embedded_pg import EmbeddedPostgres
 from capstone.pipeline import run_key_for, upsert_vectors
 from capstone.settings import CollectionSettings
-from tests.reliability.support import (
-    PRIVATE_CONNECTION_ID,
-    assert_table_holds_exactly,
-    jsonl_batch,
-    run_pipeline,
-    run_until_upsert,
-    stored_chunks,
-)
+from tests.support.pipeline import run_pipeline, run_until_upsert
+from tests.support.postgres import PRIVATE_CONNECTION_ID
 from tests.support.settings import collection_settings
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch, stored_chunks
 
 pytestmark = pytest.mark.slow
 

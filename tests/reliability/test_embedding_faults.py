@@ -20,7 +20,7 @@ from capstone import store
 from capstone.documents import BatchLocation
 from capstone.embeddings import EmbeddingInputRejected
 from capstone.pipeline import embed_batch, load_documents, prepare_chunks, run_key_for
-from tests.airflow_helpers import (
+from tests.support.airflow import (
     asset_events,
     run_collection,
     task_states,
@@ -29,8 +29,9 @@ from tests.airflow_helpers import (
     xcom_value,
     xcoms,
 )
-from tests.reliability.support import FaultPlanServer, assert_table_holds_exactly, jsonl_batch, stored_chunks
+from tests.support.fake_openai import FaultPlanServer
 from tests.support.settings import collection_settings
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch, stored_chunks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 
@@ -75,18 +76,22 @@ def _openai_collection(configs: Path, name: str, schema: str, server: FaultPlanS
 
 
 def test_random_429_500_and_timeouts_are_retried_to_an_exact_table(
-    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    pg_dsn: str,
+    pg_schema: str,
+    faulty_openai: FaultPlanServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    monkeypatch.setenv("OPENAI_API_KEY", faulty_openai.api_key)
     documents = _documents(50)
-    spec = _openai_collection(tmp_path / "configs", "flaky_api", pg_schema, fake_openai, retries=3)
+    spec = _openai_collection(tmp_path / "configs", "flaky_api", pg_schema, faulty_openai, retries=3)
     # The first request fails more often than the client retries: its task fails once and
     # Airflow's retry finishes it. Then one fault of each kind, then 30% of calls fail at random.
-    fake_openai.fail_next(CLIENT_ATTEMPTS, "500", retry_after=0.05)
-    fake_openai.fail_next(1, "429", retry_after=0.05)
-    fake_openai.fail_next(1, "hang")
-    fake_openai.fail_next(1, "500", retry_after=0.05)
-    fake_openai.mixed_failure_rate = 0.3
+    faulty_openai.fail_next(CLIENT_ATTEMPTS, "500", retry_after=0.05)
+    faulty_openai.fail_next(1, "429", retry_after=0.05)
+    faulty_openai.fail_next(1, "hang")
+    faulty_openai.fail_next(1, "500", retry_after=0.05)
+    faulty_openai.mixed_failure_rate = 0.3
 
     run = run_collection(spec, [jsonl_batch(tmp_path / "batch.jsonl", documents)])
 
@@ -94,30 +99,34 @@ def test_random_429_500_and_timeouts_are_retried_to_an_exact_table(
     assert str(run.state) == "success", states
     assert_table_holds_exactly(pg_dsn, pg_schema, "flaky_api", documents, model=MODEL, dimension=DIMENSION)
     # Failures are visible: in the server's record (by kind) and in Airflow's try numbers.
-    failures = Counter(request.status for request in fake_openai.failed_requests())
+    failures = Counter(request.status for request in faulty_openai.failed_requests())
     planned = CLIENT_ATTEMPTS + 3
     assert failures[500] >= CLIENT_ATTEMPTS + 1 and failures[429] >= 1 and failures[0] >= 1, failures
     assert sum(failures.values()) > planned, f"no random failure at a 30% rate: {failures}"
-    assert any((request.retry_count or 0) > 0 for request in fake_openai.embedding_requests())
+    assert any((request.retry_count or 0) > 0 for request in faulty_openai.embedding_requests())
     tries = try_numbers("flaky_api", run.run_id, "generate_embedding")
     # The planned burst fails one task's first try for sure; random faults rarely fail another.
     assert len(tries) == 5 and max(tries) >= 2 and tries.count(1) >= 3, tries
     # Every chunk was answered at least once, and stored once.
     texts = {text for doc in documents for text in doc["chunks"]}
-    assert texts <= set(fake_openai.answered_texts())
+    assert texts <= set(faulty_openai.answered_texts())
     upserted = xcom_value("flaky_api", run.run_id, "batch_upsert_vectors")
     assert upserted["expected_count"] == len(texts) == 200
 
 
 def test_a_batch_failing_every_retry_leaves_its_chunks_for_the_next_run(
-    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    pg_dsn: str,
+    pg_schema: str,
+    faulty_openai: FaultPlanServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    monkeypatch.setenv("OPENAI_API_KEY", faulty_openai.api_key)
     marker = "POISON-PILL"
     documents = _documents(30, marker=marker)
-    spec = _openai_collection(tmp_path / "configs", "poisoned", pg_schema, fake_openai, retries=1)
+    spec = _openai_collection(tmp_path / "configs", "poisoned", pg_schema, faulty_openai, retries=1)
     batch = jsonl_batch(tmp_path / "batch.jsonl", documents)
-    fake_openai.poison_marker = marker
+    faulty_openai.poison_marker = marker
 
     failed = run_collection(spec, [batch])
 
@@ -126,7 +135,7 @@ def test_a_batch_failing_every_retry_leaves_its_chunks_for_the_next_run(
     assert sorted(states["generate_embedding"]) == ["failed", "success", "success"]
     assert states["batch_upsert_vectors"] == ["upstream_failed"]
     assert states["publish_indexed_asset"] == ["upstream_failed"]
-    poisoned = [r for r in fake_openai.embedding_requests() if any(marker in text for text in r.inputs)]
+    poisoned = [r for r in faulty_openai.embedding_requests() if any(marker in text for text in r.inputs)]
     # Two Airflow tries, each retried by the client: more calls than one try makes. (Not "== 12":
     # a fresh clone's CI-like run once recorded 11; the exact count of client attempts is not ours.)
     assert CLIENT_ATTEMPTS < len(poisoned) <= 2 * CLIENT_ATTEMPTS
@@ -135,7 +144,7 @@ def test_a_batch_failing_every_retry_leaves_its_chunks_for_the_next_run(
     # Nothing half-written: the good batches were embedded but nothing reached the table.
     assert stored_chunks(pg_dsn, pg_schema, "poisoned") == ({}, {})
 
-    fake_openai.poison_marker = None
+    faulty_openai.poison_marker = None
     run = run_collection(spec, [batch])
 
     assert str(run.state) == "success", task_states("poisoned", run.run_id)
@@ -153,15 +162,19 @@ def _with_long_chunks(documents: list[dict[str, Any]], where: dict[str, int], te
 
 
 def test_chunks_the_api_refuses_are_left_out_and_the_rest_is_published(
-    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    pg_dsn: str,
+    pg_schema: str,
+    faulty_openai: FaultPlanServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    monkeypatch.setenv("OPENAI_API_KEY", faulty_openai.api_key)
     documents = _documents(30)
     long_text = " ".join(f"word{n}" for n in range(80))
     refused = _with_long_chunks(documents, {"doc-007": 1, "doc-021": 3}, long_text)
-    spec = _openai_collection(tmp_path / "configs", "too_long", pg_schema, fake_openai, retries=1)
+    spec = _openai_collection(tmp_path / "configs", "too_long", pg_schema, faulty_openai, retries=1)
     batch = jsonl_batch(tmp_path / "batch.jsonl", documents)
-    fake_openai.max_input_tokens = 50  # the chunks are within the character limit, not the token one
+    faulty_openai.max_input_tokens = 50  # the chunks are within the character limit, not the token one
 
     run = run_collection(spec, [batch])
 
@@ -177,10 +190,10 @@ def test_chunks_the_api_refuses_are_left_out_and_the_rest_is_published(
     assert event["chunks_failed"] == 2 and sorted(event["failed_chunk_ids"]) == refused
     assert event["chunks_embedded"] == 118
     # Each refused chunk was sent alone at the end of its search, and nothing else was refused alone.
-    alone = [r.inputs for r in fake_openai.embedding_requests() if len(r.inputs) == 1 and r.status == 400]
+    alone = [r.inputs for r in faulty_openai.embedding_requests() if len(r.inputs) == 1 and r.status == 400]
     assert alone == [[long_text], [long_text]]
 
-    fake_openai.max_input_tokens = None  # the model with the longer context, or the chunks split
+    faulty_openai.max_input_tokens = None  # the model with the longer context, or the chunks split
     again = run_collection(spec, [batch])
 
     assert str(again.state) == "success", task_states("too_long", again.run_id)
@@ -190,9 +203,13 @@ def test_chunks_the_api_refuses_are_left_out_and_the_rest_is_published(
 
 
 def test_a_request_refused_whatever_it_holds_fails_the_batch(
-    tmp_path: Path, pg_dsn: str, pg_schema: str, fake_openai: FaultPlanServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    pg_dsn: str,
+    pg_schema: str,
+    faulty_openai: FaultPlanServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", fake_openai.api_key)
+    monkeypatch.setenv("OPENAI_API_KEY", faulty_openai.api_key)
     settings = collection_settings(
         "refused",
         pg_schema,
@@ -200,7 +217,7 @@ def test_a_request_refused_whatever_it_holds_fails_the_batch(
             "provider": "openai",
             "model": MODEL,
             "dimension": DIMENSION,
-            "base_url": fake_openai.base_url,
+            "base_url": faulty_openai.base_url,
             "batch_size": 40,
             "request_batch_size": 10,
         },
@@ -209,11 +226,11 @@ def test_a_request_refused_whatever_it_holds_fails_the_batch(
     batch = jsonl_batch(tmp_path / "batch.jsonl", _documents(5))
     load_documents(settings, run_key, [BatchLocation.from_extra(batch)])
     (descriptor,) = prepare_chunks(settings, run_key, max_batches=1024)["batches"]
-    fake_openai.max_input_tokens = 0  # every input is refused, even the one-word probe
+    faulty_openai.max_input_tokens = 0  # every input is refused, even the one-word probe
 
     with pytest.raises(EmbeddingInputRejected, match=r"rejected a request of 10 inputs.*maximum context"):
         embed_batch(settings, run_key, descriptor)
 
     with psycopg.connect(pg_dsn) as conn:
         assert store.count_staged_vectors(conn, run_key) == 0
-    assert [len(r.inputs) for r in fake_openai.embedding_requests()] == [10, 1]  # the batch, the probe
+    assert [len(r.inputs) for r in faulty_openai.embedding_requests()] == [10, 1]  # the batch, the probe

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 
 from capstone import store
-from tests.airflow_helpers import run_collection, task_states, try_numbers, write_collection, xcom_value
-from tests.reliability.support import assert_table_holds_exactly, jsonl_batch
+from tests.support.airflow import run_collection, task_states, try_numbers, write_collection, xcom_value
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 

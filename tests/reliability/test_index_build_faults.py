@@ -16,13 +16,14 @@ import pytest
 from psycopg import sql
 
 from capstone.index_build import build_index
-from tests.integration.index_build_helpers import (
+from tests.support.index_build import (
     IndexRow,
     create_collection,
     indexes_on,
     params_of,
     run_trigger,
     trigger_kwargs,
+    wait_for_build,
 )
 
 pytestmark = pytest.mark.slow
@@ -31,26 +32,12 @@ log = logging.getLogger("test_index_build_faults")
 ROWS = 8_000  # a build of a few seconds on 2 cores: long enough to be interrupted mid-way
 
 
-async def _build_backend(conn: psycopg.Connection, schema: str, table: str) -> int:
-    """The pid of the backend building an index on the table, once it is building (not waiting)."""
-    for _ in range(3000):
-        row = conn.execute(
-            "SELECT pid FROM pg_stat_progress_create_index"
-            " WHERE relid = to_regclass(%s) AND phase LIKE 'building index%%'",
-            (f'"{schema}"."{table}"',),
-        ).fetchone()
-        if row:
-            return int(row[0])
-        await asyncio.sleep(0.01)
-    raise AssertionError("the index build never started")
-
-
 async def _interrupted_build(
     conn: psycopg.Connection, schema: str, kwargs: dict[str, Any], interrupt: str
 ) -> dict[str, Any]:
     """Run the trigger and call ``interrupt`` (a Postgres function of a pid) on its build backend."""
     running = asyncio.create_task(run_trigger(kwargs))
-    pid = await _build_backend(conn, schema, kwargs["index"].table)
+    pid = await wait_for_build(conn, schema, kwargs["index"].index_name)
     conn.execute(sql.SQL("SELECT {}(%s)").format(sql.Identifier(interrupt)), (pid,))
     return await asyncio.wait_for(running, timeout=60)
 

@@ -15,14 +15,10 @@ import psycopg
 import pytest
 
 from capstone.local.embedded_pg import EmbeddedPostgres
-from tests.airflow_helpers import asset_events, run_collection, task_states, try_numbers, write_collection
-from tests.reliability.support import (
-    PRIVATE_CONNECTION_ID,
-    FaultPlanServer,
-    assert_table_holds_exactly,
-    jsonl_batch,
-    stored_chunks,
-)
+from tests.support.airflow import asset_events, run_collection, task_states, try_numbers, write_collection
+from tests.support.fake_openai import FaultPlanServer
+from tests.support.postgres import PRIVATE_CONNECTION_ID
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch, stored_chunks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("airflow_db")]
 
@@ -79,7 +75,7 @@ def test_a_wrong_api_key_fails_every_mapped_batch_on_its_first_try(
     tmp_path: Path,
     pg_dsn: str,
     pg_schema: str,
-    fake_openai: FaultPlanServer,
+    faulty_openai: FaultPlanServer,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
@@ -92,7 +88,7 @@ def test_a_wrong_api_key_fails_every_mapped_batch_on_its_first_try(
             "provider": "openai",
             "model": "text-embedding-3-small",
             "dimension": 64,
-            "base_url": fake_openai.base_url,
+            "base_url": faulty_openai.base_url,
             "batch_size": 40,
             "retries": 3,
             "retry_delay_seconds": 0,
@@ -105,7 +101,7 @@ def test_a_wrong_api_key_fails_every_mapped_batch_on_its_first_try(
     assert str(run.state) == "failed"
     assert try_numbers("wrong_key", run.run_id, "generate_embedding") == [1, 1, 1, 1]  # 160 chunks / 40
     # One request per batch: neither the client nor Airflow asked again.
-    assert [request.status for request in fake_openai.embedding_requests()] == [401] * 4
+    assert [request.status for request in faulty_openai.embedding_requests()] == [401] * 4
     assert "API key" in logs
     assert stored_chunks(pg_dsn, pg_schema, "wrong_key")[0] == {}
 

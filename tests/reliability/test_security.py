@@ -16,13 +16,10 @@ import yaml
 from capstone.local.embedded_pg import EmbeddedPostgres
 from dag_factory.errors import InvalidCollectionConfig
 from dag_factory.loader import load_collection
-from tests.airflow_helpers import asset_events, run_collection, task_states, write_collection, xcoms
-from tests.reliability.support import (
-    PRIVATE_CONNECTION_ID,
-    assert_table_holds_exactly,
-    jsonl_batch,
-    running_fault_plan_server,
-)
+from tests.support.airflow import asset_events, run_collection, task_states, write_collection, xcoms
+from tests.support.fake_openai import running_fault_plan_server
+from tests.support.postgres import PRIVATE_CONNECTION_ID
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 

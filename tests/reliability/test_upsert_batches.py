@@ -21,14 +21,9 @@ from capstone import pipeline, store
 from capstone.contracts import EmbeddingTotals
 from capstone.pipeline import run_key_for, upsert_vectors
 from capstone.settings import CollectionSettings
-from tests.reliability.support import (
-    assert_table_holds_exactly,
-    jsonl_batch,
-    run_pipeline,
-    run_until_upsert,
-    stored_chunks,
-)
+from tests.support.pipeline import run_pipeline, run_until_upsert
 from tests.support.settings import collection_settings
+from tests.support.tables import assert_table_holds_exactly, jsonl_batch, stored_chunks
 
 DIMENSION = 32
 UPSERT_BATCH = 50

@@ -14,7 +14,7 @@ from airflow.sdk.definitions.mappedoperator import MappedOperator
 
 from dag_factory.builder import TASK_IDS, build_collection_dag
 from dag_factory.loader import load_collection
-from tests.airflow_helpers import configs_env
+from tests.support.airflow import configs_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -62,3 +63,26 @@ def test_the_runtime_and_the_dag_files_never_import_the_local_tooling() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
+
+def _modules() -> list[Path]:
+    return sorted(path for package in ("capstone", "dag_factory") for path in (ROOT / package).rglob("*.py"))
+
+
+def test_every_function_fits_on_a_screen() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in _modules()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert long == []
+
+
+def test_every_module_says_what_it_answers() -> None:
+    assert [
+        str(path.relative_to(ROOT))
+        for path in _modules()
+        if not ast.get_docstring(ast.parse(path.read_text()))
+    ] == []

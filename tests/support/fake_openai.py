@@ -6,6 +6,7 @@ input, 401 without the right bearer key, 400 on an empty input, more than 2048 i
 with the hash embedder's vectors (deterministic, so a test can compute the expected result), and
 follows a fault plan: fail the next calls with 429 + Retry-After, 500 or a hang past the client's
 timeout, or fail a seeded random fraction of calls. Every call is recorded.
+:class:`FaultPlanServer` adds mixed random faults and a poison marker (the reliability tests).
 
     with running_fake_openai_server() as server:
         server.fail_next(1, "429", retry_after=1)
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import base64
 import collections
+import io
 import json
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,7 +31,14 @@ import numpy as np
 
 from capstone.embeddings.hashing import HashEmbedder
 
-__all__ = ["FakeOpenAIServer", "Fault", "RecordedRequest", "running_fake_openai_server"]
+__all__ = [
+    "FakeOpenAIServer",
+    "Fault",
+    "FaultPlanServer",
+    "RecordedRequest",
+    "running_fake_openai_server",
+    "running_fault_plan_server",
+]
 
 FaultKind = Literal["429", "500", "hang"]
 MAX_INPUTS = 2048  # the real API's limit on inputs per request
@@ -272,3 +281,90 @@ def _encode(vector: np.ndarray, as_base64: bool) -> str | list[float]:
     if as_base64:
         return base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return [float(x) for x in vector]
+
+
+# -- a richer fault plan, for the reliability tests ------------------------------------------
+
+
+class FaultPlanServer(FakeOpenAIServer):
+    """The fake OpenAI server, plus two faults its own plan lacks.
+
+    * ``mixed_failure_rate``: each call fails with that probability, as a 429 with Retry-After,
+      a 500 with Retry-After or a hang past the client's timeout (seeded: the same calls fail on
+      every run that makes its calls in the same order, as ``dag.test()`` does);
+    * ``poison_marker``: every call with an input containing the marker fails with a 500, so the
+      batch holding that text fails however often it is retried.
+    """
+
+    def __init__(self, *, seed: int = 0, **options: Any) -> None:
+        super().__init__(seed=seed, **options)
+        self.mixed_failure_rate = 0.0
+        self.mixed_retry_after = 0.05
+        self.poison_marker: str | None = None
+        self._mixed_rng = random.Random(seed)
+        self._mixed_lock = threading.Lock()
+        self._httpd.RequestHandlerClass = _poison_aware_handler(self)
+
+    def next_fault(self) -> Fault | None:
+        planned = super().next_fault()
+        if planned is not None:
+            return planned
+        with self._mixed_lock:
+            if self._mixed_rng.random() >= self.mixed_failure_rate:
+                return None
+            kind: FaultKind = self._mixed_rng.choice(["429", "500", "hang"])
+        return Fault(kind, None if kind == "hang" else self.mixed_retry_after)
+
+    def poisoned(self, inputs: Sequence[str]) -> bool:
+        """True when the call must fail because of the poison marker."""
+        marker = self.poison_marker
+        return marker is not None and any(marker in text for text in inputs)
+
+    def failed_requests(self) -> list[RecordedRequest]:
+        """Embedding calls answered with an error, or not at all (status 0: a hang)."""
+        return [request for request in self.embedding_requests() if request.status != 200]
+
+    def answered_texts(self) -> list[str]:
+        """Every input of every successful embedding call (a text twice: embedded twice)."""
+        return [
+            text for request in self.embedding_requests() if request.status == 200 for text in request.inputs
+        ]
+
+
+def _poison_aware_handler(server: FaultPlanServer) -> type[_EmbeddingsHandler]:
+    class Handler(_EmbeddingsHandler):
+        fake = server
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                inputs = json.loads(body).get("input") or []
+            except (json.JSONDecodeError, AttributeError):
+                inputs = []
+            if isinstance(inputs, str):
+                inputs = [inputs]
+            if server.poisoned(inputs):
+                recorded = {
+                    "inputs": inputs,
+                    "retry_count": _int(self.headers.get("x-stainless-retry-count")),
+                }
+                return self._fail(Fault("500", 0.01), recorded)
+            self.rfile = io.BytesIO(body)  # let the fake's own handler read the body again
+            return super().do_POST()
+
+    return Handler
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+@contextmanager
+def running_fault_plan_server(**options: Any) -> Iterator[FaultPlanServer]:
+    """A started :class:`FaultPlanServer`, stopped on exit (a hanging call is released)."""
+    server = FaultPlanServer(**options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,9 +1,10 @@
-"""Helpers for the index build tests: collection tables of real vectors, and the index catalog.
+"""Helpers for the index build tests: collection tables of real vectors, the index catalog, and
+waiting for a build (or its backend) as Postgres reports it.
 
 Run as a module, it runs one ``VectorStoreIndexingTrigger`` to completion in its own process, so
 the kill test can SIGKILL a triggerer mid-build::
 
-    python -m tests.integration.index_build_helpers SCHEMA TABLE EXPECTED_COUNT
+    python -m tests.support.index_build SCHEMA TABLE EXPECTED_COUNT
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ __all__ = [
     "random_unit_vectors",
     "run_trigger",
     "trigger_kwargs",
+    "wait_for_build",
+    "wait_until_gone",
 ]
+
+BUILDERS_SQL = """
+SELECT p.pid, p.phase FROM pg_stat_progress_create_index p
+JOIN pg_class c ON c.oid = p.index_relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = %s
+"""
 
 # The builds the tests time (kill test, progress logging) need a few seconds of work on 2 cores.
 DIMENSION = 64
@@ -121,6 +131,29 @@ async def run_trigger(kwargs: dict[str, Any]) -> dict[str, Any]:
     events = [event async for event in trigger.run()]
     assert len(events) == 1, events
     return dict(events[0].payload)
+
+
+async def wait_for_build(
+    conn: psycopg.Connection, schema: str, name: str, phase: str = "building index", within: float = 30.0
+) -> int:
+    """Pid of the backend building index ``name`` once its phase starts with ``phase`` (by default:
+    building, not waiting for older transactions)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        for pid, current in conn.execute(BUILDERS_SQL, (schema, name)).fetchall():
+            if str(current).startswith(phase):
+                return int(pid)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no build of {name} reached {phase!r} within {within}s")
+
+
+async def wait_until_gone(conn: psycopg.Connection, pid: int, within: float = 5.0) -> None:
+    """Return once backend ``pid`` has ended; fail if it still runs after ``within`` seconds."""
+    for _ in range(int(within / 0.05)):
+        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"backend {pid} still ran {within}s after its client went away")
 
 
 def main(argv: list[str]) -> None:
