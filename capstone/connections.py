@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from capstone.errors import TerminalError
+from capstone.settings import DEFAULT_CONNECTION_ID
 
 if TYPE_CHECKING:
     import psycopg
@@ -40,7 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONNECTION_ID = "vector_store_default"
 
 # Extras that Airflow's Postgres provider reads itself: not libpq options, never passed on.
 _PROVIDER_EXTRAS = frozenset(

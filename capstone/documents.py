@@ -25,6 +25,7 @@ from typing import Any
 
 from capstone.contracts import Rejection
 from capstone.errors import TerminalError
+from capstone.settings import DEFAULT_CONNECTION_ID
 
 __all__ = [
     "BatchLocation",
@@ -56,7 +57,7 @@ class BatchLocation:
     path: str | None = None
     table: str | None = None
     batch_id: str | None = None
-    connection_id: str = "vector_store_default"
+    connection_id: str = DEFAULT_CONNECTION_ID
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> BatchLocation:
@@ -80,7 +81,7 @@ class BatchLocation:
                 format="postgres",
                 table=str(table),
                 batch_id=str(batch_id),
-                connection_id=str(extra.get("connection_id") or "vector_store_default"),
+                connection_id=str(extra.get("connection_id") or DEFAULT_CONNECTION_ID),
             )
         raise InvalidBatchLocation(f"unknown batch format {fmt!r}: use 'jsonl' (with 'path') or 'postgres'")
 

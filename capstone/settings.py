@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKS",
+    "DEFAULT_CONNECTION_ID",
     "DEFAULT_MODELS",
     "HNSW_EF_CONSTRUCTION",
     "HNSW_EF_SEARCH",
@@ -52,6 +53,9 @@ PROVIDERS: tuple[Provider, ...] = get_args(Provider)
 INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
 METRICS: tuple[Metric, ...] = get_args(Metric)
 CHECKS: tuple[Check, ...] = get_args(Check)
+
+# The Airflow connection of the collection's Postgres when the spec names none.
+DEFAULT_CONNECTION_ID = "vector_store_default"
 
 # provider -> (default model, its dimension)
 DEFAULT_MODELS: dict[Provider, tuple[str, int]] = {

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from capstone.settings import (
+    DEFAULT_CONNECTION_ID,
     DEFAULT_MODELS,
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
@@ -185,7 +186,7 @@ class EmbeddingSpec(_Model):
 class StoreSpec(_Model):
     """The Postgres table the collection lives in."""
 
-    connection_id: str = Field(default="vector_store_default", min_length=1, max_length=250)
+    connection_id: str = Field(default=DEFAULT_CONNECTION_ID, min_length=1, max_length=250)
     schema_name: str = Field(default="public", alias="schema")
     table: str | None = Field(default=None, description="Default: the collection name.")
     max_delete_fraction: float = Field(

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from capstone.settings import DEFAULT_CONNECTION_ID
 from dag_factory.loader import configs_dir, load_collections
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class AirflowStack:
     def _import_connection(self, uri: str) -> None:
         parts = urlsplit(uri)
         connection = {
-            "vector_store_default": {
+            DEFAULT_CONNECTION_ID: {
                 "conn_type": "postgres",
                 "host": parts.hostname,
                 "port": parts.port,
