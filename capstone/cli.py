@@ -74,12 +74,13 @@ def _search(collection: str, query: str, limit: int, dsn: str | None, connection
 
     from capstone.registry import lookup
     from capstone.search import search_record
+    from capstone.settings import DEFAULT_CONNECTION_ID
 
     target_dsn = _search_dsn(dsn, connection_id)
     try:
         conn = psycopg.connect(target_dsn, autocommit=True, application_name="capstone search")
     except psycopg.OperationalError as err:
-        source = "--dsn" if dsn else f"Airflow connection {connection_id or 'vector_store_default'!r}"
+        source = "--dsn" if dsn else f"Airflow connection {connection_id or DEFAULT_CONNECTION_ID!r}"
         raise LookupError(f"cannot connect to the Postgres given by {source}: {err}") from None
     with conn:
         record = lookup(conn, collection)

@@ -4,8 +4,10 @@ One function, :func:`postgres_params`, turns an Airflow connection into :class:`
 host, port, login, password, database and every libpq option the connection carries in its
 extras or its URI's query (``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey``, ``options``,
 ``connect_timeout``, ``target_session_attrs``, ``application_name``, ...). From it psycopg gets a
-conninfo string (:meth:`PostgresParams.conninfo`) and asyncpg, whose TLS options are spelled
-differently, its connect arguments (:meth:`PostgresParams.asyncpg_arguments`).
+conninfo string (:meth:`PostgresParams.conninfo`) and asyncpg its connect arguments
+(:meth:`PostgresParams.asyncpg_arguments`: the TLS options in its DSN's query, where asyncpg reads
+them with libpq's meaning; session options in the startup packet; options it cannot enforce
+refused rather than dropped).
 
 An undefined connection is an error (:class:`ConnectionNotDefined`) that names the connection
 and how to define it. There is no fallback: the embedded Postgres is used only where the local
@@ -83,6 +85,15 @@ _ASYNCPG_DSN_OPTIONS = frozenset(
 )
 # libpq options asyncpg sends in the startup packet, as the server reads them.
 _ASYNCPG_STARTUP_OPTIONS = frozenset({"application_name", "options"})
+# Options whose restrictive values asyncpg would silently drop (or misread): refused, not weakened.
+_ASYNCPG_UNENFORCEABLE = frozenset(
+    {
+        ("channel_binding", "require"),
+        ("gssencmode", "require"),
+        ("sslcertmode", "require"),
+        ("sslrootcert", "system"),
+    }
+)
 # Options whose values are secrets: never shown in messages.
 _SECRET_OPTIONS = frozenset({"sslpassword"})
 
@@ -93,7 +104,8 @@ class ConnectionNotDefined(TerminalError, LookupError):
     def __init__(self, connection_id: str) -> None:
         self.connection_id = connection_id
         super().__init__(
-            f"Airflow connection {connection_id!r} is not defined where this runs: define it in the UI, "
+            f"Airflow connection {connection_id!r} is not defined where this runs (or could not be "
+            "read): define it in the UI, "
             f"with `airflow connections add {connection_id} --conn-uri "
             "postgresql://USER:PASSWORD@HOST:5432/DB`, "
             f"or as the environment variable AIRFLOW_CONN_{connection_id.upper()} (in every worker and the "
@@ -114,21 +126,26 @@ class PostgresParams:
     host: str = "127.0.0.1"
     port: int = 5432
     user: str = "postgres"
-    password: str | None = field(default=None, repr=False)
+    password: str | None = None
     dbname: str = "postgres"
     options: Mapping[str, str] = field(default_factory=dict)
     source: str = "the given DSN"
 
     @classmethod
-    def from_connection(cls, conn: Any, connection_id: str) -> PostgresParams:
-        """From an Airflow ``Connection``: its fields, and its extras (or URI query) as libpq options."""
+    def from_connection(
+        cls, conn: Any, connection_id: str, extras: Mapping[str, Any] | None = None
+    ) -> PostgresParams:
+        """From an Airflow ``Connection``: its fields, and its extras (or URI query) as libpq options
+        (``extras`` when already read, as the triggerer reads them, asynchronously)."""
+        if extras is None:
+            extras = conn.extra_dejson or {}
         return cls(
             host=conn.host or "127.0.0.1",
             port=int(conn.port or 5432),
             user=conn.login or "postgres",
             password=conn.password or None,
             dbname=conn.schema or "postgres",
-            options=_libpq_options(conn.extra_dejson or {}, connection_id),
+            options=_libpq_options(extras, connection_id),
             source=f"Airflow connection {connection_id!r}",
         )
 
@@ -165,7 +182,9 @@ class PostgresParams:
     def asyncpg_arguments(self, application_name: str) -> dict[str, Any]:
         """Keyword arguments of ``asyncpg.connect``: TLS and session options in the DSN's query (where
         asyncpg reads them, with libpq's meaning), startup options as server settings."""
-        query = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": self.dbname}
+        self._check_asyncpg_can_enforce()
+        host = f"[{self.host}]" if _is_ipv6(self.host) else self.host
+        query = {"host": host, "port": str(self.port), "user": self.user, "dbname": self.dbname}
         query.update({key: value for key, value in self.options.items() if key in _ASYNCPG_DSN_OPTIONS})
         settings = {"application_name": application_name}
         settings.update({key: v for key, v in self.options.items() if key in _ASYNCPG_STARTUP_OPTIONS})
@@ -174,14 +193,30 @@ class PostgresParams:
             "password": self.password,
             "server_settings": settings,
         }
-        if "connect_timeout" in self.options:
-            arguments["timeout"] = float(self.options["connect_timeout"])
+        timeout = int(self.options.get("connect_timeout", "0") or 0)
+        if timeout > 0:  # libpq: 0 or less waits forever, less than 2 counts as 2
+            arguments["timeout"] = float(max(2, timeout))
         ignored = sorted(
             set(self.options) - _ASYNCPG_DSN_OPTIONS - _ASYNCPG_STARTUP_OPTIONS - {"connect_timeout"}
         )
         if ignored:
             log.warning("%s: asyncpg (index builds) has no equivalent of %s", self.source, ", ".join(ignored))
         return arguments
+
+    def _check_asyncpg_can_enforce(self) -> None:
+        """Refuse, rather than weaken, what the triggerer's driver cannot enforce."""
+        unenforceable = {
+            key: value
+            for key, value in self.options.items()
+            if (key, value) in _ASYNCPG_UNENFORCEABLE or (key == "require_auth" and value)
+        }
+        if unenforceable:
+            shown = ", ".join(f"{key}={value}" for key, value in sorted(unenforceable.items()))
+            raise PostgresConnectionRefused(
+                f"{self.source}: {shown} cannot be enforced by asyncpg, which builds the index in the "
+                "triggerer; remove it from the connection (TLS with sslmode=verify-full and an "
+                "sslrootcert file is enforced), or build in the worker (deferrable=False)"
+            )
 
     def __repr__(self) -> str:
         return f"PostgresParams({self.describe()})"
@@ -198,11 +233,27 @@ def _libpq_options(extras: Mapping[str, Any], connection_id: str) -> dict[str, s
     for key, value in extras.items():
         if key in _PROVIDER_EXTRAS or value is None:
             continue
-        if key not in _libpq_keywords() or key in _FIELDS:
+        if key in _FIELDS:
+            log.warning(
+                "Airflow connection %r: extra %r is ignored: set it in the connection's own field",
+                connection_id,
+                key,
+            )
+            continue
+        if key not in _libpq_keywords():
             log.warning("Airflow connection %r: extra %r is not a libpq option; ignored", connection_id, key)
             continue
         options[key] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     return options
+
+
+def _is_ipv6(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def _libpq_keywords() -> frozenset[str]:
@@ -217,39 +268,62 @@ def _airflow_connection_not_found() -> type[Exception]:
     return AirflowNotFoundException
 
 
-def postgres_params(connection_id: str = DEFAULT_CONNECTION_ID) -> PostgresParams:
+# Airflow reports a connection it could not *read* (the API server restarting, a secrets backend
+# down) as not found: ask a few times before calling it undefined.
+LOOKUP_ATTEMPTS = 3
+LOOKUP_PAUSE_SECONDS = 2.0
+
+
+def postgres_params(
+    connection_id: str = DEFAULT_CONNECTION_ID, attempts: int = LOOKUP_ATTEMPTS
+) -> PostgresParams:
     """The Postgres of Airflow connection ``connection_id`` (synchronous: tasks, CLIs, tests).
 
-    Raises :class:`ConnectionNotDefined` when the connection does not exist.
+    Raises :class:`ConnectionNotDefined` when the connection is still not found after
+    ``attempts`` lookups (one for interactive commands, which read no Airflow API).
     """
+    import time
+
     from airflow.sdk import BaseHook
 
-    try:
-        conn = BaseHook.get_connection(connection_id)
-    except _airflow_connection_not_found():
-        raise ConnectionNotDefined(connection_id) from None
-    return PostgresParams.from_connection(conn, connection_id)
+    for attempt in range(1, attempts + 1):
+        try:
+            return PostgresParams.from_connection(BaseHook.get_connection(connection_id), connection_id)
+        except _airflow_connection_not_found():
+            if attempt < attempts:
+                time.sleep(LOOKUP_PAUSE_SECONDS)
+    raise ConnectionNotDefined(connection_id)
 
 
 async def apostgres_params(connection_id: str = DEFAULT_CONNECTION_ID) -> PostgresParams:
     """:func:`postgres_params` through Airflow's async connection API (for the triggerer)."""
+    import asyncio
+
     from airflow.sdk import BaseHook
 
-    try:
-        conn = await BaseHook.aget_connection(connection_id)
-    except _airflow_connection_not_found():
-        raise ConnectionNotDefined(connection_id) from None
-    return PostgresParams.from_connection(conn, connection_id)
+    for attempt in range(1, LOOKUP_ATTEMPTS + 1):
+        try:
+            conn = await BaseHook.aget_connection(connection_id)
+        except _airflow_connection_not_found():
+            if attempt < LOOKUP_ATTEMPTS:
+                await asyncio.sleep(LOOKUP_PAUSE_SECONDS)
+            continue
+        return PostgresParams.from_connection(conn, connection_id, await conn.aextra_dejson())
+    raise ConnectionNotDefined(connection_id)
 
 
-def postgres_dsn(connection_id: str = DEFAULT_CONNECTION_ID) -> str:
+def postgres_dsn(connection_id: str = DEFAULT_CONNECTION_ID, attempts: int = LOOKUP_ATTEMPTS) -> str:
     """The libpq connection string of ``connection_id``, options included (password included)."""
-    return postgres_params(connection_id).conninfo()
+    return postgres_params(connection_id, attempts).conninfo()
 
 
 # Server and libpq messages of refusals no retry can change, and what to do about each.
 _REFUSALS: tuple[tuple[str, str], ...] = (
-    ("no encryption", "the server accepts this user over TLS only: set sslmode=require (or verify-full)"),
+    (
+        "no encryption",
+        "no pg_hba.conf rule admits this connection without TLS: if the server requires TLS (managed "
+        "Postgres does), set sslmode=require or verify-full; otherwise ask for a pg_hba.conf entry",
+    ),
     ("password authentication failed", "check the connection's login and password"),
     ("no pg_hba.conf entry", "the server's pg_hba.conf admits no such connection: check user, database, TLS"),
     ("pg_hba.conf rejects", "the server's pg_hba.conf rejects this user, database or address"),

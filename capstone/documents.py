@@ -28,6 +28,7 @@ from capstone.errors import TerminalError
 from capstone.settings import DEFAULT_CONNECTION_ID
 
 __all__ = [
+    "DUPLICATE_REASON",
     "BatchLocation",
     "BatchNotFound",
     "EnrichedDocument",
@@ -39,6 +40,10 @@ __all__ = [
 
 _TABLE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
 _DOCUMENT_ID = re.compile(r"^[^\x00-\x1f]{1,200}$")
+
+
+# Why the older copy of a document id seen twice in a run is set aside (the newest batch wins).
+DUPLICATE_REASON = "duplicate document id in this batch"
 
 
 class InvalidBatchLocation(TerminalError, ValueError):
@@ -205,7 +210,7 @@ def validate_documents(
         result = _check(where, raw, max_chunk_chars=max_chunk_chars, max_chunks=max_chunks)
         if isinstance(result, EnrichedDocument):
             if result.id in seen:
-                yield RejectedDocument(result.id, where, "duplicate document id in this batch")
+                yield RejectedDocument(result.id, where, DUPLICATE_REASON)
                 continue
             seen.add(result.id)
         yield result

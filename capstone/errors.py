@@ -6,8 +6,8 @@ message; retrying would only wait out the backoff and bury the message under ret
 else (connection refused or reset, a server restart, 429/5xx, timeouts, serialization failures,
 deadlocks) is transient, and the task's retries with exponential backoff take over.
 
-:func:`is_terminal` is the one place that decides; the DAG factory turns a terminal error into
-Airflow's ``AirflowFailException``.
+:func:`is_terminal` is the one place that decides (the index build marks its error events with
+it too); the DAG factory turns a terminal error into Airflow's ``AirflowFailException``.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def _is_terminal_embedding_error(exc: BaseException) -> bool:
 
 
 def _is_terminal_database_error(exc: BaseException) -> bool:
+    import asyncpg
     import psycopg
 
-    if isinstance(exc, psycopg.Error):
-        sqlstate = exc.sqlstate or ""
+    if isinstance(exc, psycopg.Error | asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
         return sqlstate.startswith(_TERMINAL_SQLSTATE_CLASSES)
     return False

@@ -26,6 +26,7 @@ import asyncpg
 
 from capstone.connections import PostgresConnectionRefused, PostgresParams, refusal_reason
 from capstone.contracts import IndexEvent
+from capstone.errors import is_terminal
 from capstone.settings import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
@@ -322,7 +323,7 @@ async def _connect(target: PostgresParams | str, role: str) -> AsyncIterator[Any
     params = _params(target)
     try:
         conn = await asyncpg.connect(**params.asyncpg_arguments(f"capstone index {role}"))
-    except (asyncpg.PostgresError, OSError, ConnectionError) as exc:
+    except (asyncpg.PostgresError, OSError) as exc:
         fix = refusal_reason(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
             fix = fix or "check the connection's login, password and TLS settings"
@@ -645,7 +646,7 @@ async def build_index(
     ) as exc:
         message = f"index {params.qualified_index()} on {params.qualified_table} could not be built: {exc}"
         log.warning("%s", message)
-        terminal = isinstance(exc, _BuildError | PostgresConnectionRefused)
+        terminal = isinstance(exc, _BuildError) or is_terminal(exc)
         return {"status": "error", "message": message, "terminal": terminal}
 
 

@@ -31,6 +31,7 @@ from capstone.contracts import (
     UpsertResult,
 )
 from capstone.documents import (
+    DUPLICATE_REASON,
     BatchLocation,
     EnrichedDocument,
     RejectedDocument,
@@ -38,11 +39,12 @@ from capstone.documents import (
     validate_documents,
 )
 from capstone.embeddings.base import Embedder
-from capstone.errors import TerminalError
+from capstone.errors import TerminalError, is_terminal
 from capstone.settings import CollectionSettings
 
 __all__ = [
     "MassDeleteRefused",
+    "MergeRefused",
     "NothingToIndex",
     "TooManyRejected",
     "aggregate_manifests",
@@ -66,6 +68,11 @@ class NothingToIndex(Exception):
 class TooManyRejected(TerminalError):
     """A batch rejected more than ``source.max_rejected_fraction`` of its documents: likely not a
     batch of enriched documents at all (a wrong path, a changed format); nothing was written."""
+
+
+class MergeRefused(TerminalError):
+    """Upsert batches failed for a reason no retry changes (a privilege, a column): nothing of the
+    failed batches was written."""
 
 
 class MassDeleteRefused(TerminalError):
@@ -175,7 +182,12 @@ class _BatchReader:
             if isinstance(result, RejectedDocument):
                 log.warning("set aside %s (%s): %s", result.id or "<no id>", result.source, result.reason)
                 self.rejected.append(result)
-                self._current.rejected.append(result)
+                if result.reason == DUPLICATE_REASON:
+                    # A copy superseded by a newer one (say, the same batch sent twice) is not a
+                    # sign of a broken batch: it counts neither way for the reject guard.
+                    self._current.documents -= 1
+                else:
+                    self._current.rejected.append(result)
             else:
                 self.deleted += result.deleted
                 yield result
@@ -271,9 +283,9 @@ def _check_deletions(settings: CollectionSettings, lost: int, rows: int, allowed
         log.warning("%s; going ahead: the run's conf sets allow_mass_delete", numbers)
         return
     raise MassDeleteRefused(
-        f"{numbers}, so nothing was written. If the deletions are meant, trigger the DAG again with the "
-        'same batches and {"allow_mass_delete": true} in its conf (or raise store.max_delete_fraction); '
-        "otherwise fix the upstream batch"
+        f"{numbers}, so nothing was written. If the deletions are meant, trigger the DAG with the "
+        'conf {"batches": [<the extras of this run\'s asset events>], "allow_mass_delete": true} (or '
+        "raise store.max_delete_fraction and clear this run); otherwise fix the upstream batch"
     )
 
 
@@ -423,12 +435,12 @@ def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> 
         store.ensure_collection_table(conn, table)
         _check_staging_complete(store.count_staged_vectors(conn, run_key), aggregate)
         spans = store.merge_spans(conn, run_key, settings.upsert_batch_size)
-        upserted, failures = _merge_spans(conn, settings, run_key, spans)
+        upserted, failures, terminal = _merge_spans(conn, settings, run_key, spans)
         if failures:
-            raise RuntimeError(
-                f"{len(failures)} of {len(spans)} upsert batches failed and were rolled back "
-                f"({'; '.join(failures[:3])}); the retry will redo them"
-            )
+            summary = f"{len(failures)} of {len(spans)} upsert batches failed and were rolled back"
+            if terminal:  # e.g. permission denied on the table: the same would happen on every retry
+                raise MergeRefused(f"{summary} ({'; '.join(failures[:3])}); fix that first, then re-run")
+            raise RuntimeError(f"{summary} ({'; '.join(failures[:3])}); the retry will redo them")
         deleted = store.delete_lost_chunks(conn, run_key, table)
         store.drop_run_staging(conn, run_key)
         total = store.count_vectors(conn, table)
@@ -460,8 +472,9 @@ def _check_staging_complete(staged: int, aggregate: EmbeddingTotals) -> None:
 
 def _merge_spans(
     conn: psycopg.Connection, settings: CollectionSettings, run_key: str, spans: list[tuple[str, str, int]]
-) -> tuple[int, list[str]]:
-    """Merge every span, ``settings.upsert_parallelism`` at a time; (rows upserted, failure notes).
+) -> tuple[int, list[str], bool]:
+    """Merge every span, ``settings.upsert_parallelism`` at a time; (rows upserted, failure notes,
+    whether a failure is terminal).
 
     Each span is its own transaction on one of the connections (``conn`` and the extra ones
     opened here): a failing span rolls back alone while the others go on. An error that no other
@@ -472,7 +485,7 @@ def _merge_spans(
     extra = max(0, min(settings.upsert_parallelism, len(spans)) - 1)
     if not extra:
         _merge_worker(conn, settings, run_key, progress)
-        return progress.upserted, progress.failures
+        return progress.upserted, progress.failures, progress.terminal
     with ThreadPoolExecutor(max_workers=extra, thread_name_prefix="upsert") as pool:
         helpers = [pool.submit(_merge_on_own_connection, settings, run_key, progress) for _ in range(extra)]
         try:
@@ -482,7 +495,7 @@ def _merge_spans(
             raise
     for helper in helpers:
         helper.result()  # re-raises a helper's fatal error
-    return progress.upserted, progress.failures
+    return progress.upserted, progress.failures, progress.terminal
 
 
 class _MergeProgress:
@@ -497,6 +510,7 @@ class _MergeProgress:
         self.upserted = 0
         self.finished = 0
         self.failures: list[str] = []
+        self.terminal = False  # a failure no retry can fix (see capstone.errors.is_terminal)
 
     def take(self) -> tuple[int, tuple[str, str, int]] | None:
         """The next span to merge and its 1-based number, or None when all are taken or stopped."""
@@ -529,6 +543,7 @@ class _MergeProgress:
     def failed(self, number: int, exc: psycopg.Error) -> None:
         with self._lock:
             self.failures.append(f"batch {number}: {exc.diag.message_primary or exc}")
+            self.terminal = self.terminal or is_terminal(exc)
             self.finished += 1
         log.error("upsert batch %d/%d failed and was rolled back: %s", number, len(self._spans), exc)
 

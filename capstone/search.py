@@ -24,7 +24,7 @@ from psycopg import sql
 
 from capstone.index_build import DISTANCE_OPERATORS
 from capstone.registry import CollectionRecord, lookup
-from capstone.settings import IndexType, Metric
+from capstone.settings import HNSW_EF_SEARCH, IndexType, Metric
 from capstone.store import CollectionTable
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
     "search_record",
 ]
 
-MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+MAX_EF_SEARCH = HNSW_EF_SEARCH[1]  # pgvector's upper bound for hnsw.ef_search
 SNIPPET_CHARS = 300  # characters of a hit's text that searches return
 
 
@@ -217,4 +217,4 @@ def resolve_dsn(dsn: str | None = None, connection_id: str | None = None) -> str
         return dsn
     from capstone.connections import DEFAULT_CONNECTION_ID, postgres_dsn
 
-    return postgres_dsn(connection_id or DEFAULT_CONNECTION_ID)
+    return postgres_dsn(connection_id or DEFAULT_CONNECTION_ID, attempts=1)

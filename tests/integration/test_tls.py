@@ -249,7 +249,8 @@ def test_without_tls_the_run_fails_at_once_saying_the_server_requires_it(
     assert str(run.state) == "failed"
     assert task_states("tls_refused", run.run_id)["load_enriched_documents"] == ["failed"]
     assert try_numbers("tls_refused", run.run_id, "load_enriched_documents") == [1]  # 3 retries unused
-    assert "over TLS only: set sslmode=require" in logs
+    assert "no pg_hba.conf rule admits this connection without TLS" in logs
+    assert "set sslmode=require or verify-full" in logs
     assert tls_server.password not in logs
 
 

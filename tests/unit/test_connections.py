@@ -9,7 +9,13 @@ import pytest
 from airflow.models.connection import Connection
 from psycopg.conninfo import conninfo_to_dict
 
-from capstone.connections import ConnectionNotDefined, PostgresParams, postgres_params, refusal_reason
+from capstone.connections import (
+    ConnectionNotDefined,
+    PostgresConnectionRefused,
+    PostgresParams,
+    postgres_params,
+    refusal_reason,
+)
 
 TLS_URI = (
     "postgresql://indexer:s3cret%2Fpw@db.example.internal:6432/vectors"
@@ -82,6 +88,30 @@ def test_asyncpg_gets_the_tls_options_in_its_dsn_and_the_session_options_as_sett
         "options": "-c statement_timeout=300s",
     }
     assert arguments["timeout"] == 7.0
+
+
+def test_a_connect_timeout_means_what_libpq_says_for_asyncpg_too() -> None:
+    assert "timeout" not in _params("postgresql://u:p@h/db?connect_timeout=0").asyncpg_arguments("x")
+    assert _params("postgresql://u:p@h/db?connect_timeout=1").asyncpg_arguments("x")["timeout"] == 2.0
+
+
+def test_an_ipv6_host_reaches_asyncpg_in_brackets() -> None:
+    conn = Connection(
+        conn_id="store", conn_type="postgres", host="fd00::5", port=5432, login="u", schema="db"
+    )
+
+    arguments = PostgresParams.from_connection(conn, "store").asyncpg_arguments("x")
+
+    assert parse_qs(urlsplit(arguments["dsn"]).query)["host"] == ["[fd00::5]"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["channel_binding=require", "require_auth=scram-sha-256", "gssencmode=require", "sslrootcert=system"],
+)
+def test_options_asyncpg_cannot_enforce_are_refused_not_dropped(option: str) -> None:
+    with pytest.raises(PostgresConnectionRefused, match="cannot be enforced by asyncpg"):
+        _params(f"postgresql://u:p@h/db?{option}").asyncpg_arguments("x")
 
 
 def test_options_asyncpg_cannot_honour_are_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:

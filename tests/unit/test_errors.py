@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import httpx2 as httpx  # the HTTP client the openai package builds on
 import openai
 import psycopg
@@ -20,7 +21,7 @@ from capstone.embeddings import (
     ModelNotAvailableError,
 )
 from capstone.errors import is_terminal
-from capstone.pipeline import MassDeleteRefused, TooManyRejected
+from capstone.pipeline import MassDeleteRefused, MergeRefused, TooManyRejected
 from capstone.store import DimensionMismatch, StagingIncomplete
 from capstone.validation import IndexHealthError
 
@@ -46,6 +47,8 @@ TERMINAL = {
     "missing privilege": pg.InsufficientPrivilege("permission denied for schema"),
     "wrong password (sqlstate)": pg.InvalidPassword("password authentication failed"),
     "missing database": pg.InvalidCatalogName('database "x" does not exist'),
+    "not the table's owner (asyncpg)": asyncpg.InsufficientPrivilegeError("must be owner of table docs"),
+    "merge refused": MergeRefused("2 of 5 upsert batches failed: permission denied"),
 }
 TRANSIENT = {
     "connection refused": psycopg.OperationalError("connection refused"),
@@ -65,6 +68,7 @@ TRANSIENT = {
     "odd api answer": EmbeddingResponseError("2 vectors for 3 inputs"),
     "socket reset": ConnectionResetError("connection reset by peer"),
     "timeout": TimeoutError(),
+    "server gone (asyncpg)": asyncpg.AdminShutdownError("terminating connection"),
 }
 
 
