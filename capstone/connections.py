@@ -28,12 +28,14 @@ from capstone.settings import DEFAULT_CONNECTION_ID
 
 if TYPE_CHECKING:
     import psycopg
+    from airflow.sdk import Connection
 
 __all__ = [
     "DEFAULT_CONNECTION_ID",
     "ConnectionNotDefined",
     "PostgresConnectionRefused",
     "PostgresParams",
+    "airflow_connection",
     "apostgres_params",
     "connect",
     "postgres_dsn",
@@ -98,19 +100,27 @@ _ASYNCPG_UNENFORCEABLE = frozenset(
 _SECRET_OPTIONS = frozenset({"sslpassword"})
 
 
+POSTGRES_EXAMPLE_URI = "postgresql://USER:PASSWORD@HOST:5432/DB"
+
+
 class ConnectionNotDefined(TerminalError, LookupError):
     """The Airflow connection a collection names does not exist (where its tasks run)."""
 
-    def __init__(self, connection_id: str) -> None:
+    def __init__(self, connection_id: str, example_uri: str = POSTGRES_EXAMPLE_URI) -> None:
         self.connection_id = connection_id
+        postgres = example_uri == POSTGRES_EXAMPLE_URI
         super().__init__(
             f"Airflow connection {connection_id!r} is not defined where this runs (or could not be "
             "read): define it in the UI, "
-            f"with `airflow connections add {connection_id} --conn-uri "
-            "postgresql://USER:PASSWORD@HOST:5432/DB`, "
+            f"with `airflow connections add {connection_id} --conn-uri {example_uri}`, "
             f"or as the environment variable AIRFLOW_CONN_{connection_id.upper()} (in every worker and the "
-            "triggerer); nothing was written. The embedded Postgres is never used in its place "
-            "(`make demo`, `make up` and the tests define the connection to it themselves)"
+            "triggerer); nothing was written."
+            + (
+                " The embedded Postgres is never used in its place (`make demo`, `make up` and the tests "
+                "define the connection to it themselves)"
+                if postgres
+                else ""
+            )
         )
 
 
@@ -274,6 +284,26 @@ LOOKUP_ATTEMPTS = 3
 LOOKUP_PAUSE_SECONDS = 2.0
 
 
+def airflow_connection(
+    connection_id: str, attempts: int = LOOKUP_ATTEMPTS, example_uri: str = POSTGRES_EXAMPLE_URI
+) -> Connection:
+    """Airflow connection ``connection_id``, looked up ``attempts`` times before it is called undefined.
+
+    Raises :class:`ConnectionNotDefined` (whose fix shows ``example_uri``).
+    """
+    import time
+
+    from airflow.sdk import BaseHook
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return BaseHook.get_connection(connection_id)
+        except _airflow_connection_not_found():
+            if attempt < attempts:
+                time.sleep(LOOKUP_PAUSE_SECONDS)
+    raise ConnectionNotDefined(connection_id, example_uri)
+
+
 def postgres_params(
     connection_id: str = DEFAULT_CONNECTION_ID, attempts: int = LOOKUP_ATTEMPTS
 ) -> PostgresParams:
@@ -282,17 +312,7 @@ def postgres_params(
     Raises :class:`ConnectionNotDefined` when the connection is still not found after
     ``attempts`` lookups (one for interactive commands, which read no Airflow API).
     """
-    import time
-
-    from airflow.sdk import BaseHook
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return PostgresParams.from_connection(BaseHook.get_connection(connection_id), connection_id)
-        except _airflow_connection_not_found():
-            if attempt < attempts:
-                time.sleep(LOOKUP_PAUSE_SECONDS)
-    raise ConnectionNotDefined(connection_id)
+    return PostgresParams.from_connection(airflow_connection(connection_id, attempts), connection_id)
 
 
 async def apostgres_params(connection_id: str = DEFAULT_CONNECTION_ID) -> PostgresParams:

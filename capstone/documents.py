@@ -3,7 +3,13 @@
 An upstream pipeline announces a batch by emitting its Asset with an event ``extra`` that says
 where the batch is (a :class:`BatchLocation`):
 
-* ``{"format": "jsonl", "path": "/data/batch-0001.jsonl"}`` - one JSON document per line;
+* ``{"format": "jsonl", "path": "/data/batch-0001.jsonl"}`` - one JSON document per line. The path
+  may be an object storage URI read through Airflow's ``ObjectStoragePath`` (``s3://bucket/key``,
+  ``gs://...``, ``file://...``), with the storage connection in ``"conn_id"`` (say
+  ``"aws_default"``; without it the filesystem's own credential chain, such as an IAM role). A
+  batch is read as a stream, in blocks of :data:`READ_BLOCK_BYTES`: memory stays flat whatever its
+  size. The worker needs the filesystem's provider (``apache-airflow-providers-amazon[s3fs]`` for
+  ``s3://``: the project's ``[s3]`` extra);
 * ``{"format": "postgres", "table": "staging.enriched_documents", "batch_id": "0001",
   "connection_id": "vector_store_default"}`` - rows ``(batch_id, id, content, chunks jsonb,
   metadata jsonb)``.
@@ -21,7 +27,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from capstone.contracts import Rejection
 from capstone.errors import TerminalError
@@ -31,6 +37,7 @@ __all__ = [
     "DUPLICATE_REASON",
     "BatchLocation",
     "BatchNotFound",
+    "BatchUnreadable",
     "EnrichedDocument",
     "InvalidBatchLocation",
     "RejectedDocument",
@@ -40,6 +47,23 @@ __all__ = [
 
 _TABLE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
 _DOCUMENT_ID = re.compile(r"^[^\x00-\x1f]{1,200}$")
+_URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+
+# A batch is read in blocks of this size (and object storage fetches ranges of it): memory per
+# task stays flat in the batch's size.
+READ_BLOCK_BYTES = 1 << 20
+# What a storage connection looks like, for the "define it" hint (keyed by URI scheme).
+_STORAGE_CONNECTION_EXAMPLES = {
+    "s3": "aws://ACCESS_KEY_ID:SECRET_ACCESS_KEY@/?region_name=REGION",
+    "gs": "google-cloud-platform://?key_path=%2Fsecrets%2Fkey.json",
+    "abfs": "wasb://ACCOUNT:KEY@",
+}
+_STORAGE_PROVIDERS = {
+    "s3": "apache-airflow-providers-amazon[s3fs] (the project's [s3] extra)",
+    "gs": "apache-airflow-providers-google",
+    "gcs": "apache-airflow-providers-google",
+    "abfs": "apache-airflow-providers-microsoft-azure",
+}
 
 
 # Why the older copy of a document id seen twice in a run is set aside (the newest batch wins).
@@ -54,6 +78,10 @@ class BatchNotFound(TerminalError, FileNotFoundError):
     """The batch an asset event names does not exist (any more)."""
 
 
+class BatchUnreadable(TerminalError, PermissionError):
+    """The batch exists, but the credentials this task reads it with are not allowed to."""
+
+
 @dataclass(frozen=True)
 class BatchLocation:
     """Where one batch of enriched documents can be read from (an asset event's ``extra``)."""
@@ -63,6 +91,7 @@ class BatchLocation:
     table: str | None = None
     batch_id: str | None = None
     connection_id: str = DEFAULT_CONNECTION_ID
+    storage_conn_id: str | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> BatchLocation:
@@ -71,7 +100,8 @@ class BatchLocation:
         if fmt == "jsonl":
             if not extra.get("path"):
                 raise InvalidBatchLocation("a jsonl batch needs 'path' in the asset event extra")
-            return cls(format="jsonl", path=str(extra["path"]))
+            conn_id = str(extra.get("conn_id") or "") or None
+            return cls(format="jsonl", path=str(extra["path"]), storage_conn_id=conn_id)
         if fmt == "postgres":
             table, batch_id = extra.get("table"), extra.get("batch_id")
             if not table or batch_id is None:
@@ -92,7 +122,7 @@ class BatchLocation:
 
     def describe(self) -> str:
         if self.format == "jsonl":
-            return str(self.path)
+            return str(self.path) + (f" (connection {self.storage_conn_id})" if self.storage_conn_id else "")
         return f"{self.table} batch {self.batch_id}"
 
 
@@ -131,20 +161,16 @@ class RejectedDocument:
 def read_batch(location: BatchLocation) -> Iterator[tuple[str, Any]]:
     """Yield ``(where, raw_document)`` for every record of the batch; ``where`` names file:line."""
     if location.format == "jsonl":
-        yield from _read_jsonl(Path(location.path or ""))
+        yield from _read_jsonl(location)
     else:
         yield from _read_postgres(location)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    if not path.is_file():
-        raise BatchNotFound(
-            f"batch file {path} does not exist where this task runs (named by the asset event): "
-            "check the path the upstream pipeline sent, and that every worker can read it"
-        )
-    with path.open("rb") as handle:
-        for number, raw_line in enumerate(handle, start=1):
-            where = f"{path.name}:{number}"
+def _read_jsonl(location: BatchLocation) -> Iterator[tuple[str, Any]]:
+    name = (location.path or "").rstrip("/").rsplit("/", 1)[-1]
+    with _open_batch(location) as handle:
+        for number, raw_line in enumerate(_lines(handle), start=1):
+            where = f"{name}:{number}"
             if not raw_line.strip():
                 continue
             try:
@@ -153,6 +179,65 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, _Unreadable(f"invalid UTF-8 at byte {exc.start}")
             except json.JSONDecodeError as exc:
                 yield where, _Unreadable(f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def _lines(handle: BinaryIO) -> Iterator[bytes]:
+    """The lines of ``handle``, read in blocks (object storage files iterate slowly line by line)."""
+    tail = b""
+    while block := handle.read(READ_BLOCK_BYTES):
+        lines = (tail + block).split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if tail:
+        yield tail
+
+
+def _open_batch(location: BatchLocation) -> BinaryIO:
+    """Open a jsonl batch: a local path directly, a URI through ``ObjectStoragePath``."""
+    uri = location.path or ""
+    match = _URI.match(uri)
+    if match is None:
+        path = Path(uri)
+        if not path.is_file():
+            raise BatchNotFound(
+                f"batch file {path} does not exist where this task runs (named by the asset event): "
+                "check the path the upstream pipeline sent, and that every worker can read it (workers "
+                "on other hosts share no disk: send batches through object storage, s3://...)"
+            )
+        return path.open("rb")
+    return _open_object(uri, match["scheme"].lower(), location.storage_conn_id)
+
+
+def _open_object(uri: str, scheme: str, conn_id: str | None) -> BinaryIO:
+    from airflow.sdk import ObjectStoragePath
+
+    from capstone.connections import airflow_connection
+
+    if conn_id:
+        example = _STORAGE_CONNECTION_EXAMPLES.get(scheme, f"{scheme}://...")
+        airflow_connection(conn_id, example_uri=example)
+    used = f"connection {conn_id!r}" if conn_id else "the filesystem's default credentials (no conn_id)"
+    try:
+        path = ObjectStoragePath(uri, conn_id=conn_id)
+        return path.open("rb", block_size=READ_BLOCK_BYTES, cache_type="none")
+    except FileNotFoundError as exc:
+        raise BatchNotFound(
+            f"batch {uri} does not exist ({exc}; read with {used}, named by the asset event): check the "
+            "bucket and key the upstream pipeline sent, and the connection's endpoint"
+        ) from None
+    except PermissionError as exc:
+        raise BatchUnreadable(
+            f"batch {uri} cannot be read with {used}: {exc}. Grant read access to the batch "
+            "(s3:GetObject on the key, s3:ListBucket on the bucket) or name another connection"
+        ) from None
+    except (ValueError, ImportError) as exc:
+        if "filesystem" not in str(exc).lower() and "install" not in str(exc).lower():
+            raise
+        provider = _STORAGE_PROVIDERS.get(scheme, f"the Airflow provider for {scheme}://")
+        raise InvalidBatchLocation(
+            f"batch {uri}: no filesystem for {scheme}:// is installed where this task runs ({exc}); "
+            f"install {provider} in every worker image"
+        ) from None
 
 
 def _read_postgres(location: BatchLocation) -> Iterator[tuple[str, Any]]:

@@ -4,6 +4,12 @@ It turns the Python language reference that ships with Python (``pydoc_data.topi
 enriched documents with chunks and metadata, writes them as a JSONL batch, and emits
 ``Asset("documents.enriched")`` whose event extra says where the batch is. That event schedules
 the ``documents`` collection DAG.
+
+Where the batch goes: a local file under ``$CAPSTONE_BATCH_DIR`` (default ``<data>/batches``), or,
+when ``CAPSTONE_BATCH_URI`` is set (say ``s3://capstone-batches/enriched``), an object under it
+written with the Airflow connection ``CAPSTONE_BATCH_CONN_ID`` (the distributed local stack sets
+both: its workers share no disk). A run's conf may ask for ``copies`` of the corpus (ids suffixed)
+and a ``revision`` (every chunk marked with it, so that every chunk is new to the collection).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ def enrich_documents() -> None:
     @task(outlets=[ENRICHED])
     def write_enriched_batch() -> dict[str, Any]:
         """Chunk every topic, write the batch atomically, put its location in the event extra."""
-        from capstone.local.corpus import reference_documents, write_jsonl_batch
+        from capstone.local.corpus import reference_documents, write_jsonl_batch, write_jsonl_object
 
         context = get_current_context()
         # A run's conf may ask for the corpus several times over (ids suffixed), for load tests.
@@ -40,11 +46,20 @@ def enrich_documents() -> None:
             for copy in range(copies)
             for doc in reference_documents()
         ]
+        revision = (context["dag_run"].conf or {}).get("revision")
+        if revision is not None:
+            for doc in documents:
+                doc["chunks"] = [f"{chunk} (revision {revision})" for chunk in doc["chunks"]]
         batch_id = re.sub(r"[^A-Za-z0-9_.-]", "_", context["run_id"])
-        path = write_jsonl_batch(documents, _batch_dir() / f"documents-{batch_id}.jsonl")
-        extra: dict[str, Any] = {
-            "format": "jsonl",
-            "path": str(path),
+        name = f"documents-{batch_id}.jsonl"
+        extra: dict[str, Any] = {"format": "jsonl"}
+        if os.environ.get("CAPSTONE_BATCH_URI"):
+            conn_id = os.environ.get("CAPSTONE_BATCH_CONN_ID") or None
+            uri = f"{os.environ['CAPSTONE_BATCH_URI'].rstrip('/')}/{name}"
+            extra |= {"path": write_jsonl_object(documents, uri, conn_id), "conn_id": conn_id}
+        else:
+            extra["path"] = str(write_jsonl_batch(documents, _batch_dir() / name))
+        extra |= {
             "batch_id": batch_id,
             "documents": len(documents),
             "chunks": sum(len(doc["chunks"]) for doc in documents),

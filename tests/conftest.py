@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from psycopg import sql
 
 from capstone.local.embedded_pg import EmbeddedPostgres, default_server
+from dag_factory.local.services import S3Server
 
 # The shared helpers (tests/support/): registered here, before any test module imports them, so
 # that their asserts explain themselves.
@@ -81,3 +83,21 @@ def pg_conn(pg_dsn: str) -> Iterator[psycopg.Connection]:
     """An autocommit psycopg connection to the embedded server."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         yield conn
+
+
+# The Airflow connection id of the S3-protocol server the tests start (see ``s3_server``).
+S3_CONNECTION_ID = "capstone_s3_test"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """An S3-protocol server (moto) with the batches bucket, exported as ``capstone_s3_test``."""
+    from tests.support.postgres import free_port
+
+    server = S3Server(root=Path(os.environ["CAPSTONE_DATA_DIR"]) / "s3-test", port=free_port())
+    server.start()
+    variable = f"AIRFLOW_CONN_{S3_CONNECTION_ID.upper()}"
+    os.environ[variable] = json.dumps(server.connection())
+    yield server
+    os.environ.pop(variable, None)
+    server.stop()

@@ -81,3 +81,17 @@ def write_jsonl_batch(documents: list[dict[str, Any]], path: Path) -> Path:
             handle.write(json.dumps(document, ensure_ascii=False) + "\n")
     partial.replace(path)
     return path
+
+
+def write_jsonl_object(documents: list[dict[str, Any]], uri: str, conn_id: str | None) -> str:
+    """Write ``documents`` as JSONL to object storage (``s3://...``) through ``ObjectStoragePath``.
+
+    The object appears whole when the upload completes (S3 multipart semantics): readers never see
+    half a batch. Returns ``uri``.
+    """
+    from airflow.sdk import ObjectStoragePath
+
+    with ObjectStoragePath(uri, conn_id=conn_id).open("wb") as handle:
+        for document in documents:
+            handle.write((json.dumps(document, ensure_ascii=False) + "\n").encode())
+    return uri

@@ -1,9 +1,21 @@
-"""A local Airflow 3 for the demo and the end-to-end test: real api-server, scheduler,
+"""A local Airflow 3 for the demo and the end-to-end tests: real api-server, scheduler,
 dag-processor and triggerer, each its own process, in a project-local ``AIRFLOW_HOME``.
 
-Set-up is idempotent: the embedded Postgres is started, the metadata DB (SQLite) migrated, the
-pools the collection files declare created (the scheduler never schedules a task whose pool does
-not exist) and the ``vector_store_default`` connection written. Services log to
+Two executors:
+
+* ``local`` (default): the LocalExecutor runs tasks as children of the scheduler;
+* ``celery``: the CeleryExecutor with a Redis broker, an S3-protocol server (moto) for batches,
+  and two Celery workers started as two hosts would be: separate processes with their own
+  ``--celery-hostname``, task instance hostname, working directory, ``AIRFLOW_HOME``, data folder
+  and task logs, sharing no folder with the upstream writer: batches travel through object storage
+  (``s3://capstone-batches/enriched/...``, connection ``aws_default``) only. What they do share is
+  what every real deployment shares: the metadata DB (through the api-server), the broker, the
+  code (DAG files and the package, as an image would carry them) and the Postgres connection.
+
+Set-up is idempotent: the embedded Postgres is started, the metadata DB (a database of its own in
+that server, ``airflow`` unless told otherwise) created and migrated, the pools the collection
+files declare created (the scheduler never schedules a task whose pool does not exist) and the
+``vector_store_default`` connection written (``aws_default`` too, with Celery). Services log to
 ``$AIRFLOW_HOME/logs/services/<name>.log`` and run in their own process groups, so stopping the
 stack stops every process a service started.
 """
@@ -30,16 +42,21 @@ import httpx
 
 from capstone.settings import DEFAULT_CONNECTION_ID
 from dag_factory.loader import configs_dir, load_collections
+from dag_factory.local.services import S3_BUCKET, RedisBroker, S3Server
 
 if TYPE_CHECKING:
     from capstone.local.embedded_pg import EmbeddedPostgres
 
-__all__ = ["SERVICES", "AirflowStack"]
+__all__ = ["EXECUTORS", "SERVICES", "STORAGE_CONNECTION_ID", "WORKERS", "AirflowStack", "kill_group"]
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
+EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+WORKERS = ("worker-a", "worker-b")
+# The Airflow connection of the object store batches travel through in the Celery mode.
+STORAGE_CONNECTION_ID = "aws_default"
 ADMIN = "admin"
 
 
@@ -53,7 +70,21 @@ class AirflowStack:
     dags: Path = ROOT / "dags"
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("CAPSTONE_DATA_DIR", ROOT / ".data")))
     extra_env: dict[str, str] = field(default_factory=dict)
+    executor: str = "local"
+    metadata_db: str = "airflow"
+    workers: tuple[str, ...] = WORKERS
+    worker_concurrency: int = 2
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Services stopped on purpose (a worker killed by a test): not a reason to fail the stack.
+    stopped: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+
+    @property
+    def distributed(self) -> bool:
+        return self.executor == "celery"
 
     @property
     def api_url(self) -> str:
@@ -92,7 +123,10 @@ class AirflowStack:
                 "DAG_FACTORY_CONFIGS": str(self.configs),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__EXECUTOR": EXECUTORS[self.executor],
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.metadata_uri(),
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE": "4",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_MAX_OVERFLOW": "8",
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
                 "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
                 "AIRFLOW__CORE__PARALLELISM": "8",
@@ -117,8 +151,40 @@ class AirflowStack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.distributed:
+            env.update(self._celery_environment())
         env.update(self.extra_env)
         return env
+
+    def _celery_environment(self) -> dict[str, str]:
+        return {
+            "AIRFLOW__CELERY__BROKER_URL": self.broker().url(),
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.metadata_uri(),
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
+            # A worker that dies (a host lost, a process killed) leaves its tasks "running": the
+            # scheduler fails them once their heartbeat is this old (default 300 s) and retries
+            # them elsewhere; a task queued on it and never started is re-queued after the other.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "120",
+            # Batches travel through object storage: the workers share no disk.
+            "CAPSTONE_BATCH_URI": f"s3://{S3_BUCKET}/enriched",
+            "CAPSTONE_BATCH_CONN_ID": STORAGE_CONNECTION_ID,
+        }
+
+    def worker_environment(self, name: str) -> dict[str, str]:
+        """What makes worker ``name`` a host of its own: hostname, home, data folder, task logs."""
+        folder = self.worker_folder(name)
+        return {
+            "AIRFLOW_HOME": str(folder),
+            "CAPSTONE_DATA_DIR": str(folder / "data"),
+            "CAPSTONE_WORKER_HOSTNAME": name,
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "dag_factory.local.services.worker_hostname",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(folder / "logs"),
+        }
+
+    def worker_folder(self, name: str) -> Path:
+        return self.home / "workers" / name
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -131,16 +197,53 @@ class AirflowStack:
     def postgres_uri(self) -> str:
         return self.postgres().start().uri()
 
+    def metadata_uri(self) -> str:
+        """SQLAlchemy URL of the metadata DB (psycopg2, as Airflow's ``postgres`` extra installs)."""
+        uri = self.postgres().uri(self.metadata_db)
+        return uri.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+    def broker(self) -> RedisBroker:
+        return RedisBroker(root=self.data_dir, port=int(os.environ.get("CAPSTONE_REDIS_PORT", 56379)))
+
+    def object_store(self) -> S3Server:
+        return S3Server(root=self.data_dir, port=int(os.environ.get("CAPSTONE_S3_PORT", 59000)))
+
     def setup(self) -> None:
-        """Start Postgres, migrate the metadata DB, create pools, connection and the admin login."""
+        """Start Postgres (and, with Celery, the broker and object store), migrate the metadata DB,
+        create pools, connections and the admin login."""
         self.home.mkdir(parents=True, exist_ok=True)
         server = self.postgres().start()
+        self._ensure_metadata_db()
         self._airflow("db", "migrate")
         if not self._passwords_file.exists():
             self._passwords_file.write_text(json.dumps({ADMIN: secrets.token_urlsafe(12)}))
             self._passwords_file.chmod(0o600)
         self._import_pools()
-        self._import_connection(server.uri())
+        connections = {DEFAULT_CONNECTION_ID: _postgres_connection(server.uri())}
+        if self.distributed:
+            self.broker().start()
+            connections[STORAGE_CONNECTION_ID] = self.object_store().start().connection()
+        self._import_connections(connections)
+
+    def _ensure_metadata_db(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.postgres().uri("postgres"), autocommit=True) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.metadata_db,))
+            if found.fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.metadata_db)))
+
+    def drop_metadata_db(self) -> None:
+        """Drop the metadata DB (a fresh start for tests); the services must be stopped."""
+        import psycopg
+        from psycopg import sql
+
+        server = self.postgres().start()
+        with psycopg.connect(server.uri("postgres"), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.metadata_db))
+            )
 
     def _airflow(self, *args: str) -> str:
         result = subprocess.run(
@@ -178,21 +281,9 @@ class AirflowStack:
         self._airflow("pools", "import", str(path))
         log.info("pools: %s", ", ".join(f"{name}={p['slots']}" for name, p in pools.items()))
 
-    def _import_connection(self, uri: str) -> None:
-        parts = urlsplit(uri)
-        connection = {
-            DEFAULT_CONNECTION_ID: {
-                "conn_type": "postgres",
-                "host": parts.hostname,
-                "port": parts.port,
-                "login": parts.username,
-                "password": parts.password,
-                "schema": parts.path.lstrip("/"),
-                "description": "embedded PostgreSQL + pgvector started by capstone",
-            }
-        }
+    def _import_connections(self, connections: dict[str, dict[str, object]]) -> None:
         path = self.home / "connections.json"
-        path.write_text(json.dumps(connection))
+        path.write_text(json.dumps(connections))
         path.chmod(0o600)
         try:
             self._airflow("connections", "import", "--overwrite", str(path))
@@ -202,7 +293,7 @@ class AirflowStack:
     # -- services ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the four services (after set-up) and wait until all report healthy."""
+        """Start the four services (and the Celery workers) after set-up; wait until all are ready."""
         self._check_port_free()
         self.service_logs.mkdir(parents=True, exist_ok=True)
         env = self.environment()
@@ -210,12 +301,71 @@ class AirflowStack:
             args = [sys.executable, "-m", "airflow", name]
             if name == "api-server":
                 args += ["--port", str(self.api_port), "--host", "127.0.0.1"]
-            with (self.service_logs / f"{name}.log").open("ab") as log_file:
-                self.processes[name] = subprocess.Popen(
-                    args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
-                )
-        (self.home / "services.json").write_text(json.dumps({n: p.pid for n, p in self.processes.items()}))
+            self._spawn(name, args, env, cwd=ROOT)
+        if self.distributed:
+            for name in self.workers:
+                self.start_worker(name)
+        self._record_pids()
         self.wait_healthy()
+        if self.distributed:
+            self.wait_workers_ready()
+
+    def start_worker(self, name: str) -> None:
+        """Start Celery worker ``name`` as a host of its own (see :meth:`worker_environment`)."""
+        folder = self.worker_folder(name)
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable,
+            "-m",
+            "airflow",
+            "celery",
+            "worker",
+            "--celery-hostname",
+            f"{name}@%h",
+            "--concurrency",
+            str(self.worker_concurrency),
+            # Two workers on one machine cannot both serve logs on the one port the api-server asks;
+            # the test reads each worker's own log folder (a real deployment serves or ships them).
+            "--skip-serve-logs",
+        ]
+        self._spawn(name, args, {**self.environment(), **self.worker_environment(name)}, cwd=folder)
+        self._record_pids()
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        with (self.service_logs / f"{name}.log").open("ab") as log_file:
+            self.processes[name] = subprocess.Popen(
+                args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+            )
+
+    def _record_pids(self) -> None:
+        (self.home / "services.json").write_text(json.dumps({n: p.pid for n, p in self.processes.items()}))
+
+    def wait_workers_ready(self, timeout: float = 120.0) -> None:
+        """Wait until every Celery worker answers a ping through the broker."""
+        deadline = time.monotonic() + timeout
+        expected = set(self.workers)
+        answered: set[str] = set()
+        while time.monotonic() < deadline:
+            self._check_alive()
+            answered = self.ping_workers()
+            if expected <= answered:
+                return
+            time.sleep(1)
+        raise TimeoutError(
+            f"Celery workers {sorted(expected - answered)} did not answer within {timeout:.0f}s; "
+            f"logs: {self.service_logs}"
+        )
+
+    def ping_workers(self) -> set[str]:
+        """Names of the workers that answer a Celery ping now."""
+        from celery import Celery
+
+        app = Celery(broker=self.broker().url())
+        try:
+            replies = app.control.ping(timeout=2.0) or []
+        finally:
+            app.close()
+        return {node.split("@", 1)[0] for reply in replies for node in reply}
 
     def _check_port_free(self) -> None:
         with socket.socket() as probe:
@@ -248,7 +398,7 @@ class AirflowStack:
 
     def _check_alive(self) -> None:
         for name, process in self.processes.items():
-            if process.poll() is not None:
+            if process.poll() is not None and name not in self.stopped:
                 tail = (self.service_logs / f"{name}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"airflow {name} exited with {process.returncode}:\n{tail}")
 
@@ -268,6 +418,14 @@ class AirflowStack:
             process.wait(timeout=10)
         self.processes.clear()
         (self.home / "services.json").unlink(missing_ok=True)
+        # The broker and the object store belong to the stack (the embedded Postgres is shared).
+        self.broker().stop()
+        self.object_store().stop()
+
+    def kill(self, name: str) -> None:
+        """Kill service ``name``'s whole process group with SIGKILL (no clean-up, like a lost host)."""
+        self.stopped.add(name)
+        kill_group(self.processes[name].pid)
 
     def __enter__(self) -> AirflowStack:
         self.setup()
@@ -282,6 +440,24 @@ class AirflowStack:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _postgres_connection(uri: str) -> dict[str, object]:
+    parts = urlsplit(uri)
+    return {
+        "conn_type": "postgres",
+        "host": parts.hostname,
+        "port": parts.port,
+        "login": parts.username,
+        "password": parts.password,
+        "schema": parts.path.lstrip("/"),
+        "description": "embedded PostgreSQL + pgvector started by capstone",
+    }
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a process group at once: what losing a host does to its processes."""
+    _signal_group(pid, signal.SIGKILL)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -303,8 +479,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m dag_factory.local.stack", description=main.__doc__)
     parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument(
+        "--executor", choices=sorted(EXECUTORS), default=os.environ.get("EXECUTOR") or "local"
+    )
     args = parser.parse_args(argv)
-    stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)))
+    stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)), executor=args.executor)
     if args.action == "down":
         stack.stop()
         print("Airflow services stopped")

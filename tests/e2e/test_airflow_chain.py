@@ -37,7 +37,9 @@ def stack(pg_dsn: str) -> Iterator[AirflowStack]:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS e2e CASCADE")
     port = int(os.environ.get("E2E_API_PORT", 28081))
-    with AirflowStack(home=home, api_port=port, configs=HERE / "configs") as running:
+    stack = AirflowStack(home=home, api_port=port, configs=HERE / "configs", metadata_db="airflow_e2e")
+    stack.drop_metadata_db()
+    with stack as running:
         yield running
 
 
