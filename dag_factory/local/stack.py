@@ -47,7 +47,7 @@ from dag_factory.local.services import S3_BUCKET, RedisBroker, S3Server
 if TYPE_CHECKING:
     from capstone.local.embedded_pg import EmbeddedPostgres
 
-__all__ = ["EXECUTORS", "SERVICES", "STORAGE_CONNECTION_ID", "WORKERS", "AirflowStack", "kill_group"]
+__all__ = ["EXECUTORS", "SERVICES", "STORAGE_CONNECTION_ID", "WORKERS", "AirflowStack"]
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ class AirflowStack:
     def kill(self, name: str) -> None:
         """Kill service ``name``'s whole process group with SIGKILL (no clean-up, like a lost host)."""
         self.stopped.add(name)
-        kill_group(self.processes[name].pid)
+        _signal_group(self.processes[name].pid, signal.SIGKILL)
 
     def __enter__(self) -> AirflowStack:
         self.setup()
@@ -453,11 +453,6 @@ def _postgres_connection(uri: str) -> dict[str, object]:
         "schema": parts.path.lstrip("/"),
         "description": "embedded PostgreSQL + pgvector started by capstone",
     }
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL a process group at once: what losing a host does to its processes."""
-    _signal_group(pid, signal.SIGKILL)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
