@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# make demo / make up: `local` (LocalExecutor) or `celery` (Redis broker, two Celery workers as two
+# hosts, batches through a local S3-protocol server)
+EXECUTOR ?= local
+export EXECUTOR
 
-.PHONY: test test-fast lint typecheck demo up down validate schema clean db-stop
+.PHONY: test test-distributed test-fast lint typecheck demo up down validate schema clean db-stop
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,13 +30,19 @@ typecheck: $(VENV)/.installed-local
 ## make test: lint, type-check and run the whole suite: unit, integration (real Postgres + pgvector,
 ## the local model), e2e (real Airflow services). It starts the embedded Postgres itself.
 test: lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not distributed"
+
+## make test-distributed: the asset chain on the CeleryExecutor stack: a Redis broker, two workers
+## as two hosts, batches through a local S3-protocol server, one worker killed mid-run (~4 min)
+test-distributed: $(VENV)/.installed-local
+	$(PY) -m pytest -q -m distributed tests/e2e
 
 ## make test-fast: unit and integration tests that take seconds (not slow, not e2e); under two minutes
 test-fast: $(VENV)/.installed-local
 	$(PY) -m pytest -q tests/unit tests/integration -m "not slow and not e2e"
 
 ## make demo: the asset chain on a real local Airflow: enrich -> documents -> documents.indexed
+## (make demo EXECUTOR=celery: the same on the distributed stack)
 demo: $(VENV)/.installed-local
 	$(PY) -m dag_factory validate configs/
 	$(PY) -m dag_factory.local.demo

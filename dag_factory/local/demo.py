@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from dag_factory.local.api import AirflowApi
-from dag_factory.local.stack import AirflowStack
+from dag_factory.local.stack import EXECUTORS, SERVICES, AirflowStack
 
 __all__ = ["main"]
 
@@ -144,17 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dag_factory.local.demo", description=__doc__)
     parser.add_argument("--keep-running", action="store_true", help="leave Airflow running (make up)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the run")
+    parser.add_argument(
+        "--executor",
+        choices=sorted(EXECUTORS),
+        default=os.environ.get("EXECUTOR") or "local",
+        help="local (LocalExecutor) or celery (Redis broker, two workers, batches in a local S3 server)",
+    )
     args = parser.parse_args(argv)
     # This process only talks to the REST API and Postgres: keep library chatter out of the report.
     os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING)
 
-    stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)))
-    print("setting up: embedded Postgres, Airflow metadata DB, pools, connection ...", flush=True)
+    stack = AirflowStack(api_port=int(os.environ.get("AIRFLOW_API_PORT", 28080)), executor=args.executor)
+    extras = ", Redis broker, S3-protocol server" if stack.distributed else ""
+    print(f"setting up: embedded Postgres{extras}, Airflow metadata DB, pools, connections ...", flush=True)
     stack.setup()
-    print(
-        f"starting Airflow services: {', '.join(('api-server', 'scheduler', 'dag-processor', 'triggerer'))}"
-    )
+    services = [*SERVICES, *(f"celery worker {name}" for name in stack.workers if stack.distributed)]
+    print(f"starting Airflow ({EXECUTORS[args.executor]}): {', '.join(services)}", flush=True)
     stack.start()
     try:
         api = AirflowApi(stack.api_url, "admin", stack.password)

@@ -81,6 +81,9 @@ class AirflowStack:
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        # Workers run in folders of their own: every path they are given must be absolute.
+        self.home, self.configs = self.home.resolve(), self.configs.resolve()
+        self.dags, self.data_dir = self.dags.resolve(), self.data_dir.resolve()
 
     @property
     def distributed(self) -> bool:
@@ -106,9 +109,11 @@ class AirflowStack:
 
     def environment(self) -> dict[str, str]:
         """The environment every Airflow command of this stack runs with."""
-        secrets_file = self.home / "secrets.json"
+        # The keys live with the metadata DB they encrypt (in the data folder, one file per
+        # database), so that a removed Airflow home does not leave connections nobody can decrypt.
+        secrets_file = self.data_dir / "airflow-metadata" / f"{self.metadata_db}.secrets.json"
         if not secrets_file.exists():
-            self.home.mkdir(parents=True, exist_ok=True)
+            secrets_file.parent.mkdir(parents=True, exist_ok=True)
             from cryptography.fernet import Fernet
 
             keys = {"fernet_key": Fernet.generate_key().decode(), "jwt_secret": secrets.token_urlsafe(32)}

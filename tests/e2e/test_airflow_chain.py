@@ -10,24 +10,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
 from dag_factory.local.api import AirflowApi
 from dag_factory.local.stack import AirflowStack
+from tests.support.stack_runs import assert_deferred_to_triggerer, follow_downstream_run, max_overlap
 
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).resolve().parent
 COPIES = 30  # 30 x the language reference: ~22k chunks, so the index build takes a few seconds
 CHUNKS = 733 * COPIES
-TRIGGER = "capstone.triggers.VectorStoreIndexingTrigger"
 
 
 @pytest.fixture(scope="module")
@@ -48,49 +45,13 @@ def api(stack: AirflowStack) -> AirflowApi:
     return AirflowApi(stack.api_url, "admin", stack.password)
 
 
-def _parse(stamp: str | None) -> datetime | None:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
-
-
-def _max_overlap(instances: list[dict[str, Any]]) -> int:
-    edges: list[tuple[datetime, int]] = []
-    for ti in instances:
-        start, end = _parse(ti["start_date"]), _parse(ti["end_date"])
-        if start and end:
-            edges += [(start, 1), (end, -1)]
-    running = peak = 0
-    for _, step in sorted(edges, key=lambda edge: (edge[0], edge[1])):
-        running += step
-        peak = max(peak, running)
-    return peak
-
-
-def _follow_downstream_run(
-    api: AirflowApi, timeout: float = 420.0
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Wait for the asset-triggered documents run to finish, recording what wait_for_indexing did."""
-    deadline = time.monotonic() + timeout
-    deferred_seen: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        runs = api.runs("documents")
-        if runs:
-            run = runs[0]
-            for ti in api.task_instances("documents", run["dag_run_id"]):
-                if ti["task_id"] == "wait_for_indexing" and ti["state"] == "deferred":
-                    deferred_seen.append(ti)
-            if run["state"] in ("success", "failed"):
-                return run, deferred_seen
-        time.sleep(0.25)
-    raise TimeoutError("the documents run did not finish in time")
-
-
 def test_asset_chain_runs_on_real_services(stack: AirflowStack, api: AirflowApi, pg_dsn: str) -> None:
     api.wait_for_dag("documents")
     api.wait_for_dag("enrich_documents")
     assert api.import_errors() == []
 
     upstream = api.trigger("enrich_documents", conf={"copies": COPIES})
-    run, deferred_seen = _follow_downstream_run(api)
+    run, deferred_seen = follow_downstream_run(api, "documents", runs_before=0)
     tis = api.task_instances("documents", run["dag_run_id"])
     states = {ti["task_id"]: ti["state"] for ti in tis if ti["map_index"] < 1}
     assert run["state"] == "success", states
@@ -101,18 +62,13 @@ def test_asset_chain_runs_on_real_services(stack: AirflowStack, api: AirflowApi,
     assert event["name"] == "documents.enriched"
     assert event["source_run_id"] == upstream["dag_run_id"]
 
-    # the sensor freed its worker slot: it deferred, and its trigger ran in the triggerer
-    assert deferred_seen, "wait_for_indexing was never seen deferred"
-    assert any(ti["trigger"] and ti["trigger"]["classpath"] == TRIGGER for ti in deferred_seen)
-    assert any(
-        ti["triggerer_job"] and ti["triggerer_job"]["job_type"] == "TriggererJob" for ti in deferred_seen
-    )
+    assert_deferred_to_triggerer(deferred_seen)
 
     # the pool bounded the mapped embedding tasks
     embedding = [ti for ti in tis if ti["task_id"] == "generate_embedding"]
     assert len(embedding) == -(-CHUNKS // 1500)
     assert {ti["pool"] for ti in embedding} == {"embedding_e2e"}
-    assert 1 <= _max_overlap(embedding) <= 2
+    assert 1 <= max_overlap(embedding) <= 2
 
     # the indexed asset was published with the run's summary
     (published,) = api.asset_events(source_dag_id="documents", source_run_id=run["dag_run_id"])
