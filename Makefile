@@ -55,8 +55,8 @@ up: $(VENV)/.installed-local
 down: $(VENV)/.installed-dev
 	$(PY) -m dag_factory.local.stack down
 
-BENCHMARKS := load peers index_build pipeline incremental mapping embed
-.PHONY: bench $(addprefix bench-,$(BENCHMARKS))
+BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage
+.PHONY: bench bench-embed-stage $(addprefix bench-,$(BENCHMARKS))
 
 $(VENV)/.installed-bench: $(VENV)/.installed-local
 	$(PY) -m pip install -q -e '.[dev,local,bench]'
@@ -68,6 +68,9 @@ bench: $(addprefix bench-,$(BENCHMARKS))
 ## make bench-<name>: one of them, e.g. make bench-peers
 $(addprefix bench-,$(BENCHMARKS)): bench-%: $(VENV)/.installed-bench
 	$(PY) benchmarks/$*.py
+
+## make bench-embed-stage: the embedding stage on real Airflow services vs a bare encode (~15 min)
+bench-embed-stage: bench-embed_stage
 
 validate: $(VENV)/.installed-dev
 	$(PY) -m dag_factory validate configs/
