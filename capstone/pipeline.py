@@ -244,7 +244,13 @@ def prepare_chunks(
         store.ensure_collection_table(conn, table)
         lost = store.count_lost_chunks(conn, run_key, table)
         _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
-        batches = store.assign_batches(conn, run_key, table, settings.embedding.batch_size, max_batches)
+        batches = store.assign_batches(
+            conn,
+            run_key,
+            table,
+            settings.embedding.batch_size,
+            min(settings.embedding.parallel_tasks, max_batches),
+        )
         staged = store.count_staged_chunks(conn, run_key)
     to_embed = sum(batch["chunks"] for batch in batches)
     log.info(
@@ -293,47 +299,87 @@ def _check_deletions(settings: CollectionSettings, lost: int, rows: int, allowed
 
 
 def embed_batch(settings: CollectionSettings, run_key: str, batch: BatchDescriptor) -> Manifest:
-    """Embed one batch's texts and stage their vectors; returns a small manifest.
+    """Embed one mapped batch's chunks, ``embedding.batch_size`` at a time, staging each step's
+    vectors as it goes; returns a small manifest.
 
-    Chunks the embedding API refuses for what they are (an input over the model's token limit,
-    say) are left out and listed in ``failed_ids``: their vectors are not staged, so the table
-    keeps what it had for them and the next run tries them again. Anything else that fails
-    (rate limits, server errors, a wrong key) fails the task, for Airflow to retry.
+    A retried task resumes: the chunks an earlier try staged are not embedded again. The model is
+    loaded once per task (with its share of the host's cores, see ``embedding.threads``). Chunks
+    the embedding API refuses for what they are (an input over the model's token limit, say) are
+    left out and listed in ``failed_ids``: their vectors are not staged, so the table keeps what it
+    had for them and the next run tries them again. Anything else that fails (rate limits, server
+    errors, a wrong key) fails the task, for Airflow to retry.
     """
-    from capstone.embeddings import embedder_for
-
-    batch_no = int(batch["batch_no"])
+    batch_no, total = int(batch["batch_no"]), int(batch["chunks"])
+    embedding = settings.embedding
     started = time.monotonic()
-    with _connect(settings) as conn:
-        ids, texts = store.read_batch_texts(conn, run_key, settings.store_table, batch_no)
-        if not ids:
-            log.warning("batch %d has no staged chunks (already merged?): nothing to embed", batch_no)
+    embedder: Embedder | None = None
+    done, failed = 0, list[str]()
+    with _connect(settings) as reader, _connect(settings) as writer:
+        if not store.run_staging_exists(writer, run_key):
+            log.warning("batch %d: the run's staging is gone (already merged?): nothing to embed", batch_no)
             return {"batch_no": batch_no, "embedded": 0, "failed": 0, "failed_ids": [], "seconds": 0.0}
-        embedder = embedder_for(settings.embedding)
-        ids, vectors, failed = _embed_leaving_out_rejected(embedder, ids, texts)
-        embedding = settings.embedding
-        if vectors.shape != (len(ids), embedding.dimension):
-            raise store.DimensionMismatch(
-                f"the {embedding.provider} model {embedding.model!r} returned vectors of shape "
-                f"{vectors.shape}, expected ({len(ids)}, {embedding.dimension}): fix embedding.dimension"
-            )
-        store.write_batch_vectors(conn, run_key, ids, vectors, batch_no=batch_no)
+        for ids, texts in store.pending_batch_texts(
+            reader, run_key, settings.store_table, batch_no, embedding.batch_size
+        ):
+            if embedder is None:
+                embedder = _task_embedder(settings)
+            kept, vectors, refused = _embed_leaving_out_rejected(embedder, ids, texts)
+            if vectors.shape != (len(kept), embedding.dimension):
+                raise store.DimensionMismatch(
+                    f"the {embedding.provider} model {embedding.model!r} returned vectors of shape "
+                    f"{vectors.shape}, expected ({len(kept)}, {embedding.dimension}): fix embedding.dimension"
+                )
+            store.write_batch_vectors(writer, run_key, kept, vectors)
+            done, failed = done + len(ids), failed + refused
+            _log_embedding_progress(batch_no, done, total, time.monotonic() - started)
+        embedded = store.record_batch_embedded(writer, run_key, batch_no)
     seconds = time.monotonic() - started
+    earlier = embedded - (done - len(failed))
+    if earlier > 0:
+        log.info("batch %d: %d chunks were staged by an earlier try, not embedded again", batch_no, earlier)
     log.info(
-        "batch %d: embedded %d chunks in %.2fs (%.0f chunks/s)%s",
+        "batch %d: %d chunks embedded in %.2fs (%.0f chunks/s), %d staged in all%s",
         batch_no,
-        len(ids),
+        done - len(failed),
         seconds,
-        len(ids) / max(seconds, 1e-9),
+        (done - len(failed)) / max(seconds, 1e-9),
+        embedded,
         f", {len(failed)} refused by the API" if failed else "",
     )
     return {
         "batch_no": batch_no,
-        "embedded": len(ids),
+        "embedded": embedded,
         "failed": len(failed),
         "failed_ids": failed[:MAX_LISTED],
         "seconds": round(seconds, 3),
     }
+
+
+def _task_embedder(settings: CollectionSettings) -> Embedder:
+    """The embedder of one mapped task: a local model gets the task's share of the host's cores."""
+    from capstone.embeddings import embedder_for
+
+    embedding = settings.embedding
+    threads = None
+    if embedding.provider == "sentence-transformers":
+        from capstone.embeddings.local_model import threads_per_task
+
+        threads = threads_per_task(embedding.threads, embedding.concurrent_tasks)
+    return embedder_for(embedding, threads=threads)
+
+
+def _log_embedding_progress(batch_no: int, done: int, total: int, seconds: float) -> None:
+    rate = done / max(seconds, 1e-9)
+    left = max(total - done, 0)
+    log.info(
+        "batch %d: %d/%d chunks embedded (%.0f%%), %.0f chunks/s, about %.0fs left",
+        batch_no,
+        done,
+        total,
+        100 * done / max(total, 1),
+        rate,
+        left / max(rate, 1e-9),
+    )
 
 
 # A text any embedding API accepts: when even this is refused, the request is wrong, not the inputs.

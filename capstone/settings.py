@@ -34,6 +34,7 @@ __all__ = [
     "Check",
     "ChunkingSettings",
     "CollectionSettings",
+    "Device",
     "EmbeddingSettings",
     "IndexSettings",
     "IndexType",
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 Provider = Literal["hash", "sentence-transformers", "openai"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
 IndexType = Literal["hnsw", "ivfflat"]
 Metric = Literal["cosine", "l2", "inner_product"]
 Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
@@ -100,11 +102,19 @@ class EmbeddingSettings:
     dimension: int
     normalize: bool
     batch_size: int
+    # Mapped embedding tasks per run (resolved: pool_slots unless the spec says otherwise), and how
+    # many of them run at once (the pool's slots bound them): the default torch threads follow.
+    parallel_tasks: int
+    concurrent_tasks: int
     request_batch_size: int
+    device: Device
+    threads: int | None
     base_url: str | None
     connection_id: str | None
     api_key_env: str
     request_timeout_seconds: float
+    max_concurrent_requests: int
+    max_tokens_per_request: int
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ re-run: staging writes replace what the same run wrote before, and the merge is 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,9 @@ __all__ = [
     "ensure_staging",
     "merge_batch",
     "merge_spans",
+    "pending_batch_texts",
     "read_batch_texts",
+    "record_batch_embedded",
     "run_staging_exists",
     "run_table",
     "stage_documents",
@@ -317,12 +320,13 @@ def assign_batches(
     batch_size: int,
     max_batches: int,
 ) -> list[BatchDescriptor]:
-    """Cut the run's new or changed chunks into batches for mapping: ``[{"batch_no", "chunks"}]``.
+    """Share the run's new or changed chunks among mapped tasks: ``[{"batch_no", "chunks"}]``.
 
-    A chunk whose hash is already stored with an embedding is skipped. Batches grow beyond
-    ``batch_size`` when needed so that there are never more than ``max_batches`` (Airflow's
-    ``max_map_length``). Each batch is an id range kept in the run's ``batches`` staging table, so
-    the descriptors that go through XCom stay tiny whatever the size of the run.
+    A chunk whose hash is already stored with an embedding is skipped. There are as many shares
+    as ``batch_size`` chunks make, but never more than ``max_batches`` (the collection's
+    ``parallel_tasks``, within Airflow's ``max_map_length``), all of one size give or take one
+    chunk. Each is an id range kept in the run's ``batches`` staging table, so the descriptors
+    that go through XCom stay tiny whatever the size of the run.
     """
     changed = _changed_chunks(conn, run_key, table)
     ids = [chunk for chunk, _new in changed]
@@ -330,16 +334,18 @@ def assign_batches(
         if run_staging_exists(conn, run_key):
             conn.execute(sql.SQL("DELETE FROM {}").format(run_table(run_key, "batches")))
         return []
-    size = max(batch_size, math.ceil(len(ids) / max_batches))
+    shares = min(max_batches, math.ceil(len(ids) / batch_size))
+    # Share boundaries ceil(i * n / shares): sizes differ by one chunk at most, the larger first.
+    bounds = [-(-number * len(ids) // shares) for number in range(shares + 1)]
     rows = [
         (
             number,
             ids[start],
-            ids[min(start + size, len(ids)) - 1],
-            min(size, len(ids) - start),
-            sum(new for _id, new in changed[start : start + size]),
+            ids[stop - 1],
+            stop - start,
+            sum(new for _id, new in changed[start:stop]),
         )
-        for number, start in enumerate(range(0, len(ids), size))
+        for number, (start, stop) in enumerate(itertools.pairwise(bounds))
     ]
     batches = run_table(run_key, "batches")
     with conn.transaction(), conn.cursor() as cur:
@@ -398,6 +404,47 @@ def read_batch_texts(
         query.format(chunks=run_table(run_key, "chunks"), table=table.ident), (span[0], span[1])
     ).fetchall()
     return [row[0] for row in rows], [row[1] for row in rows]
+
+
+def pending_batch_texts(
+    conn: psycopg.Connection, run_key: str, table: CollectionTable, batch_no: int, size: int
+) -> Iterator[tuple[list[str], list[str]]]:
+    """(ids, texts) of the chunks of mapped batch ``batch_no`` that still need a vector, ``size`` at
+    a time in id order, read through one server-side cursor (memory flat in the batch's size).
+
+    Chunks whose vectors an earlier try staged are left out: a retried task resumes. ``conn`` is
+    the cursor's own for as long as the iteration lasts (it holds a transaction open).
+    """
+    if not run_staging_exists(conn, run_key):
+        return
+    span = conn.execute(
+        sql.SQL("SELECT first_id, last_id FROM {} WHERE batch_no = %s").format(run_table(run_key, "batches")),
+        (batch_no,),
+    ).fetchone()
+    if span is None:
+        return
+    query = sql.SQL(
+        "SELECT s.id, s.content " + _CHANGED + " AND s.id >= %s AND s.id <= %s"
+        " AND NOT EXISTS (SELECT 1 FROM {vectors} v WHERE v.id = s.id) ORDER BY s.id"
+    ).format(chunks=run_table(run_key, "chunks"), table=table.ident, vectors=run_table(run_key, "vectors"))
+    with conn.transaction(), conn.cursor(name=f"pending_{batch_no}") as cur:
+        cur.itersize = size
+        cur.execute(query, span)
+        while rows := cur.fetchmany(size):
+            yield [row[0] for row in rows], [row[1] for row in rows]
+
+
+def record_batch_embedded(conn: psycopg.Connection, run_key: str, batch_no: int) -> int:
+    """Record how many vectors mapped batch ``batch_no`` has staged (over all its tries); returns it."""
+    batches, vectors = run_table(run_key, "batches"), run_table(run_key, "vectors")
+    row = conn.execute(
+        sql.SQL(
+            "UPDATE {batches} b SET embedded = (SELECT count(*) FROM {vectors} v"
+            " WHERE v.id >= b.first_id AND v.id <= b.last_id) WHERE b.batch_no = %s RETURNING b.embedded"
+        ).format(batches=batches, vectors=vectors),
+        (batch_no,),
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def write_batch_vectors(

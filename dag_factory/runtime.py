@@ -34,6 +34,7 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> CollectionSettings:
 def collection_settings(spec: CollectionSpec) -> CollectionSettings:
     """The settings every task of the collection's DAG receives."""
     embedding, store, index, validation = spec.embedding, spec.store, spec.index, spec.validation
+    parallel_tasks = embedding.parallel_tasks or embedding.pool_slots
     return CollectionSettings(
         collection=spec.collection,
         source=SourceSettings(
@@ -50,11 +51,17 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             dimension=embedding.vector_dimension,
             normalize=index.metric in ("cosine", "inner_product"),
             batch_size=embedding.batch_size,
+            parallel_tasks=parallel_tasks,
+            concurrent_tasks=min(parallel_tasks, embedding.pool_slots),
             request_batch_size=embedding.request_batch_size,
+            device=embedding.device,
+            threads=embedding.threads,
             base_url=embedding.base_url,
             connection_id=embedding.connection_id,
             api_key_env=embedding.api_key_env,
             request_timeout_seconds=embedding.request_timeout_seconds,
+            max_concurrent_requests=embedding.max_concurrent_requests,
+            max_tokens_per_request=embedding.max_tokens_per_request,
         ),
         store=StoreSettings(
             connection_id=store.connection_id,

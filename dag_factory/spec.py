@@ -22,6 +22,7 @@ from capstone.settings import (
     MAX_INDEXED_DIMENSION,
     MEMORY_SIZE,
     Check,
+    Device,
     IndexType,
     Metric,
     Provider,
@@ -111,6 +112,17 @@ class ChunkingSpec(_Model):
     max_chunks_per_document: int = Field(default=10_000, ge=1, le=1_000_000)
 
 
+# Embedding options that mean something to one provider only: set for another, they are an error.
+_PROVIDER_ONLY: dict[str, Provider] = {
+    "base_url": "openai",
+    "connection_id": "openai",
+    "max_concurrent_requests": "openai",
+    "max_tokens_per_request": "openai",
+    "device": "sentence-transformers",
+    "threads": "sentence-transformers",
+}
+
+
 class EmbeddingSpec(_Model):
     """How chunk texts become vectors, and how the mapped embedding tasks run."""
 
@@ -118,11 +130,50 @@ class EmbeddingSpec(_Model):
     model: str | None = Field(default=None, description="Model name; default depends on the provider.")
     dimension: int | None = Field(default=None, ge=1, le=16000)
     batch_size: int = Field(
-        default=512, ge=1, le=100_000, description="Chunks per mapped generate_embedding task."
+        default=512,
+        ge=1,
+        le=100_000,
+        description="Chunks a generate_embedding task embeds and stages at a time: the unit of its "
+        "progress log and of resumption (a retried task skips the batches its earlier try staged).",
     )
-    request_batch_size: int = Field(default=64, ge=1, le=2048, description="Texts per call to the provider.")
+    parallel_tasks: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Mapped generate_embedding tasks a run's chunks are shared among (never more than "
+        "its batches, nor Airflow's max_map_length); default pool_slots: every slot works and each "
+        "task loads the model once.",
+    )
+    request_batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=2048,
+        description="Texts per call to the provider: per request (openai), per forward pass (local model).",
+    )
     pool: str = Field(default="embedding", description="Airflow pool the embedding tasks run in.")
     pool_slots: int = Field(default=2, ge=1, le=1024, description="Slots the pool is created with.")
+    device: Device = Field(
+        default="auto",
+        description="sentence-transformers: where the model runs; auto picks CUDA, then MPS, when torch "
+        "sees one, else the CPU.",
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="sentence-transformers on the CPU: torch threads per embedding task; default the "
+        "worker's cores divided by the tasks that run at once (min of pool_slots and parallel_tasks).",
+    )
+    max_concurrent_requests: int = Field(
+        default=4, ge=1, le=64, description="openai: requests one embedding task keeps in flight at once."
+    )
+    max_tokens_per_request: int = Field(
+        default=200_000,
+        ge=1_000,
+        le=10_000_000,
+        description="openai: estimated tokens summed over one request's inputs (OpenAI caps it at "
+        "300,000; estimated as UTF-8 bytes / 3, which errs high).",
+    )
     retries: int = Field(default=3, ge=0, le=50)
     retry_delay_seconds: float = Field(default=5.0, ge=0, le=86_400)
     max_retry_delay_seconds: float = Field(default=300.0, ge=0, le=86_400)
@@ -169,10 +220,10 @@ class EmbeddingSpec(_Model):
                 f"{self.dimension} is above pgvector's index limit of {MAX_INDEXED_DIMENSION}: "
                 "pick a smaller model or dimension",
             )
-        for option in ("base_url", "connection_id"):
-            if self.provider != "openai" and getattr(self, option):
+        for option, provider in _PROVIDER_ONLY.items():
+            if self.provider != provider and option in self.model_fields_set:
                 raise InvalidField(
-                    option, "applies to provider 'openai' only: remove it or set `provider: openai`"
+                    option, f"applies to provider {provider!r} only: remove it or set `provider: {provider}`"
                 )
         if self.max_retry_delay_seconds < self.retry_delay_seconds:
             raise InvalidField(

@@ -9,7 +9,7 @@ from capstone.settings import PROVIDERS, EmbeddingSettings, Provider
 __all__ = ["PROVIDERS", "Provider", "create_embedder", "embedder_for"]
 
 
-def embedder_for(embedding: EmbeddingSettings) -> Embedder:
+def embedder_for(embedding: EmbeddingSettings, *, threads: int | None = None) -> Embedder:
     """The embedder of a collection's ``embedding`` settings, its API key resolved where it is kept
     (``embedding.connection_id``'s password, else ``$embedding.api_key_env``)."""
     api_key = (
@@ -17,14 +17,19 @@ def embedder_for(embedding: EmbeddingSettings) -> Embedder:
         if embedding.provider == "openai"
         else None
     )
-    return create_embedder(embedding, api_key=api_key)
+    return create_embedder(embedding, api_key=api_key, threads=threads)
 
 
 def create_embedder(
-    embedding: EmbeddingSettings, *, api_key: str | None = None, max_retries: int = 5
+    embedding: EmbeddingSettings,
+    *,
+    api_key: str | None = None,
+    max_retries: int = 5,
+    threads: int | None = None,
 ) -> Embedder:
     """An embedder for ``embedding.provider``; :class:`EmbeddingDimensionError` if the model lacks
-    ``embedding.dimension``. ``api_key`` and ``max_retries`` (of the client) apply to ``openai`` only.
+    ``embedding.dimension``. ``api_key`` and ``max_retries`` (of the client) apply to ``openai`` only;
+    ``threads`` (torch threads, default ``embedding.threads``) to the local model on the CPU only.
     """
     provider, model, dimension = embedding.provider, embedding.model, embedding.dimension
     if dimension < 1 or embedding.request_batch_size < 1:
@@ -45,6 +50,8 @@ def create_embedder(
             dimension=dimension,
             normalize=embedding.normalize,
             request_batch_size=embedding.request_batch_size,
+            device=embedding.device,
+            threads=threads or embedding.threads,
         )
     if provider == "openai":
         from capstone.embeddings.openai_api import OpenAIEmbedder
@@ -58,5 +65,7 @@ def create_embedder(
             api_key=api_key,
             timeout=embedding.request_timeout_seconds,
             max_retries=max_retries,
+            max_concurrent_requests=embedding.max_concurrent_requests,
+            max_tokens_per_request=embedding.max_tokens_per_request,
         )
     raise ValueError(f"unknown embedding provider {provider!r}: embedding.provider is one of {PROVIDERS}")

@@ -105,3 +105,28 @@ def test_a_model_that_is_not_on_disk_fails_without_downloading() -> None:
         create_embedder(
             embedding_settings("sentence-transformers", model="no-such-org/no-such-model", dimension=384)
         )
+
+
+def test_auto_device_is_the_cpu_here_and_a_missing_gpu_is_refused_by_name() -> None:
+    import torch
+
+    from capstone.embeddings.local_model import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device")
+    assert resolve_device("auto") in ("cpu", "mps")
+    with pytest.raises(ModelNotAvailableError, match=r"embedding.device is 'cuda'.*no cuda device"):
+        resolve_device("cuda")
+
+
+def test_an_embedding_task_runs_torch_with_the_threads_it_was_given() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        embedder = create_embedder(embedding_settings("sentence-transformers", device="cpu"), threads=1)
+        vectors = embedder.embed(["one thread is enough for a short text"])
+        assert torch.get_num_threads() == 1
+        assert vectors.shape == (1, 384)
+    finally:
+        torch.set_num_threads(before)

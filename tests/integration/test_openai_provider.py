@@ -51,7 +51,7 @@ def _texts(count: int) -> list[str]:
 def test_batches_of_request_batch_size_keep_the_input_order(fake_openai: FakeOpenAIServer) -> None:
     texts = _texts(150)
 
-    vectors = _embedder(fake_openai, request_batch_size=64).embed(texts)
+    vectors = _embedder(fake_openai, request_batch_size=64, max_concurrent_requests=1).embed(texts)
 
     requests = fake_openai.embedding_requests()
     assert len(requests) == math.ceil(150 / 64)
@@ -81,7 +81,8 @@ def test_other_models_get_no_dimensions_and_a_wrong_size_is_reported() -> None:
 def test_request_batch_size_is_capped_at_the_api_limit(fake_openai: FakeOpenAIServer) -> None:
     _embedder(fake_openai, request_batch_size=5000).embed(_texts(2100))
 
-    assert [len(r.inputs) for r in fake_openai.embedding_requests()] == [2048, 52]
+    # requests go out concurrently: they may arrive in any order
+    assert sorted(len(r.inputs) for r in fake_openai.embedding_requests()) == [52, 2048]
 
 
 def test_a_batch_over_the_request_token_budget_is_split(fake_openai: FakeOpenAIServer) -> None:
@@ -89,7 +90,7 @@ def test_a_batch_over_the_request_token_budget_is_split(fake_openai: FakeOpenAIS
 
     _embedder(fake_openai).embed(long_texts)
 
-    assert [len(r.inputs) for r in fake_openai.embedding_requests()] == [2, 1]
+    assert sorted(len(r.inputs) for r in fake_openai.embedding_requests()) == [1, 2]
 
 
 def test_empty_texts_do_not_fail_the_batch(fake_openai: FakeOpenAIServer) -> None:
@@ -170,3 +171,54 @@ def test_the_fake_answers_base64_which_the_client_asks_for_by_default(fake_opena
     assert request.encoding_format == "base64"
     decoded = np.array([item.embedding for item in sorted(response.data, key=lambda item: item.index)])
     np.testing.assert_allclose(decoded, fake_openai.vectors(["alpha beta", "gamma"], DIMENSION), atol=1e-6)
+
+
+def test_concurrent_requests_make_a_slow_api_at_least_3x_faster(fake_openai: FakeOpenAIServer) -> None:
+    fake_openai.latency = 0.1  # a real API's round trip
+    texts = _texts(2000)
+    seconds = {}
+    for concurrent in (1, 4):
+        started = time.monotonic()
+        vectors = _embedder(fake_openai, request_batch_size=25, max_concurrent_requests=concurrent).embed(
+            texts
+        )
+        seconds[concurrent] = time.monotonic() - started
+        np.testing.assert_allclose(vectors, fake_openai.vectors(texts, DIMENSION), atol=1e-6)
+
+    requests = fake_openai.embedding_requests()
+    assert len(requests) == 2 * 80 and {r.status for r in requests} == {200}
+    assert seconds[1] >= 3 * seconds[4], seconds
+
+
+def test_requests_stay_within_the_token_budget_and_every_text_comes_back_in_place(
+    fake_openai: FakeOpenAIServer,
+) -> None:
+    fake_openai.max_request_tokens = 5_000  # the server refuses a request of more (HTTP 400)
+    texts = [" ".join(f"w{i}x{j}" for j in range(40 + i % 60)) for i in range(2000)]  # 40-99 words
+
+    vectors = _embedder(
+        fake_openai, request_batch_size=2048, max_tokens_per_request=5_000, max_concurrent_requests=4
+    ).embed(texts)
+
+    requests = fake_openai.embedding_requests()
+    assert {r.status for r in requests} == {200}
+    assert max(r.tokens for r in requests) <= 5_000
+    assert sorted(text for r in requests for text in r.inputs) == sorted(texts)  # each text once
+    np.testing.assert_allclose(vectors, fake_openai.vectors(texts, DIMENSION), atol=1e-6)
+
+
+def test_a_429_retry_after_holds_every_concurrent_request(fake_openai: FakeOpenAIServer) -> None:
+    fake_openai.latency = 0.05
+    fake_openai.fail_next(1, "429", retry_after=1)
+    texts = _texts(400)
+
+    vectors = _embedder(fake_openai, request_batch_size=10, max_concurrent_requests=4).embed(texts)
+
+    requests = fake_openai.embedding_requests()
+    (limited,) = [r for r in requests if r.status == 429]
+    answered = limited.arrived + fake_openai.latency
+    # Requests already on their way may still arrive; then nothing until the Retry-After is over.
+    held = [r.arrived - answered for r in requests if answered + 0.1 < r.arrived < answered + 0.9]
+    assert held == [], f"requests sent while the API asked to wait 1s: {held}"
+    assert max(r.arrived for r in requests) >= answered + 0.9
+    np.testing.assert_allclose(vectors, fake_openai.vectors(texts, DIMENSION), atol=1e-6)

@@ -55,7 +55,9 @@ def _documents(count: int, chunks: int = 4, marker: str = "") -> list[dict[str, 
     ]
 
 
-def _openai_collection(configs: Path, name: str, schema: str, server: FaultPlanServer, retries: int) -> Path:
+def _openai_collection(
+    configs: Path, name: str, schema: str, server: FaultPlanServer, retries: int, concurrent_requests: int = 4
+) -> Path:
     return write_collection(
         configs,
         name,
@@ -71,6 +73,7 @@ def _openai_collection(configs: Path, name: str, schema: str, server: FaultPlanS
             "retry_delay_seconds": 0,
             "max_retry_delay_seconds": 1,
             "request_timeout_seconds": 0.5,
+            "max_concurrent_requests": concurrent_requests,
         },
     )
 
@@ -84,7 +87,10 @@ def test_random_429_500_and_timeouts_are_retried_to_an_exact_table(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", faulty_openai.api_key)
     documents = _documents(50)
-    spec = _openai_collection(tmp_path / "configs", "flaky_api", pg_schema, faulty_openai, retries=3)
+    # One request at a time, so that the planned burst below hits one request, not four.
+    spec = _openai_collection(
+        tmp_path / "configs", "flaky_api", pg_schema, faulty_openai, retries=3, concurrent_requests=1
+    )
     # The first request fails more often than the client retries: its task fails once and
     # Airflow's retry finishes it. Then one fault of each kind, then 30% of calls fail at random.
     faulty_openai.fail_next(CLIENT_ATTEMPTS, "500", retry_after=0.05)
@@ -136,9 +142,11 @@ def test_a_batch_failing_every_retry_leaves_its_chunks_for_the_next_run(
     assert states["batch_upsert_vectors"] == ["upstream_failed"]
     assert states["publish_indexed_asset"] == ["upstream_failed"]
     poisoned = [r for r in faulty_openai.embedding_requests() if any(marker in text for text in r.inputs)]
-    # Two Airflow tries, each retried by the client: more calls than one try makes. (Not "== 12":
-    # a fresh clone's CI-like run once recorded 11; the exact count of client attempts is not ours.)
-    assert CLIENT_ATTEMPTS < len(poisoned) <= 2 * CLIENT_ATTEMPTS
+    # Two Airflow tries, each retried by the client: more calls than one try makes, and at most
+    # what two tries of up to 4 concurrent requests (max_concurrent_requests) make. (Not exact:
+    # a fresh clone's CI-like run once recorded 11 of 12; the exact count of client attempts is
+    # not ours, and the first failure of a try cancels its other requests wherever they are.)
+    assert CLIENT_ATTEMPTS < len(poisoned) <= 2 * 4 * CLIENT_ATTEMPTS
     assert {r.status for r in poisoned} == {500}
     assert max(try_numbers("poisoned", failed.run_id, "generate_embedding")) == 2
     # Nothing half-written: the good batches were embedded but nothing reached the table.
@@ -233,4 +241,7 @@ def test_a_request_refused_whatever_it_holds_fails_the_batch(
 
     with psycopg.connect(pg_dsn) as conn:
         assert store.count_staged_vectors(conn, run_key) == 0
-    assert [len(r.inputs) for r in faulty_openai.embedding_requests()] == [10, 1]  # the batch, the probe
+    # The batch's requests (two of 10, sent at once; the first refusal cancels the other if it is
+    # not out yet), then the one-word probe: no bisection down to single inputs.
+    sizes = [len(r.inputs) for r in faulty_openai.embedding_requests()]
+    assert sizes[0] == 10 and sizes.count(1) == 1 and set(sizes) == {1, 10} and len(sizes) <= 3, sizes

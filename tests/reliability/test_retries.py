@@ -162,7 +162,9 @@ def test_a_postgres_restart_mid_upsert_is_retried_to_exact_rows(
         "restart_mid_upsert",
         store={"connection_id": PRIVATE_CONNECTION_ID, "schema": "restart_mid_upsert", "table": "restarted"},
         upsert_batch_size=100,
-        dag={"retries": 2, "retry_delay_seconds": 0},
+        # A loaded machine may take seconds to stop and start the server: tries without a delay
+        # could all land while it is still shutting down.
+        dag={"retries": 4, "retry_delay_seconds": 2},
     )
     v1, v2 = _documents(200, version=1), _documents(200, version=2)
     first = run_collection(spec, [jsonl_batch(tmp_path / "v1.jsonl", v1)])

@@ -16,7 +16,14 @@ def write_collection(configs: Path, name: str, schema: str, **overrides: Any) ->
     spec: dict[str, Any] = {
         "collection": name,
         "source": {"asset": f"{name}.enriched"},
-        "embedding": {"provider": "hash", "dimension": 64, "batch_size": 100, "pool": "embedding_test"},
+        # One mapped task per batch of 100 (up to 64), so that tests see several mapped tasks.
+        "embedding": {
+            "provider": "hash",
+            "dimension": 64,
+            "batch_size": 100,
+            "parallel_tasks": 64,
+            "pool": "embedding_test",
+        },
         "store": {"schema": schema, "table": name},
         "index": {"type": "hnsw", "metric": "cosine", "poll_interval_seconds": 0.2},
         "upsert_batch_size": 250,

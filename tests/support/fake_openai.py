@@ -2,7 +2,9 @@
 
 It speaks ``POST /v1/embeddings`` as the real API does (float or base64 vectors, ``index`` per
 input, 401 without the right bearer key, 400 on an empty input, more than 2048 inputs or, when
-``max_input_tokens`` is set, an input longer than that many tokens (words, here)), answers
+``max_input_tokens`` is set, an input longer than that many tokens (words, here), or when
+``max_request_tokens`` is set, more tokens than that summed over the request), waits
+``latency`` seconds before each answer when set (a real API's round trip), answers
 with the hash embedder's vectors (deterministic, so a test can compute the expected result), and
 follows a fault plan: fail the next calls with 429 + Retry-After, 500 or a hang past the client's
 timeout, or fail a seeded random fraction of calls. Every call is recorded.
@@ -21,6 +23,7 @@ import io
 import json
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,6 +67,12 @@ class RecordedRequest:
     dimensions: int | None = None
     encoding_format: str | None = None
     retry_count: int | None = None  # the client's x-stainless-retry-count header: 0 on a first try
+    arrived: float = 0.0  # time.monotonic() when the server read the request
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the request, as this fake counts them (words)."""
+        return sum(len(text.split()) for text in self.inputs)
 
 
 class FakeOpenAIServer:
@@ -74,6 +83,8 @@ class FakeOpenAIServer:
         self.native_dimension = native_dimension  # what a model answers when no ``dimensions`` is asked
         self.reverse_order = True  # answer rows in reverse: the client must reorder by ``index``
         self.max_input_tokens: int | None = None  # the model's context length; None: no limit
+        self.max_request_tokens: int | None = None  # tokens summed over one request; None: no limit
+        self.latency = 0.0  # seconds each answer takes
         self.requests: list[RecordedRequest] = []
         self._faults: collections.deque[Fault] = collections.deque()
         self._failure_rate = 0.0
@@ -173,7 +184,10 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         retry_count = self.headers.get("x-stainless-retry-count")
-        recorded: dict[str, Any] = {"retry_count": int(retry_count) if retry_count is not None else None}
+        recorded: dict[str, Any] = {
+            "retry_count": int(retry_count) if retry_count is not None else None,
+            "arrived": time.monotonic(),
+        }
         if self.path != "/v1/embeddings":
             return self._answer_error(404, "not_found", f"no route {self.path}", recorded)
         if self.headers.get("Authorization") != f"Bearer {self.fake.api_key}":
@@ -191,10 +205,12 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
             "dimensions": request.get("dimensions"),
             "encoding_format": request.get("encoding_format"),
         }
+        if self.fake.latency:
+            self.fake.hang(self.fake.latency)
         fault = self.fake.next_fault()
         if fault is not None:
             return self._fail(fault, recorded)
-        problem = _invalid(request, inputs, self.fake.max_input_tokens)
+        problem = _invalid(request, inputs, self.fake.max_input_tokens, self.fake.max_request_tokens)
         if problem:
             return self._answer_error(400, "invalid_request_error", problem, recorded)
         self._answer_embeddings(request, inputs, recorded)
@@ -258,7 +274,9 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def _invalid(request: dict[str, Any], inputs: list[str], max_tokens: int | None) -> str | None:
+def _invalid(
+    request: dict[str, Any], inputs: list[str], max_tokens: int | None, max_request_tokens: int | None
+) -> str | None:
     """What the real API would reject in this request, or None."""
     if not request.get("model"):
         return "you must provide a model parameter"
@@ -273,6 +291,9 @@ def _invalid(request: dict[str, Any], inputs: list[str], max_tokens: int | None)
             f"{longest} tokens ({longest} in your prompt; 0 for the completion). Please reduce your "
             "prompt; or completion length."
         )
+    total = sum(len(text.split()) for text in inputs)
+    if max_request_tokens is not None and total > max_request_tokens:
+        return f"Requested {total} tokens, max {max_request_tokens} tokens per request"
     return None
 
 

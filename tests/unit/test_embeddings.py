@@ -229,3 +229,31 @@ def test_a_connection_without_password_is_an_error(monkeypatch: pytest.MonkeyPat
 
     with pytest.raises(MissingAPIKeyError, match=r"'keyless'.*no password"):
         resolve_api_key("keyless")
+
+
+def test_requests_are_cut_by_count_and_by_estimated_tokens() -> None:
+    from capstone.embeddings.openai_api import estimated_tokens, request_batches
+
+    texts = ["x" * 30] * 10  # 10 estimated tokens each
+    assert estimated_tokens("x" * 30) == 10 and estimated_tokens("") == 1
+    assert [len(batch) for _, batch in request_batches(texts, 4, 1_000)] == [4, 4, 2]
+    assert [len(batch) for _, batch in request_batches(texts, 100, 35)] == [3, 3, 3, 1]
+    offsets = [offset for offset, _ in request_batches(texts, 100, 35)]
+    assert offsets == [0, 3, 6, 9]
+    # a text over the budget on its own still goes, alone
+    assert [len(batch) for _, batch in request_batches(["y" * 300, "z"], 100, 35)] == [1, 1]
+
+
+def test_multibyte_text_costs_more_estimated_tokens_than_its_characters_suggest() -> None:
+    from capstone.embeddings.openai_api import estimated_tokens
+
+    assert estimated_tokens("日本語のテキスト") == 8  # 24 UTF-8 bytes
+
+
+def test_an_embedding_task_gets_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capstone.embeddings import local_model
+
+    monkeypatch.setattr(local_model, "available_cores", lambda: 8)
+    assert local_model.threads_per_task(None, 2) == 4
+    assert local_model.threads_per_task(None, 16) == 1
+    assert local_model.threads_per_task(3, 2) == 3  # embedding.threads, when the spec sets it

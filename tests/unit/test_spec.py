@@ -120,3 +120,38 @@ def test_unknown_keys_are_refused_at_every_level() -> None:
     for data in ({"collection": "faq", "colour": 1}, {"collection": "faq", "index": {"colour": 1}}):
         with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
             CollectionSpec.model_validate(data)
+
+
+def test_embedding_tasks_default_to_the_pools_slots(minimal: CollectionSpec) -> None:
+    from dag_factory.runtime import collection_settings
+
+    embedding = collection_settings(minimal).embedding
+    assert (embedding.parallel_tasks, embedding.concurrent_tasks) == (2, 2)
+    assert (embedding.device, embedding.threads, embedding.max_concurrent_requests) == ("auto", None, 4)
+
+
+def test_more_tasks_than_slots_run_only_as_many_at_once_as_the_pool_allows() -> None:
+    from dag_factory.runtime import settings_from_mapping
+
+    embedding = settings_from_mapping(
+        {"collection": "faq", "embedding": {"provider": "hash", "pool_slots": 3, "parallel_tasks": 8}}
+    ).embedding
+    assert (embedding.parallel_tasks, embedding.concurrent_tasks) == (8, 3)
+
+
+@pytest.mark.parametrize(
+    ("provider", "option", "value", "owner"),
+    [
+        ("hash", "device", "cuda", "sentence-transformers"),
+        ("openai", "threads", 2, "sentence-transformers"),
+        ("sentence-transformers", "max_concurrent_requests", 8, "openai"),
+        ("hash", "max_tokens_per_request", 100_000, "openai"),
+    ],
+)
+def test_an_option_of_another_provider_is_refused_with_the_fix(
+    provider: str, option: str, value: object, owner: str
+) -> None:
+    with pytest.raises(
+        ValidationError, match=rf"{option}: applies to provider '{owner}' only.*provider: {owner}"
+    ):
+        EmbeddingSpec.model_validate({"provider": provider, option: value})
