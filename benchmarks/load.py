@@ -123,12 +123,11 @@ def ours(
 
     started = time.perf_counter()
     offset = 0
-    for descriptor in batches:
-        ids, _texts = store.read_batch_texts(conn, run_key, table, descriptor["batch_no"])
-        store.write_batch_vectors(
-            conn, run_key, ids, vectors[offset : offset + len(ids)], batch_no=descriptor["batch_no"]
-        )
-        offset += len(ids)
+    for descriptor in batches:  # what generate_embedding does, with the vectors made already
+        for ids, _texts in store.pending_batch_texts(conn, run_key, table, descriptor["batch_no"], batch):
+            store.write_batch_vectors(conn, run_key, ids, vectors[offset : offset + len(ids)])
+            offset += len(ids)
+        store.record_batch_embedded(conn, run_key, descriptor["batch_no"])
     vectors_staged = time.perf_counter() - started
     started = time.perf_counter()
     result = upsert_vectors(settings, totals_of_staged(run_key, batches))

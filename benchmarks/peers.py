@@ -7,7 +7,7 @@ benchmarks' own database on the embedded Postgres, three ways, each timed from t
 memory to the rows committed:
 
 * **ours**, the pipeline's write path: ``store.stage_documents`` (chunk texts + hashes, COPY),
-  ``store.assign_batches``, per embedding batch ``read_batch_texts`` + ``write_batch_vectors``
+  ``store.assign_batches``, per embedding batch ``pending_batch_texts`` + ``write_batch_vectors``
   (binary COPY), then ``pipeline.upsert_vectors`` (``INSERT ... SELECT ... ON CONFLICT`` from
   staging in transactions of ``upsert_batch_size``);
 * **LangChain** ``langchain_postgres.PGVector.add_embeddings(texts, embeddings, metadatas, ids)``
@@ -128,11 +128,10 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
         batches = store.assign_batches(conn, run_key, table, batch_size, max_batches=1024)
         offset = 0
         for batch in batches:
-            ids, _texts = store.read_batch_texts(conn, run_key, table, batch["batch_no"])
-            store.write_batch_vectors(
-                conn, run_key, ids, vectors[offset : offset + len(ids)], batch_no=batch["batch_no"]
-            )
-            offset += len(ids)
+            for ids, _texts in store.pending_batch_texts(conn, run_key, table, batch["batch_no"], batch_size):
+                store.write_batch_vectors(conn, run_key, ids, vectors[offset : offset + len(ids)])
+                offset += len(ids)
+            store.record_batch_embedded(conn, run_key, batch["batch_no"])
         result = upsert_vectors(settings, totals_of_staged(run_key, batches))
         seconds = time.perf_counter() - started
     if result["expected_count"] != len(rows):

@@ -6,7 +6,7 @@ descriptors, counts, ids (at most :data:`MAX_LISTED` of a kind) and small report
 
     load_enriched_documents -> LoadResult
     prepare_chunks          -> list[BatchDescriptor] (mapped over), XCom "summary" -> PrepareSummary
-    generate_embedding      -> Manifest (one per batch)
+    generate_embedding      -> Manifest (one per mapped task)
     aggregate_embeddings    -> EmbeddingTotals
     batch_upsert_vectors    -> UpsertResult
     wait_for_indexing       -> IndexEvent (the trigger's event)
@@ -59,10 +59,12 @@ class LoadResult(TypedDict):
 
 
 class BatchDescriptor(TypedDict):
-    """One mapped ``generate_embedding`` task's share: a batch number and its chunk count."""
+    """One mapped ``generate_embedding`` task's share: a batch number, its chunk count, and how
+    many tasks share the run (what a task's share of the worker's cores follows)."""
 
     batch_no: int
     chunks: int
+    tasks: int
 
 
 class PrepareSummary(TypedDict):
@@ -83,7 +85,8 @@ class Prepared(TypedDict):
 
 
 class Manifest(TypedDict):
-    """``generate_embedding``: one batch's outcome (``failed_ids``: chunks the API refused)."""
+    """``generate_embedding``: one mapped task's outcome. ``embedded``: vectors its share has staged
+    over all tries (a retry resumes); ``failed_ids``: chunks the API refused."""
 
     batch_no: int
     embedded: int

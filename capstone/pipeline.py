@@ -299,50 +299,48 @@ def _check_deletions(settings: CollectionSettings, lost: int, rows: int, allowed
 
 
 def embed_batch(settings: CollectionSettings, run_key: str, batch: BatchDescriptor) -> Manifest:
-    """Embed one mapped batch's chunks, ``embedding.batch_size`` at a time, staging each step's
-    vectors as it goes; returns a small manifest.
+    """Embed one mapped batch's chunks a step at a time (``embedding.batch_size`` chunks), staging
+    each step's vectors as it goes; returns a small manifest.
 
     A retried task resumes: the chunks an earlier try staged are not embedded again. The model is
     loaded once per task (with its share of the host's cores, see ``embedding.threads``). Chunks
     the embedding API refuses for what they are (an input over the model's token limit, say) are
     left out and listed in ``failed_ids``: their vectors are not staged, so the table keeps what it
     had for them and the next run tries them again. Anything else that fails (rate limits, server
-    errors, a wrong key) fails the task, for Airflow to retry.
+    errors, a wrong key) fails the task, for Airflow to retry. Staging emptied by a crash raises
+    :class:`capstone.store.StagingIncomplete`.
     """
     batch_no, total = int(batch["batch_no"]), int(batch["chunks"])
     embedding = settings.embedding
     started = time.monotonic()
     embedder: Embedder | None = None
-    done, failed = 0, list[str]()
-    with _connect(settings) as reader, _connect(settings) as writer:
-        if not store.run_staging_exists(writer, run_key):
-            log.warning("batch %d: the run's staging is gone (already merged?): nothing to embed", batch_no)
-            return {"batch_no": batch_no, "embedded": 0, "failed": 0, "failed_ids": [], "seconds": 0.0}
+    failed: list[str] = []
+    with _connect(settings) as conn:
+        earlier = done = store.count_batch_staged(conn, run_key, batch_no)
+        if earlier:
+            log.info("batch %d: %d of %d chunks were staged by an earlier try", batch_no, earlier, total)
         for ids, texts in store.pending_batch_texts(
-            reader, run_key, settings.store_table, batch_no, embedding.batch_size
+            conn, run_key, settings.store_table, batch_no, _step_size(settings)
         ):
             if embedder is None:
-                embedder = _task_embedder(settings)
+                embedder = _task_embedder(settings, int(batch.get("tasks", 1)))
             kept, vectors, refused = _embed_leaving_out_rejected(embedder, ids, texts)
             if vectors.shape != (len(kept), embedding.dimension):
                 raise store.DimensionMismatch(
                     f"the {embedding.provider} model {embedding.model!r} returned vectors of shape "
                     f"{vectors.shape}, expected ({len(kept)}, {embedding.dimension}): fix embedding.dimension"
                 )
-            store.write_batch_vectors(writer, run_key, kept, vectors)
+            store.write_batch_vectors(conn, run_key, kept, vectors)
             done, failed = done + len(ids), failed + refused
-            _log_embedding_progress(batch_no, done, total, time.monotonic() - started)
-        embedded = store.record_batch_embedded(writer, run_key, batch_no)
+            _log_embedding_progress(batch_no, done, total, done - earlier, time.monotonic() - started)
+        embedded = store.record_batch_embedded(conn, run_key, batch_no)
     seconds = time.monotonic() - started
-    earlier = embedded - (done - len(failed))
-    if earlier > 0:
-        log.info("batch %d: %d chunks were staged by an earlier try, not embedded again", batch_no, earlier)
     log.info(
         "batch %d: %d chunks embedded in %.2fs (%.0f chunks/s), %d staged in all%s",
         batch_no,
-        done - len(failed),
+        embedded - earlier,
         seconds,
-        (done - len(failed)) / max(seconds, 1e-9),
+        (embedded - earlier) / max(seconds, 1e-9),
         embedded,
         f", {len(failed)} refused by the API" if failed else "",
     )
@@ -355,8 +353,18 @@ def embed_batch(settings: CollectionSettings, run_key: str, batch: BatchDescript
     }
 
 
-def _task_embedder(settings: CollectionSettings) -> Embedder:
-    """The embedder of one mapped task: a local model gets the task's share of the host's cores."""
+def _step_size(settings: CollectionSettings) -> int:
+    """Chunks embedded and staged at a time: ``batch_size``, and for an API at least enough for
+    ``max_concurrent_requests`` full requests, which go out at once."""
+    embedding = settings.embedding
+    if embedding.provider != "openai":
+        return embedding.batch_size
+    return max(embedding.batch_size, embedding.request_batch_size * embedding.max_concurrent_requests)
+
+
+def _task_embedder(settings: CollectionSettings, tasks: int) -> Embedder:
+    """The embedder of one of ``tasks`` mapped tasks: a local model gets the task's share of the
+    host's cores (the run's tasks that run at once share them)."""
     from capstone.embeddings import embedder_for
 
     embedding = settings.embedding
@@ -364,12 +372,12 @@ def _task_embedder(settings: CollectionSettings) -> Embedder:
     if embedding.provider == "sentence-transformers":
         from capstone.embeddings.local_model import threads_per_task
 
-        threads = threads_per_task(embedding.threads, embedding.concurrent_tasks)
+        threads = threads_per_task(embedding.threads, min(tasks, embedding.concurrent_tasks))
     return embedder_for(embedding, threads=threads)
 
 
-def _log_embedding_progress(batch_no: int, done: int, total: int, seconds: float) -> None:
-    rate = done / max(seconds, 1e-9)
+def _log_embedding_progress(batch_no: int, done: int, total: int, this_try: int, seconds: float) -> None:
+    rate = this_try / max(seconds, 1e-9)
     left = max(total - done, 0)
     log.info(
         "batch %d: %d/%d chunks embedded (%.0f%%), %.0f chunks/s, about %.0fs left",
@@ -438,6 +446,12 @@ def aggregate_manifests(prepared: PrepareSummary, manifests: Iterable[Manifest |
     failed = [chunk for manifest in results for chunk in manifest["failed_ids"]]
     failed_count = sum(manifest["failed"] for manifest in results)
     seconds = sum(manifest["seconds"] for manifest in results)
+    if embedded + failed_count < prepared["to_embed"]:
+        raise store.StagingIncomplete(
+            f"{prepared['to_embed']} chunks were to be embedded, but the embedding tasks staged "
+            f"{embedded} and the API refused {failed_count} (did Postgres crash? it empties unlogged "
+            "staging tables): nothing was merged; re-run the DAG from load_enriched_documents"
+        )
     log.info(
         "embeddings: %d chunks in %d batch(es), %d failed, %.1fs of embedding time",
         embedded,

@@ -125,7 +125,8 @@ class CollectionRecord:
         """The embedder the collection's chunks were embedded with, for embedding queries."""
         from capstone.embeddings import embedder_for
 
-        return embedder_for(self.embedding)
+        # Where the workers' model ran (a GPU, say) is not where searches run: pick what this host has.
+        return embedder_for(dataclasses.replace(self.embedding, device="auto", threads=None))
 
 
 def ensure_registry(conn: psycopg.Connection) -> None:
@@ -185,6 +186,18 @@ def register(
     )
 
 
+# How the embedding tasks ran, which embedding a query never uses: records written before these
+# settings existed lack them, and a search reads them as these values (not defaults of the spec).
+_TASK_ONLY: dict[str, object] = {
+    "parallel_tasks": 1,
+    "concurrent_tasks": 1,
+    "device": "auto",
+    "threads": None,
+    "max_concurrent_requests": 1,
+    "max_tokens_per_request": 300_000,
+}
+
+
 def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
     """The registered collection ``name``; :class:`CollectionNotRegistered` when there is none."""
     where = _describe(conn)
@@ -196,14 +209,16 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
     if row is None:
         raise CollectionNotRegistered(name, where)
     fields = {field.name for field in dataclasses.fields(EmbeddingSettings)}
-    if not fields <= set(row["embedding_options"]):
+    stored = row["embedding_options"]
+    if not fields - _TASK_ONLY.keys() <= set(stored):
         raise CollectionNotRegistered(name, where, "was registered by an earlier release of capstone")
+    options = {**_TASK_ONLY, **{key: stored[key] for key in fields if key in stored}}
     return CollectionRecord(
         name=row["name"],
         schema=row["schema_name"],
         table=row["table_name"],
         connection_id=row["connection_id"],
-        embedding=EmbeddingSettings(**{key: row["embedding_options"][key] for key in fields}),
+        embedding=EmbeddingSettings(**options),
         metric=row["metric"],
         index_type=row["index_type"],
         index_name=row["index_name"],

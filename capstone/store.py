@@ -35,6 +35,7 @@ __all__ = [
     "assign_batches",
     "batch_spans",
     "chunk_id",
+    "count_batch_staged",
     "count_lost_chunks",
     "count_staged_chunks",
     "count_staged_vectors",
@@ -46,7 +47,6 @@ __all__ = [
     "merge_batch",
     "merge_spans",
     "pending_batch_texts",
-    "read_batch_texts",
     "record_batch_embedded",
     "run_staging_exists",
     "run_table",
@@ -320,7 +320,7 @@ def assign_batches(
     batch_size: int,
     max_batches: int,
 ) -> list[BatchDescriptor]:
-    """Share the run's new or changed chunks among mapped tasks: ``[{"batch_no", "chunks"}]``.
+    """Share the run's new or changed chunks among mapped tasks: ``[{"batch_no", "chunks", "tasks"}]``.
 
     A chunk whose hash is already stored with an embedding is skipped. There are as many shares
     as ``batch_size`` chunks make, but never more than ``max_batches`` (the collection's
@@ -355,7 +355,10 @@ def assign_batches(
         ) as copy:
             for row in rows:
                 copy.write_row(row)
-    return [{"batch_no": number, "chunks": chunks} for number, _first, _last, chunks, _new in rows]
+    return [
+        {"batch_no": number, "chunks": chunks, "tasks": len(rows)}
+        for number, _first, _last, chunks, _new in rows
+    ]
 
 
 def batch_spans(conn: psycopg.Connection, run_key: str) -> list[tuple[int, str, str, int]]:
@@ -387,64 +390,67 @@ def count_lost_chunks(conn: psycopg.Connection, run_key: str, table: CollectionT
 # -- embedding batches ----------------------------------------------------------------------
 
 
-def read_batch_texts(
-    conn: psycopg.Connection, run_key: str, table: CollectionTable, batch_no: int
-) -> tuple[list[str], list[str]]:
-    """The (ids, texts) of the new or changed chunks of one batch, in id order."""
-    if not run_staging_exists(conn, run_key):
-        return [], []
-    span = conn.execute(
-        sql.SQL("SELECT first_id, last_id FROM {} WHERE batch_no = %s").format(run_table(run_key, "batches")),
-        (batch_no,),
-    ).fetchone()
-    if span is None:
-        return [], []
-    query = sql.SQL("SELECT s.id, s.content " + _CHANGED + " AND s.id >= %s AND s.id <= %s ORDER BY s.id")
-    rows = conn.execute(
-        query.format(chunks=run_table(run_key, "chunks"), table=table.ident), (span[0], span[1])
-    ).fetchall()
-    return [row[0] for row in rows], [row[1] for row in rows]
-
-
 def pending_batch_texts(
     conn: psycopg.Connection, run_key: str, table: CollectionTable, batch_no: int, size: int
 ) -> Iterator[tuple[list[str], list[str]]]:
     """(ids, texts) of the chunks of mapped batch ``batch_no`` that still need a vector, ``size`` at
-    a time in id order, read through one server-side cursor (memory flat in the batch's size).
+    a time in id order (memory flat in the batch's size).
 
-    Chunks whose vectors an earlier try staged are left out: a retried task resumes. ``conn`` is
-    the cursor's own for as long as the iteration lasts (it holds a transaction open).
+    Chunks whose vectors an earlier try staged are left out: a retried task resumes. The query runs
+    once, through a ``WITH HOLD`` cursor whose result the server keeps: no transaction (and no
+    snapshot holding back ``CREATE INDEX CONCURRENTLY`` or vacuum) stays open between steps, and
+    ``conn`` (autocommit) is free for the writes. Raises :class:`StagingIncomplete` when the batch
+    is not in the run's staging (a crash emptied it, or the run is over).
     """
-    if not run_staging_exists(conn, run_key):
-        return
-    span = conn.execute(
-        sql.SQL("SELECT first_id, last_id FROM {} WHERE batch_no = %s").format(run_table(run_key, "batches")),
-        (batch_no,),
-    ).fetchone()
-    if span is None:
-        return
+    span = _batch_span(conn, run_key, batch_no)
     query = sql.SQL(
         "SELECT s.id, s.content " + _CHANGED + " AND s.id >= %s AND s.id <= %s"
         " AND NOT EXISTS (SELECT 1 FROM {vectors} v WHERE v.id = s.id) ORDER BY s.id"
     ).format(chunks=run_table(run_key, "chunks"), table=table.ident, vectors=run_table(run_key, "vectors"))
-    with conn.transaction(), conn.cursor(name=f"pending_{batch_no}") as cur:
+    with conn.cursor(name=f"pending_{batch_no}", withhold=True) as cur:
         cur.itersize = size
         cur.execute(query, span)
         while rows := cur.fetchmany(size):
             yield [row[0] for row in rows], [row[1] for row in rows]
 
 
-def record_batch_embedded(conn: psycopg.Connection, run_key: str, batch_no: int) -> int:
-    """Record how many vectors mapped batch ``batch_no`` has staged (over all its tries); returns it."""
-    batches, vectors = run_table(run_key, "batches"), run_table(run_key, "vectors")
+def _batch_span(conn: psycopg.Connection, run_key: str, batch_no: int) -> tuple[str, str]:
+    """(first id, last id) of mapped batch ``batch_no``; :class:`StagingIncomplete` when it is gone."""
+    span = None
+    if run_staging_exists(conn, run_key):
+        span = conn.execute(
+            sql.SQL("SELECT first_id, last_id FROM {} WHERE batch_no = %s").format(
+                run_table(run_key, "batches")
+            ),
+            (batch_no,),
+        ).fetchone()
+    if span is None:
+        raise StagingIncomplete(
+            f"batch {batch_no} of run {run_key} is not in staging (did Postgres crash? it empties "
+            "unlogged staging tables; or the run's upsert already dropped them): nothing to embed; "
+            "re-run the DAG from load_enriched_documents"
+        )
+    return str(span[0]), str(span[1])
+
+
+def count_batch_staged(conn: psycopg.Connection, run_key: str, batch_no: int) -> int:
+    """Vectors staged so far for the chunks of mapped batch ``batch_no`` (by earlier tries too)."""
+    first, last = _batch_span(conn, run_key, batch_no)
     row = conn.execute(
-        sql.SQL(
-            "UPDATE {batches} b SET embedded = (SELECT count(*) FROM {vectors} v"
-            " WHERE v.id >= b.first_id AND v.id <= b.last_id) WHERE b.batch_no = %s RETURNING b.embedded"
-        ).format(batches=batches, vectors=vectors),
-        (batch_no,),
+        sql.SQL("SELECT count(*) FROM {} WHERE id >= %s AND id <= %s").format(run_table(run_key, "vectors")),
+        (first, last),
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def record_batch_embedded(conn: psycopg.Connection, run_key: str, batch_no: int) -> int:
+    """Record how many vectors mapped batch ``batch_no`` has staged (over all its tries); returns it."""
+    embedded = count_batch_staged(conn, run_key, batch_no)
+    conn.execute(
+        sql.SQL("UPDATE {} SET embedded = %s WHERE batch_no = %s").format(run_table(run_key, "batches")),
+        (embedded, batch_no),
+    )
+    return embedded
 
 
 def write_batch_vectors(
@@ -452,14 +458,8 @@ def write_batch_vectors(
     run_key: str,
     ids: Sequence[str],
     vectors: np.ndarray,
-    *,
-    batch_no: int | None = None,
 ) -> None:
-    """Replace the staged vectors of ``ids`` with ``vectors`` (binary COPY, one transaction).
-
-    With ``batch_no``, records in the same transaction that the batch has ``len(ids)`` vectors
-    staged: the store stage expects that many rows from the batch's id range.
-    """
+    """Replace the staged vectors of ``ids`` with ``vectors`` (binary COPY, one transaction)."""
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
     if not run_staging_exists(conn, run_key):
@@ -477,13 +477,6 @@ def write_batch_vectors(
             copy.set_types(["text", "bytea"])
             for chunk, row in zip(ids, matrix, strict=True):
                 copy.write_row((chunk, header + row.tobytes()))
-        if batch_no is not None:
-            cur.execute(
-                sql.SQL("UPDATE {} SET embedded = %s WHERE batch_no = %s").format(
-                    run_table(run_key, "batches")
-                ),
-                (len(ids), batch_no),
-            )
 
 
 def count_staged_vectors(conn: psycopg.Connection, run_key: str) -> int:

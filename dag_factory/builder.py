@@ -193,7 +193,8 @@ def _embed_task(spec: CollectionSpec, settings: CollectionSettings) -> Any:
         multiple_outputs=True,
     )
     def generate_embedding(batch: BatchDescriptor) -> Manifest:
-        """Embed one batch of chunks and stage the vectors in Postgres."""
+        """Embed this task's share of the run's chunks, ``embedding.batch_size`` at a time, and
+        stage the vectors in Postgres as it goes (a retry resumes where the failed try stopped)."""
         from capstone.pipeline import embed_batch
 
         with _terminal_errors_fail_at_once():
@@ -209,7 +210,8 @@ def _aggregate_task() -> Any:
         """Totals and failed chunk ids over all embedding batches."""
         from capstone.pipeline import aggregate_manifests
 
-        return aggregate_manifests(prepared, manifests[:] if manifests is not None else [])
+        with _terminal_errors_fail_at_once():
+            return aggregate_manifests(prepared, manifests[:] if manifests is not None else [])
 
     return aggregate_embeddings
 

@@ -221,7 +221,9 @@ class EmbeddingSpec(_Model):
                 "pick a smaller model or dimension",
             )
         for option, provider in _PROVIDER_ONLY.items():
-            if self.provider != provider and option in self.model_fields_set:
+            # Set to something other than its default: a null or default value is harmless.
+            default = type(self).model_fields[option].default
+            if self.provider != provider and getattr(self, option) != default:
                 raise InvalidField(
                     option, f"applies to provider {provider!r} only: remove it or set `provider: {provider}`"
                 )

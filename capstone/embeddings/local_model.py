@@ -160,7 +160,7 @@ class SentenceTransformerEmbedder:
         dimension: int,
         normalize: bool = True,
         request_batch_size: int,
-        device: str = "auto",
+        device: str,
         threads: int | None = None,
     ) -> None:
         self.model = model

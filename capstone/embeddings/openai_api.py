@@ -111,7 +111,6 @@ class _RateLimitGate:
 
     def __init__(self) -> None:
         self._open_at = 0.0
-        self.pauses = 0
 
     async def before_request(self, request: Any) -> None:
         delay = self._open_at - time.monotonic()
@@ -124,8 +123,7 @@ class _RateLimitGate:
         delay = _retry_after_seconds(response.headers)
         if delay is not None and 0 < delay <= _MAX_RETRY_AFTER:
             self._open_at = max(self._open_at, time.monotonic() + delay)
-            self.pauses += 1
-            log.info("rate limited (429): every request of this task waits %.1fs, as the server asked", delay)
+            log.info("rate limited (429): every request of this call waits %.1fs, as the server asked", delay)
 
 
 # The client gives up on a Retry-After longer than this; so does the gate.
@@ -173,8 +171,8 @@ class OpenAIEmbedder:
         api_key: str | None = None,
         timeout: float,
         max_retries: int = 5,
-        max_concurrent_requests: int = 1,
-        max_tokens_per_request: int = 200_000,
+        max_concurrent_requests: int,
+        max_tokens_per_request: int,
     ) -> None:
         _check_declared_dimension(model, dimension)
         _check_api_key(api_key)

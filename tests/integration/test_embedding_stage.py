@@ -15,8 +15,9 @@ from psycopg import sql
 from capstone import store
 from capstone.documents import BatchLocation
 from capstone.embeddings.hashing import HashEmbedder
+from capstone.errors import is_terminal
 from capstone.local.corpus import reference_documents, write_jsonl_batch
-from capstone.pipeline import embed_batch, load_documents, prepare_chunks, run_key_for
+from capstone.pipeline import aggregate_manifests, embed_batch, load_documents, prepare_chunks, run_key_for
 from tests.support.airflow import run_collection, task_states, write_collection, xcoms
 from tests.support.settings import collection_settings
 
@@ -103,10 +104,35 @@ def test_a_retried_task_embeds_only_what_its_earlier_try_did_not_stage(
     }
     expected = HashEmbedder(dimension=DIMENSION).embed([texts[chunk] for chunk in rest])
     np.testing.assert_allclose(np.stack([staged[chunk] for chunk in rest]), expected, atol=1e-6)
-    # progress in steps of batch_size, from where the earlier try stopped
+    # progress in steps of batch_size, counted from where the earlier try stopped
     progress = [r.getMessage() for r in caplog.records if "chunks embedded (" in r.getMessage()]
-    assert [line.split(":")[1].split()[0] for line in progress] == ["20/100", "40/100", "60/100"]
-    assert any("40 chunks were staged by an earlier try" in r.getMessage() for r in caplog.records)
+    assert [line.split(":")[1].split()[0] for line in progress] == ["60/100", "80/100", "100/100"]
+    assert any("40 of 100 chunks were staged by an earlier try" in r.getMessage() for r in caplog.records)
+
+
+def test_staging_emptied_by_a_crash_fails_the_task_at_once_and_the_aggregate_too(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    settings = collection_settings(
+        "crashed", pg_schema, embedding={"dimension": DIMENSION, "batch_size": 20, "parallel_tasks": 2}
+    )
+    run_key = run_key_for("crashed", "r1")
+    batch = write_jsonl_batch(_documents(20), tmp_path / "batch.jsonl")
+    load_documents(settings, run_key, [BatchLocation.from_extra({"format": "jsonl", "path": str(batch)})])
+    prepared = prepare_chunks(settings, run_key, max_batches=1024)
+    first, second = prepared["batches"]
+    manifest = embed_batch(settings, run_key, first)
+    # What a crash does to unlogged tables: they stay, empty.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for kind in store.STAGING_KINDS:
+            conn.execute(sql.SQL("TRUNCATE {}").format(store.run_table(run_key, kind)))
+
+    with pytest.raises(store.StagingIncomplete, match=r"batch 1 .* not in staging.*re-run the DAG") as raised:
+        embed_batch(settings, run_key, second)
+    assert is_terminal(raised.value)
+    # Had the lost task reported nothing, the totals would not add up: the aggregate says so.
+    with pytest.raises(store.StagingIncomplete, match=r"100 chunks were to be embedded.*staged 50"):
+        aggregate_manifests(prepared["summary"], [manifest, None])
 
 
 @pytest.mark.usefixtures("airflow_db")

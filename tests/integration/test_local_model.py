@@ -123,6 +123,7 @@ def test_an_embedding_task_runs_torch_with_the_threads_it_was_given() -> None:
     import torch
 
     before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that the check below can fail where torch would use one anyway
     try:
         embedder = create_embedder(embedding_settings("sentence-transformers", device="cpu"), threads=1)
         vectors = embedder.embed(["one thread is enough for a short text"])

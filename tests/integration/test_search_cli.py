@@ -149,3 +149,25 @@ def test_search_through_an_undefined_connection_says_how_to_define_it(indexed: I
     assert completed.returncode == 1 and completed.stdout == ""
     assert "Airflow connection 'nowhere' is not defined" in completed.stderr
     assert "AIRFLOW_CONN_NOWHERE" in completed.stderr and "--dsn" in completed.stderr
+
+
+def test_a_collection_registered_before_the_task_settings_existed_is_still_searched(
+    indexed: IndexedRun, pg_dsn: str
+) -> None:
+    task_only = ["parallel_tasks", "concurrent_tasks", "device", "threads"]
+    task_only += ["max_concurrent_requests", "max_tokens_per_request"]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        # What the previous release wrote: the embedding options without the task settings.
+        conn.execute(
+            "UPDATE capstone.collections SET embedding_options = embedding_options - %s::text[]"
+            " WHERE name = %s",
+            (task_only, COLLECTION),
+        )
+        row = conn.execute(
+            "SELECT embedding_options FROM capstone.collections WHERE name = %s", (COLLECTION,)
+        ).fetchone()
+    assert row is not None and not set(task_only) & set(row[0])
+
+    hits = search_collection(COLLECTION, KNOWN_QUERY, k=3, dsn=pg_dsn)
+
+    assert hits[0].document_id == "try"

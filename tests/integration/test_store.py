@@ -31,9 +31,9 @@ def _embed_all(
 ) -> None:
     rng = np.random.default_rng(0)
     for batch in batches:
-        ids, _texts = store.read_batch_texts(conn, run_key, table, batch["batch_no"])
-        vectors = rng.random((len(ids), DIM), dtype=np.float32)
-        store.write_batch_vectors(conn, run_key, ids, vectors, batch_no=batch["batch_no"])
+        for ids, _texts in store.pending_batch_texts(conn, run_key, table, batch["batch_no"], 1000):
+            store.write_batch_vectors(conn, run_key, ids, rng.random((len(ids), DIM), dtype=np.float32))
+        store.record_batch_embedded(conn, run_key, batch["batch_no"])
 
 
 def _index(
