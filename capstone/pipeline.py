@@ -353,13 +353,21 @@ def embed_batch(settings: CollectionSettings, run_key: str, batch: BatchDescript
     }
 
 
+# sentence-transformers sorts one call's texts by length before cutting them into forward passes:
+# a call of many passes pads less (measured: 64-chunk steps cost ~10% more than 512-chunk ones).
+LOCAL_MODEL_PASSES_PER_STEP = 16
+
+
 def _step_size(settings: CollectionSettings) -> int:
-    """Chunks embedded and staged at a time: ``batch_size``, and for an API at least enough for
-    ``max_concurrent_requests`` full requests, which go out at once."""
+    """Chunks embedded and staged at a time: ``batch_size``, but at least what keeps the provider
+    efficient: ``max_concurrent_requests`` full requests for an API (they go out at once), and
+    ``LOCAL_MODEL_PASSES_PER_STEP`` forward passes for a local model."""
     embedding = settings.embedding
-    if embedding.provider != "openai":
-        return embedding.batch_size
-    return max(embedding.batch_size, embedding.request_batch_size * embedding.max_concurrent_requests)
+    if embedding.provider == "openai":
+        return max(embedding.batch_size, embedding.request_batch_size * embedding.max_concurrent_requests)
+    if embedding.provider == "sentence-transformers":
+        return max(embedding.batch_size, embedding.request_batch_size * LOCAL_MODEL_PASSES_PER_STEP)
+    return embedding.batch_size
 
 
 def _task_embedder(settings: CollectionSettings, tasks: int) -> Embedder:

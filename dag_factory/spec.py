@@ -134,7 +134,8 @@ class EmbeddingSpec(_Model):
         ge=1,
         le=100_000,
         description="Chunks a generate_embedding task embeds and stages at a time: the unit of its "
-        "progress log and of resumption (a retried task skips the batches its earlier try staged).",
+        "progress log and of resumption (a retried task skips the batches its earlier try staged). "
+        "At least 16 forward passes (local model) or max_concurrent_requests requests (openai).",
     )
     parallel_tasks: int | None = Field(
         default=None,
