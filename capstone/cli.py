@@ -2,21 +2,22 @@
 
 python -m capstone db start|stop|status|uri
 python -m capstone search --collection documents "how do I handle exceptions" [-k 5]
-    [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
+    [--filter key=value ...] [--json] [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from capstone.registry import CollectionRecord
     from capstone.search import Hit
 
-__all__ = ["format_hits", "main"]
+__all__ = ["format_hits", "hits_json", "main"]
 
 _SNIPPET_WIDTH = 90
 
@@ -69,13 +70,55 @@ def format_hits(record: CollectionRecord, query: str, hits: list[Hit]) -> str:
     return "\n".join([header, *lines])
 
 
-def _search(collection: str, query: str, limit: int, dsn: str | None, connection_id: str | None) -> int:
+def hits_json(record: CollectionRecord, query: str, hits: list[Hit]) -> str:
+    """The results as one JSON document: the collection, the query and each hit in full."""
+    return json.dumps(
+        {
+            "collection": record.name,
+            "table": f"{record.schema}.{record.table}",
+            "query": query,
+            "metric": record.metric,
+            "hits": [
+                {
+                    "rank": hit.rank,
+                    "score": hit.score,
+                    "distance": hit.distance,
+                    "document_id": hit.document_id,
+                    "chunk_id": hit.chunk_id,
+                    "chunk_index": hit.chunk_index,
+                    "text": hit.text,
+                    "metadata": hit.metadata,
+                }
+                for hit in hits
+            ],
+        },
+        ensure_ascii=False,
+        indent=2,
+    )
+
+
+def _filter_pair(value: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value); the value is read as JSON when it is JSON (numbers, true,
+    ["a", "b"] for several document ids), else taken as text."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"a filter is key=value, got {value!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _search(args: argparse.Namespace) -> int:
     import psycopg
 
     from capstone.registry import lookup
-    from capstone.search import search_record
+    from capstone.search import SearchFilter, search_record
     from capstone.settings import DEFAULT_CONNECTION_ID
 
+    collection, query, limit = args.collection, " ".join(args.query), args.k
+    dsn, connection_id = args.dsn, args.connection
+    search_filter = SearchFilter.of(dict(args.filter or []))
     target_dsn = _search_dsn(dsn, connection_id)
     try:
         conn = psycopg.connect(target_dsn, autocommit=True, application_name="capstone search")
@@ -92,13 +135,13 @@ def _search(collection: str, query: str, limit: int, dsn: str | None, connection
             file=sys.stderr,
         )
     try:
-        hits = search_record(target_dsn, record, query, limit)
+        hits = search_record(target_dsn, record, query, limit, search_filter, full_text=args.json)
     except psycopg.errors.UndefinedTable as err:
         raise LookupError(
             f"table {record.schema}.{record.table} of collection {collection!r} does not exist any more: "
             f"run the Airflow DAG {collection!r} to index it again"
         ) from err
-    print(format_hits(record, query, hits))
+    print(hits_json(record, query, hits) if args.json else format_hits(record, query, hits))
     return 0
 
 
@@ -143,7 +186,7 @@ def _search_command(args: argparse.Namespace) -> int:
     from capstone.embeddings import MissingAPIKeyError, MissingExtraError, ModelNotAvailableError
 
     try:
-        return _search(args.collection, " ".join(args.query), args.k, args.dsn, args.connection)
+        return _search(args)
     except (
         LookupError,
         psycopg.OperationalError,
@@ -171,6 +214,15 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--collection", required=True, help="collection name (the DAG id)")
     search.add_argument("query", nargs="+", help="the query text")
     search.add_argument("-k", type=_positive, default=5, help="how many chunks to print (default 5)")
+    search.add_argument(
+        "--filter",
+        metavar="KEY=VALUE",
+        type=_filter_pair,
+        action="append",
+        help="only chunks whose metadata has KEY=VALUE (VALUE read as JSON where it is JSON); "
+        "document_id=ID for one document; repeat for several conditions",
+    )
+    search.add_argument("--json", action="store_true", help="print the hits, full text and metadata, as JSON")
     where = search.add_mutually_exclusive_group()
     where.add_argument("--dsn", help="a libpq URI, e.g. postgresql://user:pass@host:5432/db")
     where.add_argument(

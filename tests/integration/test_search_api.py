@@ -1,0 +1,215 @@
+"""The search API a service holds (:class:`capstone.search.Searcher`) and filtered searches, on a
+real HNSW index over 20,000 chunks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from capstone import registry
+from capstone.index_build import IndexParams
+from capstone.registry import CollectionRecord
+from capstone.search import Searcher, SearchFilter, SearchTarget, ann_search, ann_session
+from capstone.settings import CollectionSettings
+from tests.support.pipeline import run_pipeline
+from tests.support.settings import collection_settings
+from tests.support.tables import jsonl_batch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS, CHUNKS_EACH, GROUPS = 4000, 5, 100  # 20,000 chunks; a group is 1% of them
+DIMENSION = 32
+QUERY = "report on subject 7 with figures"
+
+
+def _documents() -> list[dict[str, object]]:
+    return [
+        {
+            "id": f"d{i:05d}",
+            "content": f"document {i}",
+            "chunks": [
+                f"report {i} part {j} on subject {i % 37} with figures {j * i % 11}" for j in range(5)
+            ],
+            "metadata": {"group": i % GROUPS, "parity": "even" if i % 2 == 0 else "odd"},
+        }
+        for i in range(DOCUMENTS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CollectionSettings]:
+    """20,000 hash-embedded chunks with an HNSW index (ef_search 40), registered for search."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    name = f"search_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    settings = collection_settings(
+        name, schema, embedding={"dimension": DIMENSION}, index={"ef_search": 40}, upsert_batch_size=5000
+    )
+    batch = jsonl_batch(tmp_path_factory.mktemp("search") / "batch.jsonl", _documents())
+    run_pipeline(settings, f"{name}-r1", [batch])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(IndexParams.of(settings).create_sql())
+        conn.execute(sql.SQL("ANALYZE {}").format(settings.store_table.ident))
+        registry.register(conn, CollectionRecord.from_settings(settings))
+    yield settings
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM capstone.collections WHERE name = %s", (name,))
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_a_filter_matching_one_percent_of_the_rows_still_returns_k_results(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
+        hits = searcher.search(QUERY, k=10, filter={"group": 7})
+
+    assert len(hits) == 10
+    assert all(hit.metadata is not None and hit.metadata["group"] == 7 for hit in hits)
+    assert [hit.rank for hit in hits] == list(range(1, 11))
+    assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)  # re-sorted
+    assert all(hit.text.startswith("report ") for hit in hits)
+
+
+def test_without_the_iterative_scan_the_index_alone_returns_fewer(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    # Why the iterative scan is there: HNSW hands over ef_search candidates, and 1% of them pass.
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
+        vector = searcher.record.embedder().embed([QUERY])[0]
+    target = SearchTarget.of(searcher.record)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        with ann_session(conn, target, iterative=False):
+            plain = ann_search(conn, target, vector, 10, SearchFilter({"group": 7}))
+    assert len(plain) < 10
+
+
+def test_filtered_results_are_the_exact_nearest_of_the_matching_rows(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
+        hits = searcher.search(QUERY, k=10, filter={"group": 7, "parity": "odd"})
+        vector = searcher.record.embedder().embed([QUERY])[0]
+    with psycopg.connect(pg_dsn) as conn:
+        register_vector(conn)
+        conn.execute("SET LOCAL enable_indexscan = off")  # exact: the HNSW index would filter its 40
+        exact = conn.execute(
+            sql.SQL(
+                "SELECT id FROM {} WHERE metadata @> %s::jsonb ORDER BY embedding <=> %s LIMIT 10"
+            ).format(indexed.store_table.ident),
+            (json.dumps({"group": 7, "parity": "odd"}), vector),
+        ).fetchall()
+    found = {hit.chunk_id for hit in hits}
+    assert len(found & {row[0] for row in exact}) >= 9  # approximate search, recall@10 >= 0.9
+
+
+def test_a_document_filter_returns_only_that_documents_chunks(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
+        hits = searcher.search(QUERY, k=8, filter={"document_id": ["d00042", "d00043"]})
+
+    assert len(hits) == 8
+    assert {hit.document_id for hit in hits} == {"d00042", "d00043"}
+
+
+def test_one_searcher_answers_100_searches_on_its_pooled_connections(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    with Searcher(indexed.collection, dsn=pg_dsn, pool_size=2) as searcher:
+        results = [searcher.search(f"{QUERY} {n}", k=5) for n in range(100)]
+        stats = searcher.pool.get_stats()
+
+    assert all(len(hits) == 5 for hits in results)
+    assert stats["requests_num"] == 101  # the registry lookup, then one per search
+    assert stats["connections_num"] <= 2  # connections opened over the whole life of the pool
+
+
+@pytest.mark.local_model
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None,
+    reason="needs the [local] extra: pip install '.[local]'",
+)
+def test_the_model_is_loaded_once_for_100_searches(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    from capstone.embeddings import local_model
+
+    settings = collection_settings("local_search", pg_schema, embedding={"provider": "sentence-transformers"})
+    documents = [
+        {"id": f"d{i}", "content": "x", "chunks": [f"chunk {i} about topic {i % 5}"]} for i in range(50)
+    ]
+    run_pipeline(settings, "local-search-r1", [jsonl_batch(tmp_path / "b.jsonl", documents)])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(IndexParams.of(settings).create_sql())
+        registry.register(conn, CollectionRecord.from_settings(settings))
+    local_model._MODELS.clear()  # as in a new process
+    loads = _LoadLog()
+    logger = logging.getLogger(local_model.__name__)
+    logger.addHandler(loads)  # on the logger itself: Airflow may reconfigure the root's handlers
+    level, logger.level = logger.level, logging.INFO
+    try:
+        with Searcher("local_search", dsn=pg_dsn) as searcher:
+            results = [searcher.search(f"topic {n % 5}", k=3) for n in range(100)]
+    finally:
+        logger.removeHandler(loads)
+        logger.setLevel(level)
+
+    assert all(len(hits) == 3 for hits in results)
+    assert len(loads.messages) == 1, loads.messages
+    assert len(local_model._MODELS) == 1
+
+
+class _LoadLog(logging.Handler):
+    """Collects the local model's "loaded ... model" log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("loaded sentence-transformers model"):
+            self.messages.append(record.getMessage())
+
+
+def test_the_cli_filters_and_prints_json(indexed: CollectionSettings, pg_dsn: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "capstone",
+            "search",
+            "--collection",
+            indexed.collection,
+            QUERY,
+            "-k",
+            "3",
+            "--filter",
+            "group=7",
+            "--filter",
+            "parity=odd",
+            "--json",
+            "--dsn",
+            pg_dsn,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["collection"] == indexed.collection and answer["query"] == QUERY
+    assert len(answer["hits"]) == 3
+    assert all(hit["metadata"] == {"group": 7, "parity": "odd"} for hit in answer["hits"])
+    assert all(hit["text"].startswith("report ") for hit in answer["hits"])
