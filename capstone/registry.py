@@ -190,7 +190,7 @@ def register(
 # settings existed lack them, and a search reads them as these values (not defaults of the spec).
 _TASK_ONLY: dict[str, object] = {
     "parallel_tasks": 1,
-    "concurrent_tasks": 1,
+    "pool_slots": 1,
     "device": "auto",
     "threads": None,
     "max_concurrent_requests": 1,

@@ -145,8 +145,10 @@ class SearchFilter:
     def of(cls, value: SearchFilter | Mapping[str, Any] | None) -> SearchFilter:
         """A filter from a mapping: ``document_id`` (a string or a list) names documents, every
         other key is a metadata value to match (``{"module": "os"}``)."""
-        if value is None or isinstance(value, SearchFilter):
-            return value or cls()
+        if value is None:
+            return cls()
+        if isinstance(value, SearchFilter):
+            return value
         metadata = {key: item for key, item in value.items() if key != "document_id"}
         documents = value.get("document_id", ())
         return cls(metadata, (documents,) if isinstance(documents, str) else tuple(documents))

@@ -102,10 +102,10 @@ class EmbeddingSettings:
     dimension: int
     normalize: bool
     batch_size: int
-    # Mapped embedding tasks per run (resolved: pool_slots unless the spec says otherwise), and how
-    # many of them run at once (the pool's slots bound them): the default torch threads follow.
+    # Mapped embedding tasks per run (resolved: pool_slots unless the spec says otherwise), and the
+    # slots of the pool they run in, which bound how many run at once.
     parallel_tasks: int
-    concurrent_tasks: int
+    pool_slots: int
     request_batch_size: int
     device: Device
     threads: int | None
@@ -115,6 +115,11 @@ class EmbeddingSettings:
     request_timeout_seconds: float
     max_concurrent_requests: int
     max_tokens_per_request: int
+
+    @property
+    def concurrent_tasks(self) -> int:
+        """How many of a run's embedding tasks run at once (what the default torch threads follow)."""
+        return min(self.parallel_tasks, self.pool_slots)
 
 
 @dataclass(frozen=True)

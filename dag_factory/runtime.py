@@ -34,7 +34,6 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> CollectionSettings:
 def collection_settings(spec: CollectionSpec) -> CollectionSettings:
     """The settings every task of the collection's DAG receives."""
     embedding, store, index, validation = spec.embedding, spec.store, spec.index, spec.validation
-    parallel_tasks = embedding.parallel_tasks or embedding.pool_slots
     return CollectionSettings(
         collection=spec.collection,
         source=SourceSettings(
@@ -51,8 +50,8 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             dimension=embedding.vector_dimension,
             normalize=index.metric in ("cosine", "inner_product"),
             batch_size=embedding.batch_size,
-            parallel_tasks=parallel_tasks,
-            concurrent_tasks=min(parallel_tasks, embedding.pool_slots),
+            parallel_tasks=embedding.parallel_tasks or embedding.pool_slots,
+            pool_slots=embedding.pool_slots,
             request_batch_size=embedding.request_batch_size,
             device=embedding.device,
             threads=embedding.threads,

@@ -113,11 +113,10 @@ class AirflowStack:
         # database), so that a removed Airflow home does not leave connections nobody can decrypt.
         secrets_file = self.data_dir / "airflow-metadata" / f"{self.metadata_db}.secrets.json"
         earlier = self.home / "secrets.json"  # where releases before this one kept them
+        secrets_file.parent.mkdir(parents=True, exist_ok=True)
         if not secrets_file.exists() and earlier.exists():
-            secrets_file.parent.mkdir(parents=True, exist_ok=True)
             earlier.replace(secrets_file)
         if not secrets_file.exists():
-            secrets_file.parent.mkdir(parents=True, exist_ok=True)
             from cryptography.fernet import Fernet
 
             keys = {"fernet_key": Fernet.generate_key().decode(), "jwt_secret": secrets.token_urlsafe(32)}

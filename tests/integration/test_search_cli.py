@@ -154,7 +154,7 @@ def test_search_through_an_undefined_connection_says_how_to_define_it(indexed: I
 def test_a_collection_registered_before_the_task_settings_existed_is_still_searched(
     indexed: IndexedRun, pg_dsn: str
 ) -> None:
-    task_only = ["parallel_tasks", "concurrent_tasks", "device", "threads"]
+    task_only = ["parallel_tasks", "pool_slots", "concurrent_tasks", "device", "threads"]
     task_only += ["max_concurrent_requests", "max_tokens_per_request"]
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         # What the previous release wrote: the embedding options without the task settings.
