@@ -95,23 +95,28 @@ def test_without_the_iterative_scan_the_index_alone_returns_fewer(
     assert len(plain) < 10
 
 
-def test_filtered_results_are_the_exact_nearest_of_the_matching_rows(
+def test_filtered_results_are_the_nearest_of_the_matching_rows(
     indexed: CollectionSettings, pg_dsn: str
 ) -> None:
-    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
-        hits = searcher.search(QUERY, k=10, filter={"group": 7, "parity": "odd"})
-        vector = searcher.record.embedder().embed([QUERY])[0]
-    with psycopg.connect(pg_dsn) as conn:
+    # Approximate search: recall is a mean over queries (one query's recall@10 varies with the
+    # HNSW graph, which is built afresh each time; measured mean 0.975, lowest single query 0.8).
+    recalls = []
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher, psycopg.connect(pg_dsn) as conn:
         register_vector(conn)
         conn.execute("SET LOCAL enable_indexscan = off")  # exact: the HNSW index would filter its 40
-        exact = conn.execute(
-            sql.SQL(
-                "SELECT id FROM {} WHERE metadata @> %s::jsonb ORDER BY embedding <=> %s LIMIT 10"
-            ).format(indexed.store_table.ident),
-            (json.dumps({"group": 7, "parity": "odd"}), vector),
-        ).fetchall()
-    found = {hit.chunk_id for hit in hits}
-    assert len(found & {row[0] for row in exact}) >= 9  # approximate search, recall@10 >= 0.9
+        for n in range(40):
+            query, wanted = f"report on subject {n} with figures {n * 3}", {"group": n % GROUPS}
+            hits = searcher.search(query, k=10, filter=wanted)
+            vector = searcher.record.embedder().embed([query])[0]
+            exact = conn.execute(
+                sql.SQL(
+                    "SELECT id FROM {} WHERE metadata @> %s::jsonb ORDER BY embedding <=> %s LIMIT 10"
+                ).format(indexed.store_table.ident),
+                (json.dumps(wanted), vector),
+            ).fetchall()
+            assert len(hits) == 10 and all((hit.metadata or {}).get("group") == n % GROUPS for hit in hits)
+            recalls.append(len({hit.chunk_id for hit in hits} & {row[0] for row in exact}) / 10)
+    assert sum(recalls) / len(recalls) >= 0.9, recalls
 
 
 def test_a_document_filter_returns_only_that_documents_chunks(
