@@ -8,8 +8,10 @@ documents; ranks count distinct documents (the best chunk of each).
 
     .venv/bin/python benchmarks/search_quality.py
 
-Modes measured so far: ``vector`` (the only one built; ``keyword`` and ``hybrid`` come with the
-keyword index). The last line is the vector mode's MRR@10. Needs the [local] extra.
+Every mode is measured (``vector``, ``keyword``, ``hybrid``), keyword and hybrid with the
+``english`` text search configuration (the default) and again with ``simple`` (the table's
+``content_tsv`` re-generated, as a change of ``search.text_config`` does). The last line is the
+best mode's MRR@10. Needs the [local] extra.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from psycopg import sql
 
 from capstone import registry
 from capstone.documents import BatchLocation
-from capstone.index_build import IndexParams
+from capstone.index_build import IndexParams, KeywordIndexParams
 from capstone.local.corpus import reference_documents, write_jsonl_batch
 from capstone.pipeline import aggregate_manifests, embed_batch, load_documents, prepare_chunks, upsert_vectors
 from capstone.registry import CollectionRecord
 from capstone.search import Searcher, distinct_documents
-from capstone.settings import CollectionSettings
+from capstone.settings import SEARCH_MODES, CollectionSettings, SearchMode
+from capstone.store import ensure_collection_table
 from dag_factory.runtime import settings_from_mapping
 
 HERE = Path(__file__).resolve().parent
@@ -45,16 +48,31 @@ def load_queries(path: Path = HERE / "search_queries.yaml") -> list[dict[str, An
     return list(yaml.safe_load(path.read_text())["queries"])
 
 
-def index_reference(dsn: str) -> CollectionSettings:
-    """The language reference, embedded with the local model, indexed and registered."""
-    os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = dsn
-    settings = settings_from_mapping(
+def _settings(text_config: str) -> CollectionSettings:
+    return settings_from_mapping(
         {
             "collection": COLLECTION,
             "embedding": {"provider": "sentence-transformers", "batch_size": 128},
             "store": {"schema": SCHEMA, "table": COLLECTION},
+            "search": {"text_config": text_config},
         }
     )
+
+
+def reconfigure(dsn: str, text_config: str) -> None:
+    """Re-generate the keyword column in ``text_config`` (as the next run after a change of
+    ``search.text_config`` does), rebuild the keyword index and register the collection anew."""
+    settings = _settings(text_config)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ensure_collection_table(conn, settings.store_table)
+        conn.execute(KeywordIndexParams.of(settings).create_sql())
+        registry.register(conn, CollectionRecord.from_settings(settings))
+
+
+def index_reference(dsn: str) -> CollectionSettings:
+    """The language reference, embedded with the local model, indexed (ANN and keyword) and registered."""
+    os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = dsn
+    settings = _settings("english")
     drop_schema(dsn, SCHEMA)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
@@ -67,15 +85,18 @@ def index_reference(dsn: str) -> CollectionSettings:
         upsert_vectors(settings, aggregate_manifests(prepared["summary"], manifests))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(IndexParams.of(settings).create_sql())
+        conn.execute(KeywordIndexParams.of(settings).create_sql())
         registry.register(conn, CollectionRecord.from_settings(settings))
     return settings
 
 
-def quality(searcher: Searcher, queries: list[dict[str, Any]]) -> tuple[float, float, list[str]]:
-    """(hit@5, MRR@10, the queries missed at 5) of ``searcher`` over ``queries``."""
+def quality(
+    searcher: Searcher, queries: list[dict[str, Any]], mode: SearchMode
+) -> tuple[float, float, list[str]]:
+    """(hit@5, MRR@10, the queries missed at 5) of ``searcher`` in ``mode`` over ``queries``."""
     hits_at_5, reciprocal, missed = 0, 0.0, []
     for item in queries:
-        documents = distinct_documents(searcher.search(item["query"], k=50), limit=10)
+        documents = distinct_documents(searcher.search(item["query"], k=50, mode=mode), limit=10)
         rank = next((hit.rank for hit in documents if hit.document_id in item["expected"]), None)
         hits_at_5 += rank is not None and rank <= 5
         reciprocal += 1 / rank if rank else 0.0
@@ -94,20 +115,31 @@ def main(argv: list[str] | None = None) -> None:
     dsn = bench_dsn()
     queries = load_queries()
     index_reference(dsn)
+    results: dict[str, tuple[float, float, list[str]]] = {}
     try:
-        with Searcher(COLLECTION, dsn=dsn) as searcher:
-            hit_rate, mrr, missed = quality(searcher, queries)
+        for text_config in ("english", "simple"):
+            if text_config != "english":
+                reconfigure(dsn, text_config)
+            with Searcher(COLLECTION, dsn=dsn) as searcher:
+                for mode in SEARCH_MODES:
+                    if mode == "vector" and text_config != "english":
+                        continue  # the text search configuration does not touch vector search
+                    label = mode if mode == "vector" else f"{mode} ({text_config})"
+                    results[label] = quality(searcher, queries, mode)
     finally:
         if not args.keep:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("DELETE FROM capstone.collections WHERE name = %s", (COLLECTION,))
             drop_schema(dsn, SCHEMA)
-    print(f"{len(queries)} held-out queries; missed at 5 by vector mode:")
-    for line in missed:
-        print(f"  {line}")
-    print(f"\n{'mode':8} {'hit@5':>6} {'MRR@10':>7}")
-    print(f"{'vector':8} {hit_rate:6.3f} {mrr:7.3f}")
-    print(f"vector mode MRR@10: {mrr:.3f}")
+    for label, (_, _, missed) in results.items():
+        print(f"{len(queries)} held-out queries; missed at 5 by {label}:")
+        for line in missed:
+            print(f"  {line}")
+    print(f"\n{'mode':18} {'hit@5':>6} {'MRR@10':>7}")
+    for label, (hit_rate, mrr, _) in results.items():
+        print(f"{label:18} {hit_rate:6.3f} {mrr:7.3f}")
+    best = max(results, key=lambda label: (results[label][1], results[label][0]))
+    print(f"best MRR@10: {best} {results[best][1]:.3f}")
 
 
 if __name__ == "__main__":

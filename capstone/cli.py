@@ -2,7 +2,8 @@
 
 python -m capstone db start|stop|status|uri
 python -m capstone search --collection documents "how do I handle exceptions" [-k 5]
-    [--filter key=value ...] [--json] [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
+    [--mode vector|keyword|hybrid] [--filter key=value ...] [--json]
+    [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from capstone.registry import CollectionRecord
     from capstone.search import Hit
+    from capstone.settings import SearchMode
 
 __all__ = ["format_hits", "hits_json", "main"]
 
@@ -49,13 +51,22 @@ def _one_line(text: str, width: int = _SNIPPET_WIDTH) -> str:
     return line if len(line) <= width else line[: width - 1].rstrip() + "…"
 
 
-def format_hits(record: CollectionRecord, query: str, hits: list[Hit]) -> str:
+_SCORES = {"keyword": "ts_rank_cd", "hybrid": "reciprocal rank fusion"}
+
+
+def format_hits(record: CollectionRecord, query: str, hits: list[Hit], mode: SearchMode) -> str:
     """The results as printed: a header, then rank, score, document id, chunk id and a snippet."""
     knob = f"ef_search={record.ef_search}" if record.index_type == "hnsw" else f"probes={record.probes}"
-    score = "distance" if record.metric == "l2" else "similarity"
+    score = _SCORES.get(mode) or ("distance" if record.metric == "l2" else "similarity")
+    how = {
+        "vector": f"{record.provider} {record.model}, {record.index_type} {record.metric} {knob}",
+        "keyword": f"full text, {record.search.text_config}",
+        "hybrid": f"{record.provider} {record.model} + full text {record.search.text_config}, "
+        f"rrf_k={record.search.rrf_k}",
+    }[mode]
     header = (
-        f"{record.name} ({record.schema}.{record.table}): {len(hits)} nearest chunks to {query!r} "
-        f"[{record.provider} {record.model}, {record.index_type} {record.metric} {knob}; score = {score}]"
+        f"{record.name} ({record.schema}.{record.table}): {len(hits)} best chunks for {query!r} "
+        f"[{mode} search: {how}; score = {score}]"
     )
     rows = [("rank", "score", "document", "chunk", "snippet")] + [
         (str(hit.rank), f"{hit.score:.4f}", hit.document_id, hit.chunk_id, _one_line(hit.snippet))
@@ -70,13 +81,14 @@ def format_hits(record: CollectionRecord, query: str, hits: list[Hit]) -> str:
     return "\n".join([header, *lines])
 
 
-def hits_json(record: CollectionRecord, query: str, hits: list[Hit]) -> str:
-    """The results as one JSON document: the collection, the query and each hit in full."""
+def hits_json(record: CollectionRecord, query: str, hits: list[Hit], mode: SearchMode) -> str:
+    """The results as one JSON document: the collection, the query, the mode and each hit in full."""
     return json.dumps(
         {
             "collection": record.name,
             "table": f"{record.schema}.{record.table}",
             "query": query,
+            "mode": mode,
             "metric": record.metric,
             "hits": [
                 {
@@ -134,14 +146,15 @@ def _search(args: argparse.Namespace) -> int:
             "results may be incomplete or poorly ranked",
             file=sys.stderr,
         )
+    mode = args.mode or record.search.mode
     try:
-        hits = search_record(target_dsn, record, query, limit, search_filter, full_text=args.json)
+        hits = search_record(target_dsn, record, query, limit, search_filter, mode=mode, full_text=args.json)
     except psycopg.errors.UndefinedTable as err:
         raise LookupError(
             f"table {record.schema}.{record.table} of collection {collection!r} does not exist any more: "
             f"run the Airflow DAG {collection!r} to index it again"
         ) from err
-    print(hits_json(record, query, hits) if args.json else format_hits(record, query, hits))
+    print(hits_json(record, query, hits, mode) if args.json else format_hits(record, query, hits, mode))
     return 0
 
 
@@ -199,6 +212,8 @@ def _search_command(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from capstone.settings import SEARCH_MODES
+
     parser = argparse.ArgumentParser(
         prog="capstone", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -207,9 +222,12 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["start", "stop", "status", "uri"])
     search = commands.add_parser(
         "search",
-        help="search an indexed collection by meaning",
-        description="Embed the query with the collection's model and print its nearest chunks, found "
-        "through the collection's index with the ef_search/probes its spec sets.",
+        help="search an indexed collection (by meaning, by keyword, or both)",
+        description="Print the collection's best chunks for the query: in vector mode, the query is "
+        "embedded with the collection's model and its nearest chunks found through the index with the "
+        "ef_search/probes its spec sets; in keyword mode, Postgres full text search ranks the chunks "
+        'that match the words ("quoted phrases", or, -excluded); hybrid fuses both lists. The default '
+        "mode is the collection's search.mode.",
     )
     search.add_argument("--collection", required=True, help="collection name (the DAG id)")
     search.add_argument("query", nargs="+", help="the query text")
@@ -221,6 +239,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="only chunks whose metadata has KEY=VALUE (VALUE read as JSON where it is JSON); "
         "document_id=ID for one document; repeat for several conditions",
+    )
+    search.add_argument(
+        "--mode",
+        choices=SEARCH_MODES,
+        help="how to rank (default: the collection's search.mode)",
     )
     search.add_argument("--json", action="store_true", help="print the hits, full text and metadata, as JSON")
     where = search.add_mutually_exclusive_group()

@@ -121,8 +121,8 @@ class UpsertResult(TypedDict):
 class IndexEvent(TypedDict):
     """The index build's outcome (the trigger's event payload, the sensor's return value).
 
-    A success carries the index facts; a ``timeout`` or ``error`` carries ``message`` and
-    ``terminal`` (a retry cannot help).
+    A success carries the ANN index's facts (and the keyword index's name and size); a
+    ``timeout`` or ``error`` carries ``message`` and ``terminal`` (a retry cannot help).
     """
 
     status: Literal["success", "timeout", "error"]
@@ -135,12 +135,15 @@ class IndexEvent(TypedDict):
     duration_s: NotRequired[float]
     freshness_ms: NotRequired[int | None]
     builds_started: NotRequired[int]
+    keyword_index_name: NotRequired[str]
+    keyword_index_size_bytes: NotRequired[int]
 
 
 # The part of the validation report the ``indexed`` event carries: each check's name
 # (``vector_count``, ``query_relevance_<id>``, ``recall_at_k``, ``index_freshness``) -> pass, warn,
-# fail or skip; ``failed`` and ``warned`` (lists of check names); ``recall``; and the query-time knob
-# (``ef_search`` or ``probes``) -> its value. Its keys depend on the spec, hence a plain mapping.
+# fail or skip; ``failed`` and ``warned`` (lists of check names); ``recall``; the query-time knob
+# (``ef_search`` or ``probes``) -> its value; and ``search_mode``, the mode sample queries ran in.
+# Its keys depend on the spec, hence a plain mapping.
 ValidationSummary = dict[str, Any]
 
 
@@ -150,7 +153,7 @@ class ValidationReport(TypedDict):
     collection: str
     table: str
     index: dict[str, Any]
-    search: dict[str, int]
+    search: dict[str, Any]
     checks: dict[str, dict[str, Any]]
     summary: ValidationSummary
 

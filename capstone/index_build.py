@@ -1,7 +1,9 @@
-"""Build a collection's ANN index (HNSW or IVFFlat) so that it is safe to run more than once.
+"""Build a collection's indexes (the ANN index, HNSW or IVFFlat, and the keyword index, GIN over
+the generated ``content_tsv`` column) so that it is safe to run more than once.
 
 One coroutine, :func:`build_index`, serves the triggerer (``VectorStoreIndexingTrigger``) and the
-non-deferrable sensor alike. It runs ``CREATE INDEX CONCURRENTLY`` under an advisory lock keyed on
+non-deferrable sensor alike. For each index in turn (keyword first: it takes seconds where the
+ANN index may take minutes) it runs ``CREATE INDEX CONCURRENTLY`` under an advisory lock keyed on
 the index, logs progress from ``pg_stat_progress_create_index``, cleans up INVALID leftovers of
 failed builds, follows a build another backend is already running, and swaps in an index with new
 parameters beside the old one, dropping the old one only once the new one is valid.
@@ -20,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import asyncpg
 
@@ -37,12 +39,14 @@ from capstone.settings import (
     IndexType,
     Metric,
 )
+from capstone.store import TEXT_SEARCH_COLUMN
 
 __all__ = [
     "DISTANCE_OPERATORS",
     "OPCLASSES",
     "BuildLog",
     "IndexParams",
+    "KeywordIndexParams",
     "build_index",
     "build_memory",
     "check_index",
@@ -113,8 +117,9 @@ def _index_name(table: str, index_type: str, params_hash: str) -> str:
 
 
 def is_managed_index_name(name: str, table: str) -> bool:
-    """True for names :class:`IndexParams` gives, for any parameters, to indexes on ``table``."""
-    for index_type in INDEX_TYPES:
+    """True for names :class:`IndexParams` (for any parameters) and :class:`KeywordIndexParams`
+    give to indexes on ``table``."""
+    for index_type in (*INDEX_TYPES, KeywordIndexParams.index_type):
         prefix = _index_name(table, index_type, "0" * 8)[:-8]
         if name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{8}", name[len(prefix) :]):
             return True
@@ -144,8 +149,34 @@ def build_memory(rows: int, dimension: int, index_type: str, setting: str = "aut
     return f"{math.ceil(max(needed, MIN_BUILD_MEMORY) / _MB)}MB"
 
 
+class _NamedIndex:
+    """Names shared by the index kinds: quoted table and index, the build's advisory lock."""
+
+    schema: str
+    table: str
+
+    @property
+    def index_name(self) -> str:
+        raise NotImplementedError  # each kind names its index
+
+    @property
+    def qualified_table(self) -> str:
+        """Quoted ``schema.table``."""
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
+
+    def qualified_index(self, name: str | None = None) -> str:
+        """Quoted ``schema.index`` (this index by default)."""
+        return f"{quote_ident(self.schema)}.{quote_ident(name or self.index_name)}"
+
+    @property
+    def lock_key(self) -> int:
+        """Advisory lock key: a signed 64-bit hash of the schema-qualified index name."""
+        digest = hashlib.blake2b(f"{self.schema}.{self.index_name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+
 @dataclass(frozen=True)
-class IndexParams:
+class IndexParams(_NamedIndex):
     """What index to build, on which column; the parameters are pgvector's ``WITH (...)`` options.
 
     Built from a collection's settings by :meth:`of`: the sensor, the trigger, validation and the
@@ -218,15 +249,6 @@ class IndexParams:
         """pgvector operator class matching the metric."""
         return OPCLASSES[self.metric]
 
-    @property
-    def qualified_table(self) -> str:
-        """Quoted ``schema.table``."""
-        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
-
-    def qualified_index(self, name: str | None = None) -> str:
-        """Quoted ``schema.index`` (this index by default)."""
-        return f"{quote_ident(self.schema)}.{quote_ident(name or self.index_name)}"
-
     def with_options(self) -> str:
         """The ``WITH (...)`` clause (validated integers, so safe to inline in DDL)."""
         if self.index_type == "hnsw":
@@ -241,11 +263,44 @@ class IndexParams:
             f"({quote_ident(self.column)} {self.opclass}) {self.with_options()}"
         )
 
+
+@dataclass(frozen=True)
+class KeywordIndexParams(_NamedIndex):
+    """The keyword index: GIN over the table's generated ``tsvector`` column (``content_tsv``),
+    which keyword and hybrid searches match ``websearch_to_tsquery`` against."""
+
+    schema: str
+    table: str
+    maintenance_work_mem: str
+    column: str = TEXT_SEARCH_COLUMN
+    index_type: ClassVar[str] = "gin"
+
+    @classmethod
+    def of(cls, settings: CollectionSettings) -> KeywordIndexParams:
+        """The keyword index of a collection."""
+        return cls(settings.store.schema, settings.store.table, settings.index.maintenance_work_mem)
+
+    def __post_init__(self) -> None:
+        for name in (self.schema, self.table, self.column):
+            quote_ident(name)
+        if self.maintenance_work_mem != "auto":
+            parse_memory(self.maintenance_work_mem)
+
     @property
-    def lock_key(self) -> int:
-        """Advisory lock key: a signed 64-bit hash of the schema-qualified index name."""
-        digest = hashlib.blake2b(f"{self.schema}.{self.index_name}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big", signed=True)
+    def index_name(self) -> str:
+        """``<table>_gin_<hash of the column>``, at most 63 bytes."""
+        column_hash = hashlib.sha256(repr((self.index_type, self.column)).encode()).hexdigest()[:8]
+        return _index_name(self.table, self.index_type, column_hash)
+
+    def create_sql(self) -> str:
+        """``CREATE INDEX CONCURRENTLY IF NOT EXISTS`` statement for this index."""
+        return (
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {quote_ident(self.index_name)} "
+            f"ON {self.qualified_table} USING gin ({quote_ident(self.column)})"
+        )
+
+
+AnyIndex = IndexParams | KeywordIndexParams
 
 
 # -- the build ---------------------------------------------------------------------------------
@@ -382,7 +437,7 @@ class _IndexBuild:
     """One run of the build state machine over a control connection and a lock connection."""
 
     target: PostgresParams | str
-    params: IndexParams
+    params: AnyIndex
     expected_count: int
     poll_interval: float
     clock: _Clock
@@ -484,11 +539,15 @@ class _IndexBuild:
             )
             build.add_log_listener(self._relay_notice)
             self.builds_started += 1
+            over = (
+                f"{rows} rows"
+                if self.params.index_type == "gin"
+                else f"{rows} vectors of dimension {table.dimension}"
+            )
             self.log.info(
-                "index %s: building over %d vectors of dimension %d with maintenance_work_mem=%s: %s",
+                "index %s: building over %s with maintenance_work_mem=%s: %s",
                 self.name,
-                rows,
-                table.dimension,
+                over,
                 memory,
                 self.params.create_sql(),
             )
@@ -621,19 +680,28 @@ async def build_index(
     poll_interval: float,
     timeout: float,
     log: BuildLog,
+    keyword: KeywordIndexParams | None = None,
 ) -> IndexEvent:
-    """Make the index described by ``params`` valid over ``expected_count`` vectors; return the event.
+    """Make the ANN index described by ``params`` (and the ``keyword`` index, first, when given)
+    valid over ``expected_count`` rows; return the event. ``timeout`` covers both.
 
     ``target`` is the Postgres (typed, or a libpq URI / conninfo string). The event is
     ``{"status": "success", "indexed_count", "index_name", "index_size_bytes", "duration_s",
-    "freshness_ms", "builds_started"}`` or ``{"status": "timeout" | "error", "message", "terminal"}``;
+    "freshness_ms", "builds_started"}`` (with ``keyword_index_name`` and ``keyword_index_size_bytes``
+    when a keyword index was built) or ``{"status": "timeout" | "error", "message", "terminal"}``;
     ``terminal`` says a retry cannot help (a refused login, a name taken by another table's index).
     """
     clock = _Clock(timeout)
+    current: AnyIndex = keyword or params
     try:
         async with _connect(target, "control") as control, _connect(target, "lock") as lock:
+            keyword_event = None
+            if keyword is not None:
+                build = _IndexBuild(target, keyword, expected_count, poll_interval, clock, log, control, lock)
+                keyword_event = await build.run()
+            current = params
             build = _IndexBuild(target, params, expected_count, poll_interval, clock, log, control, lock)
-            return await build.run()
+            return _with_keyword(await build.run(), keyword_event)
     except _Timeout as exc:
         log.warning("%s", exc)
         return {"status": "timeout", "message": str(exc), "terminal": False}
@@ -644,16 +712,40 @@ async def build_index(
         asyncpg.InterfaceError,
         OSError,
     ) as exc:
-        message = f"index {params.qualified_index()} on {params.qualified_table} could not be built: {exc}"
+        message = f"index {current.qualified_index()} on {current.qualified_table} could not be built: {exc}"
         log.warning("%s", message)
         terminal = isinstance(exc, _BuildError) or is_terminal(exc)
         return {"status": "error", "message": message, "terminal": terminal}
 
 
+def _with_keyword(event: IndexEvent, keyword: IndexEvent | None) -> IndexEvent:
+    """The ANN index's success event, with the keyword index's name, size and builds."""
+    if keyword is None:
+        return event
+    return {
+        **event,
+        "keyword_index_name": keyword["index_name"],
+        "keyword_index_size_bytes": keyword["index_size_bytes"],
+        "builds_started": event["builds_started"] + keyword["builds_started"],
+    }
+
+
 async def check_index(
-    target: PostgresParams | str, params: IndexParams, expected_count: int, log: BuildLog
+    target: PostgresParams | str,
+    params: IndexParams,
+    expected_count: int,
+    log: BuildLog,
+    keyword: KeywordIndexParams | None = None,
 ) -> IndexEvent | None:
-    """The success event if the index is already valid over ``expected_count`` vectors, else None."""
+    """The success event if the index (and the ``keyword`` index, when given) is already valid over
+    ``expected_count`` rows, else None."""
     async with _connect(target, "check") as control:
+        keyword_event = None
+        if keyword is not None:
+            build = _IndexBuild(target, keyword, expected_count, 0.0, _Clock(0.0), log, control, lock=None)
+            keyword_event = await build.ready()
+            if keyword_event is None:
+                return None
         build = _IndexBuild(target, params, expected_count, 0.0, _Clock(0.0), log, control, lock=None)
-        return await build.ready()
+        event = await build.ready()
+        return None if event is None else _with_keyword(event, keyword_event)

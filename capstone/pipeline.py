@@ -235,13 +235,14 @@ def prepare_chunks(
 ) -> Prepared:
     """Decide which staged chunks need embedding and cut them into batches for mapping.
 
-    Raises :class:`NothingToIndex` when nothing is new, changed or removed, and
+    Raises :class:`NothingToIndex` when nothing is new, changed or removed (and the table's keyword
+    column was not just added, which leaves its keyword index to build), and
     :class:`MassDeleteRefused` when the run would delete more than ``max_delete_fraction`` of the
     collection's rows (unless ``allow_mass_delete``), before anything is embedded or written.
     """
     table = settings.store_table
     with _connect(settings) as conn:
-        store.ensure_collection_table(conn, table)
+        keyword_column_changed = store.ensure_collection_table(conn, table)
         lost = store.count_lost_chunks(conn, run_key, table)
         _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
         batches = store.assign_batches(
@@ -262,7 +263,12 @@ def prepare_chunks(
         lost,
         len(batches),
     )
-    if not batches and not lost:
+    if not batches and not lost and keyword_column_changed:
+        log.info(
+            "no new or changed chunks, but the table's keyword column was just added or re-generated: "
+            "going on, to build its keyword index, validate and publish"
+        )
+    elif not batches and not lost:
         raise NothingToIndex(
             f"no new or changed chunks in this run's batches ({staged} chunks, all already indexed "
             "with the same text, metadata and model): nothing to do, no new asset event"

@@ -3,8 +3,9 @@
 ``capstone`` never reads the YAML files (that is ``dag_factory``'s job). Instead, every run of a
 collection's ``validate_index_health`` task records the collection in ``capstone.collections``,
 in the collection's own database: its table, embedding provider and model, metric, index and the
-query-time settings (``ef_search`` / ``probes``). ``python -m capstone search`` reads that row to
-embed a query with the right model and search the right table the way validation did.
+query-time settings (``ef_search`` / ``probes``), and how it is searched by default (mode, text
+search configuration, hybrid ranking). ``python -m capstone search`` reads that row to embed a
+query with the right model and search the right table the way validation did.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from psycopg.rows import dict_row
 from capstone.contracts import ValidationSummary
 from capstone.embeddings.base import Embedder
 from capstone.index_build import IndexParams
-from capstone.settings import CollectionSettings, EmbeddingSettings, IndexType, Metric
+from capstone.settings import CollectionSettings, EmbeddingSettings, IndexType, Metric, SearchSettings
 from capstone.store import STAGING_SCHEMA, CollectionTable
 
 __all__ = ["REGISTRY_TABLE", "CollectionNotRegistered", "CollectionRecord", "lookup", "register"]
@@ -45,6 +46,7 @@ _COLUMNS = (
     "ef_search",
     "probes",
     "embedding_options",
+    "search_options",
     "last_validation",
 )
 
@@ -78,6 +80,7 @@ class CollectionRecord:
     index_params: dict[str, int | None]
     ef_search: int
     probes: int
+    search: SearchSettings
     last_validation: dict[str, Any] | None = None
     updated_at: datetime | None = None
 
@@ -102,6 +105,7 @@ class CollectionRecord:
             index_params=shape,
             ef_search=index.ef_search,
             probes=index.probes,
+            search=settings.search,
         )
 
     @property
@@ -119,7 +123,7 @@ class CollectionRecord:
     @property
     def store_table(self) -> CollectionTable:
         """The collection's table."""
-        return CollectionTable(self.schema, self.table, self.dimension)
+        return CollectionTable(self.schema, self.table, self.dimension, self.search.text_config)
 
     def embedder(self) -> Embedder:
         """The embedder the collection's chunks were embedded with, for embedding queries."""
@@ -142,9 +146,18 @@ def ensure_registry(conn: psycopg.Connection) -> None:
                 " dimension int NOT NULL, metric text NOT NULL, index_type text NOT NULL,"
                 " index_name text NOT NULL, index_params jsonb NOT NULL, ef_search int NOT NULL,"
                 " probes int NOT NULL, embedding_options jsonb NOT NULL DEFAULT '{{}}',"
-                " last_validation jsonb, updated_at timestamptz NOT NULL DEFAULT now())"
+                " search_options jsonb, last_validation jsonb,"
+                " updated_at timestamptz NOT NULL DEFAULT now())"
             ).format(_REGISTRY)
         )
+        # Registries created before search options existed (checked first: ALTER locks the table).
+        missing = conn.execute(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass"
+            " AND attname = 'search_options' AND NOT attisdropped)",
+            (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
+        ).fetchone()
+        if missing and missing[0]:
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN search_options jsonb").format(_REGISTRY))
 
 
 def register(
@@ -167,6 +180,7 @@ def register(
         record.ef_search,
         record.probes,
         json.dumps(dataclasses.asdict(record.embedding)),
+        json.dumps(dataclasses.asdict(record.search)),
         None if last_validation is None else json.dumps(last_validation),
     )
     updates = sql.SQL(", ").join(
@@ -196,6 +210,9 @@ _TASK_ONLY: dict[str, object] = {
     "max_concurrent_requests": 1,
     "max_tokens_per_request": 300_000,
 }
+# How collections registered before search options existed are searched: by vector, as they were
+# validated (their table gets its keyword column on its next run, which registers it anew).
+_EARLIER_SEARCH = SearchSettings(mode="vector", text_config="english", rrf_k=60, candidates=40)
 
 
 def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
@@ -225,6 +242,7 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
         index_params=row["index_params"],
         ef_search=row["ef_search"],
         probes=row["probes"],
+        search=SearchSettings(**row["search_options"]) if row.get("search_options") else _EARLIER_SEARCH,
         last_validation=row["last_validation"],
         updated_at=row["updated_at"],
     )

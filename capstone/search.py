@@ -1,4 +1,13 @@
-"""Nearest-neighbour search over a collection, through its ANN index.
+"""Search over a collection: by vector (its ANN index), by keyword (full text search over its
+generated ``content_tsv`` column and GIN index), or hybrid (both, fused).
+
+Modes (``SearchMode``; a collection's default is its spec's ``search.mode``):
+
+- ``vector``: the chunks whose embeddings are nearest the query's, through the ANN index.
+- ``keyword``: the chunks matching ``websearch_to_tsquery(<text_config>, query)`` (words, "quoted
+  phrases", ``or``, ``-excluded``), ranked by ``ts_rank_cd``; no model is involved.
+- ``hybrid``: reciprocal rank fusion of the two lists: the top ``search.candidates`` of each, a
+  chunk scoring ``1 / (search.rrf_k + rank)`` for each list it is in. One statement, one round trip.
 
 ANN search runs inside :func:`ann_session`, a transaction that sets the index's query-time knob
 (``hnsw.ef_search`` or ``ivfflat.probes``) with ``set_config(..., is_local => true)`` -- that is
@@ -22,6 +31,7 @@ the table for many queries).
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,14 +46,15 @@ from psycopg import sql
 
 from capstone.index_build import DISTANCE_OPERATORS
 from capstone.registry import CollectionRecord, lookup
-from capstone.settings import HNSW_EF_SEARCH, IndexType, Metric
-from capstone.store import CollectionTable
+from capstone.settings import HNSW_EF_SEARCH, SEARCH_MODES, IndexType, Metric, SearchMode, SearchSettings
+from capstone.store import TEXT_SEARCH_COLUMN, CollectionTable
 
 __all__ = [
     "MAX_EF_SEARCH",
     "MAX_SCAN_TUPLES",
     "SNIPPET_CHARS",
     "Hit",
+    "KeywordIndexMissing",
     "SearchFilter",
     "SearchTarget",
     "Searcher",
@@ -53,9 +64,13 @@ __all__ = [
     "distinct_documents",
     "explain",
     "hits_from_rows",
+    "hybrid_statement",
+    "keyword_statement",
     "resolve_dsn",
+    "run_search",
     "search_collection",
     "search_record",
+    "similarity",
 ]
 
 MAX_EF_SEARCH = HNSW_EF_SEARCH[1]  # pgvector's upper bound for hnsw.ef_search
@@ -103,34 +118,52 @@ class SearchTarget:
 
 @dataclass(frozen=True)
 class Hit:
-    """One chunk a search returned, ``rank`` 1 first; ``distance`` as the metric's operator gives it.
+    """One chunk a search returned, ``rank`` 1 first.
 
-    ``snippet`` is the chunk's text (its first ``SNIPPET_CHARS`` characters where the search asked
-    for snippets); ``metadata`` is the chunk's metadata where the search read it.
+    ``score`` ranks the hits, higher first, as the search's ``mode`` scores them: ``vector``, the
+    metric's similarity (``1 - distance`` for cosine, ``-distance`` for inner product; for l2 the
+    distance itself, lower first); ``keyword``, ``ts_rank_cd``; ``hybrid``, the reciprocal-rank-fusion
+    sum. ``distance`` is the query embedding's distance to the chunk (None in keyword mode, which
+    embeds nothing). ``snippet`` is the chunk's text (its first ``SNIPPET_CHARS`` characters where
+    the search asked for snippets); ``metadata`` is the chunk's metadata where the search read it.
     """
 
     rank: int
     chunk_id: str
     document_id: str
     chunk_index: int
-    distance: float
+    score: float
+    distance: float | None
     snippet: str
     metric: str
     metadata: dict[str, Any] | None = None
-
-    @property
-    def score(self) -> float:
-        """Similarity for cosine (``1 - distance``) and inner product (``-distance``); distance for l2."""
-        if self.metric == "cosine":
-            return 1.0 - self.distance
-        if self.metric == "inner_product":
-            return -self.distance
-        return self.distance
+    mode: SearchMode = "vector"
 
     @property
     def text(self) -> str:
         """The chunk's text as the search returned it."""
         return self.snippet
+
+    @property
+    def vector_distance(self) -> float:
+        """``distance``, for hits of searches that embed the query (vector, hybrid, exact scans)."""
+        if self.distance is None:
+            raise ValueError(f"the {self.mode} hit {self.chunk_id!r} has no vector distance")
+        return self.distance
+
+
+def similarity(metric: str, distance: float) -> float:
+    """A vector hit's score: similarity for cosine (``1 - distance``) and inner product
+    (``-distance``); the distance itself for l2."""
+    if metric == "cosine":
+        return 1.0 - distance
+    if metric == "inner_product":
+        return -distance
+    return distance
+
+
+class KeywordIndexMissing(LookupError):
+    """The collection's table has no keyword column yet (created by an earlier release)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +206,32 @@ class SearchFilter:
 # -- statements -------------------------------------------------------------------------------
 
 
+def _text(full_text: bool, alias: str = "") -> sql.Composable:
+    column = sql.SQL(f"{alias}content")
+    return column if full_text else sql.SQL("left({}, {})").format(column, sql.Literal(SNIPPET_CHARS))
+
+
+def _distance(target: SearchTarget) -> sql.Composed:
+    operator = sql.SQL(DISTANCE_OPERATORS[target.metric])  # from a fixed table of pgvector operators
+    return sql.SQL("embedding {} %(query)s").format(operator)
+
+
+def _nearest(
+    target: SearchTarget, search_filter: SearchFilter | None, columns: sql.Composable, limit: str
+) -> sql.Composed:
+    """``SELECT <columns>`` of the rows nearest ``%(query)s``, served by the index, ``LIMIT %(<limit>)s``."""
+    return sql.SQL(
+        "SELECT {columns} FROM {table} WHERE embedding IS NOT NULL{condition}"
+        " ORDER BY {distance} LIMIT {limit}"
+    ).format(
+        columns=columns,
+        table=target.table.ident,
+        condition=search_filter.condition() if search_filter else sql.SQL(""),
+        distance=_distance(target),
+        limit=sql.Placeholder(limit),
+    )
+
+
 def ann_statement(
     target: SearchTarget, search_filter: SearchFilter | None = None, *, full_text: bool = False
 ) -> sql.Composed:
@@ -181,20 +240,10 @@ def ann_statement(
     Rows: id, document_id, chunk_index, distance, text (a snippet unless ``full_text``), metadata.
     With a filter, the index scan is iterative and its relaxed order is sorted again.
     """
-    operator = sql.SQL(DISTANCE_OPERATORS[target.metric])  # from a fixed table of pgvector operators
-    text = (
-        sql.SQL("content") if full_text else sql.SQL("left(content, {})").format(sql.Literal(SNIPPET_CHARS))
+    columns = sql.SQL("id, document_id, chunk_index, {} AS distance, {} AS text, metadata").format(
+        _distance(target), _text(full_text)
     )
-    nearest = sql.SQL(
-        "SELECT id, document_id, chunk_index, embedding {op} %(query)s AS distance, {text} AS text, metadata"
-        " FROM {table} WHERE embedding IS NOT NULL{condition}"
-        " ORDER BY embedding {op} %(query)s LIMIT %(limit)s"
-    ).format(
-        op=operator,
-        text=text,
-        table=target.table.ident,
-        condition=search_filter.condition() if search_filter else sql.SQL(""),
-    )
+    nearest = _nearest(target, search_filter, columns, "limit")
     if not search_filter:
         return nearest
     # pgvector's recipe for relaxed_order: materialise the scan, then sort by distance again.
@@ -202,6 +251,66 @@ def ann_statement(
         "WITH nearest AS MATERIALIZED ({}) SELECT id, document_id, chunk_index, distance, text, metadata"
         " FROM nearest ORDER BY distance + 0"
     ).format(nearest)
+
+
+def _matches(target: SearchTarget, search_filter: SearchFilter | None) -> sql.Composed:
+    """FROM/WHERE of keyword matching: rows whose ``content_tsv`` matches ``%(text)s`` parsed by
+    ``websearch_to_tsquery`` in ``%(text_config)s``, that pass the filter."""
+    return sql.SQL(
+        "FROM {table}, websearch_to_tsquery(%(text_config)s::regconfig, %(text)s) AS tsquery"
+        " WHERE {tsv} @@ tsquery{condition}"
+    ).format(
+        table=target.table.ident,
+        tsv=sql.Identifier(TEXT_SEARCH_COLUMN),
+        condition=search_filter.condition() if search_filter else sql.SQL(""),
+    )
+
+
+def keyword_statement(
+    target: SearchTarget, search_filter: SearchFilter | None = None, *, full_text: bool = False
+) -> sql.Composed:
+    """The keyword query: matches of ``%(text)s`` ranked by ``ts_rank_cd``, ``LIMIT %(limit)s``.
+
+    Rows: id, document_id, chunk_index, distance (NULL), text, metadata, score.
+    """
+    return sql.SQL(
+        "SELECT id, document_id, chunk_index, NULL::float8 AS distance, {text} AS text, metadata,"
+        " ts_rank_cd({tsv}, tsquery) AS score {matches} ORDER BY score DESC, id LIMIT %(limit)s"
+    ).format(
+        text=_text(full_text), tsv=sql.Identifier(TEXT_SEARCH_COLUMN), matches=_matches(target, search_filter)
+    )
+
+
+def hybrid_statement(
+    target: SearchTarget, search_filter: SearchFilter | None = None, *, full_text: bool = False
+) -> sql.Composed:
+    """Reciprocal rank fusion of the ``%(candidates)s`` nearest chunks and the ``%(candidates)s``
+    best keyword matches: ``score = sum over the lists of 1 / (%(rrf_k)s + rank)``, ``LIMIT %(limit)s``.
+
+    Rows: id, document_id, chunk_index, distance (of every hit, keyword-only ones included), text,
+    metadata, score. Call inside :func:`ann_session` (``iterative=True`` when filtered).
+    """
+    return sql.SQL(
+        "WITH nearest AS MATERIALIZED ({nearest}),"
+        " by_vector AS (SELECT id, distance, row_number() OVER (ORDER BY distance, id) AS rank FROM nearest),"
+        " by_keyword AS (SELECT id, row_number() OVER (ORDER BY ts_rank_cd({tsv}, tsquery) DESC, id) AS rank"
+        " {matches} ORDER BY rank LIMIT %(candidates)s),"
+        " fused AS (SELECT coalesce(v.id, k.id) AS id, v.distance,"
+        " coalesce(1.0 / (%(rrf_k)s + v.rank), 0) + coalesce(1.0 / (%(rrf_k)s + k.rank), 0) AS score"
+        " FROM by_vector v FULL JOIN by_keyword k ON k.id = v.id)"
+        " SELECT t.id, t.document_id, t.chunk_index, coalesce(f.distance, t.{distance}),"
+        " {text}, t.metadata, f.score::float8"
+        " FROM fused f JOIN {table} t ON t.id = f.id ORDER BY f.score DESC, t.id LIMIT %(limit)s"
+    ).format(
+        nearest=_nearest(
+            target, search_filter, sql.SQL("id, {} AS distance").format(_distance(target)), "candidates"
+        ),
+        tsv=sql.Identifier(TEXT_SEARCH_COLUMN),
+        matches=_matches(target, search_filter),
+        distance=_distance(target),
+        text=_text(full_text, "t."),
+        table=target.table.ident,
+    )
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -234,13 +343,19 @@ def ann_session(
 # -- searching --------------------------------------------------------------------------------
 
 
-def hits_from_rows(rows: Sequence[Sequence[Any]], metric: str) -> list[Hit]:
+def hits_from_rows(rows: Sequence[Sequence[Any]], metric: str, mode: SearchMode = "vector") -> list[Hit]:
     """Hits, ranked 1..n in row order, from rows of (id, document_id, chunk_index, distance, text)
-    and, where the query read it, metadata."""
-    return [
-        Hit(rank, row[0], row[1], row[2], float(row[3]), row[4], metric, row[5] if len(row) > 5 else None)
-        for rank, row in enumerate(rows, start=1)
-    ]
+    and, where the query read them, metadata and (keyword, hybrid) the score."""
+    hits = []
+    for rank, row in enumerate(rows, start=1):
+        distance = None if row[3] is None else float(row[3])
+        metadata = row[5] if len(row) > 5 else None
+        if mode == "vector":
+            score = similarity(metric, distance if distance is not None else math.inf)
+        else:
+            score = float(row[6])
+        hits.append(Hit(rank, row[0], row[1], row[2], score, distance, row[4], metric, metadata, mode))
+    return hits
 
 
 def ann_search(
@@ -259,6 +374,55 @@ def ann_search(
         query |= search_filter.params()
     statement = ann_statement(target, search_filter, full_text=full_text)
     return hits_from_rows(conn.execute(statement, query).fetchall(), target.metric)
+
+
+def run_search(
+    conn: psycopg.Connection,
+    target: SearchTarget,
+    options: SearchSettings,
+    mode: SearchMode,
+    text: str,
+    vector: np.ndarray | None,
+    k: int,
+    search_filter: SearchFilter | None = None,
+    *,
+    full_text: bool = False,
+) -> list[Hit]:
+    """The ``k`` best chunks for the query (``text``, embedded as ``vector`` for the vector and
+    hybrid modes) in ``mode``, that pass ``search_filter``; in a transaction of its own (an
+    :func:`ann_session` where the ANN index is searched).
+
+    Raises :class:`KeywordIndexMissing` for keyword and hybrid searches of a table that has no
+    keyword column yet.
+    """
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    chosen = search_filter or SearchFilter()
+    params: dict[str, Any] = {"limit": k, "text": text, "text_config": options.text_config}
+    params |= chosen.params() if chosen else {}
+    if mode != "keyword":
+        if vector is None:
+            raise ValueError(f"a {mode} search needs the query's embedding")
+        params |= {"query": np.asarray(vector, dtype=np.float32)}
+    depth = k if mode == "vector" else max(k, options.candidates)
+    params["candidates"], params["rrf_k"] = depth, options.rrf_k
+    if target.index_type == "hnsw":
+        # HNSW returns at most ef_search rows: a longer candidate list needs a longer search list.
+        target = target.with_knob(min(MAX_EF_SEARCH, max(target.ef_search, depth)))
+    statement = {"vector": ann_statement, "keyword": keyword_statement, "hybrid": hybrid_statement}[mode](
+        target, chosen, full_text=full_text
+    )
+    try:
+        with ann_session(conn, target, iterative=bool(chosen) and mode != "keyword"):
+            rows = conn.execute(statement, params).fetchall()
+    except psycopg.errors.UndefinedColumn as exc:
+        if TEXT_SEARCH_COLUMN not in str(exc):
+            raise
+        raise KeywordIndexMissing(
+            f"table {target.table.qualified} has no keyword column {TEXT_SEARCH_COLUMN!r} yet (it was "
+            "created by an earlier release): its next run adds it; until then search it with mode 'vector'"
+        ) from exc
+    return hits_from_rows(rows, target.metric, mode)
 
 
 def distinct_documents(hits: Sequence[Hit], limit: int | None = None) -> list[Hit]:
@@ -294,31 +458,27 @@ def search_record(
     k: int = 5,
     search_filter: SearchFilter | None = None,
     *,
+    mode: SearchMode | None = None,
     full_text: bool = False,
 ) -> list[Hit]:
-    """Embed ``query`` with the registered collection's model and return its ``k`` nearest chunks
-    (that pass ``search_filter``; snippets of their text unless ``full_text``)."""
-    vector = record.embedder().embed([query])[0]
-    target, chosen = SearchTarget.of(record), search_filter or SearchFilter()
+    """The ``k`` best chunks of the registered collection for ``query`` in ``mode`` (default: the
+    collection's ``search.mode``), that pass ``search_filter``; snippets of their text unless
+    ``full_text``. Loads the collection's model for the vector and hybrid modes."""
+    chosen = mode or record.search.mode
+    vector = None if chosen == "keyword" else record.embedder().embed([query])[0]
     with psycopg.connect(dsn, autocommit=True, application_name="capstone search") as conn:
         register_vector(conn)
-        return _search_connection(conn, target, vector, k, chosen, full_text=full_text)
-
-
-def _search_connection(
-    conn: psycopg.Connection,
-    target: SearchTarget,
-    vector: np.ndarray,
-    k: int,
-    search_filter: SearchFilter,
-    *,
-    full_text: bool = False,
-) -> list[Hit]:
-    if target.index_type == "hnsw":
-        # HNSW returns at most ef_search rows: a longer result list needs a longer candidate list.
-        target = target.with_knob(min(MAX_EF_SEARCH, max(target.ef_search, k)))
-    with ann_session(conn, target, iterative=bool(search_filter)):
-        return ann_search(conn, target, vector, k, search_filter, full_text=full_text)
+        return run_search(
+            conn,
+            SearchTarget.of(record),
+            record.search,
+            chosen,
+            query,
+            vector,
+            k,
+            search_filter,
+            full_text=full_text,
+        )
 
 
 class Searcher:
@@ -330,6 +490,7 @@ class Searcher:
 
         with Searcher("documents", dsn=...) as searcher:
             hits = searcher.search("how do I handle exceptions", k=5, filter={"topic": "try"})
+            hits = searcher.search("StopIteration", mode="keyword")
     """
 
     def __init__(
@@ -362,17 +523,40 @@ class Searcher:
             raise
         self._embed_lock = threading.Lock()  # one model, many threads: encode one query at a time
 
+    @property
+    def mode(self) -> SearchMode:
+        """The collection's default search mode (its spec's ``search.mode``)."""
+        return self.record.search.mode
+
     def search(
-        self, query: str, k: int = 5, *, filter: SearchFilter | Mapping[str, Any] | None = None
+        self,
+        query: str,
+        k: int = 5,
+        *,
+        mode: SearchMode | None = None,
+        filter: SearchFilter | Mapping[str, Any] | None = None,
     ) -> list[Hit]:
-        """The ``k`` chunks nearest to ``query`` that pass ``filter`` (metadata values to match, and
-        ``document_id``), with their full text and metadata."""
+        """The ``k`` best chunks for ``query`` in ``mode`` (default: the collection's) that pass
+        ``filter`` (metadata values to match, and ``document_id``), with their full text and metadata."""
         if not 1 <= k <= MAX_EF_SEARCH:
             raise ValueError(f"k must be between 1 and {MAX_EF_SEARCH}, got {k}")
-        with self._embed_lock:
-            vector = self._embedder.embed([query])[0]
+        chosen = mode or self.mode
+        vector = None
+        if chosen != "keyword":
+            with self._embed_lock:
+                vector = self._embedder.embed([query])[0]
         with self.pool.connection() as conn:
-            return _search_connection(conn, self.target, vector, k, SearchFilter.of(filter), full_text=True)
+            return run_search(
+                conn,
+                self.target,
+                self.record.search,
+                chosen,
+                query,
+                vector,
+                k,
+                SearchFilter.of(filter),
+                full_text=True,
+            )
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -395,18 +579,19 @@ def search_collection(
     dsn: str | None = None,
     connection_id: str | None = None,
     search_filter: SearchFilter | Mapping[str, Any] | None = None,
+    mode: SearchMode | None = None,
 ) -> list[Hit]:
-    """The ``k`` chunks of ``collection`` nearest to ``query`` (that pass ``search_filter``), in the
-    Postgres of ``dsn``, else of Airflow connection ``connection_id`` (default ``vector_store_default``).
-    One call, one connection and one model lookup: a process that searches often holds a
-    :class:`Searcher` instead.
+    """The ``k`` best chunks of ``collection`` for ``query`` in ``mode`` (default: the collection's),
+    that pass ``search_filter``, in the Postgres of ``dsn``, else of Airflow connection
+    ``connection_id`` (default ``vector_store_default``). One call, one connection and one model
+    lookup: a process that searches often holds a :class:`Searcher` instead.
 
     Raises :class:`capstone.registry.CollectionNotRegistered` when the collection was never validated there.
     """
     target_dsn = resolve_dsn(dsn, connection_id)
     with psycopg.connect(target_dsn, autocommit=True, application_name="capstone search") as conn:
         record = lookup(conn, collection)
-    return search_record(target_dsn, record, query, k, SearchFilter.of(search_filter))
+    return search_record(target_dsn, record, query, k, SearchFilter.of(search_filter), mode=mode)
 
 
 def resolve_dsn(dsn: str | None = None, connection_id: str | None = None) -> str:

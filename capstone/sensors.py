@@ -1,9 +1,9 @@
 """``VectorStoreIndexingSensor``: the ``wait_for_indexing`` task of every collection DAG.
 
-It checks synchronously first (a valid index matching the spec that holds every upserted vector
-means there is nothing to wait for), otherwise defers to ``VectorStoreIndexingTrigger``, which
-builds the index in the triggerer. With ``deferrable=False`` it runs the same build coroutine in
-the worker instead.
+It checks synchronously first (a valid index matching the spec that holds every upserted vector,
+and a valid keyword index, mean there is nothing to wait for), otherwise defers to
+``VectorStoreIndexingTrigger``, which builds the indexes in the triggerer. With
+``deferrable=False`` it runs the same build coroutine in the worker instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from capstone.connections import postgres_params
 from capstone.contracts import IndexEvent
 from capstone.errors import is_terminal
-from capstone.index_build import IndexParams, build_index, check_index
+from capstone.index_build import IndexParams, KeywordIndexParams, build_index, check_index
 from capstone.triggers import VectorStoreIndexingTrigger
 
 if TYPE_CHECKING:
@@ -33,11 +33,13 @@ _DEFERRAL_GRACE_S = 60.0
 
 
 class VectorStoreIndexingSensor(BaseSensorOperator):
-    """Wait until the collection's vector index is valid and holds ``expected_count`` vectors.
+    """Wait until the collection's vector index (and keyword index) is valid and holds
+    ``expected_count`` vectors.
 
     :param collection_name: the collection, for messages.
     :param expected_count: vectors the upsert wrote (templated; an XComArg or a Jinja string).
     :param index: the index to build (:meth:`capstone.index_build.IndexParams.of` the collection).
+    :param keyword_index: the keyword index to build beside it (``KeywordIndexParams.of``), or None.
     :param connection_id: Airflow connection of the Postgres holding the collection.
     :param poll_interval: seconds between progress checks of the build.
     :param timeout: seconds the build may take before it is cancelled and the task fails.
@@ -59,6 +61,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         poll_interval: float,
         timeout: float,
         deferrable: bool = True,
+        keyword_index: KeywordIndexParams | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(timeout=timeout, poke_interval=poll_interval, **kwargs)
@@ -68,13 +71,16 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         self.poll_interval = float(poll_interval)
         self.deferrable = deferrable
         self.index_params = index
+        self.keyword_params = keyword_index
 
     def execute(self, context: Context) -> IndexEvent:
         """Return at once when the index is ready; otherwise build it (deferred or in-process)."""
         expected = self._expected_count()
         try:
             target = postgres_params(self.connection_id)
-            ready = asyncio.run(check_index(target, self.index_params, expected, self.log))
+            ready = asyncio.run(
+                check_index(target, self.index_params, expected, self.log, self.keyword_params)
+            )
         except Exception as exc:
             if is_terminal(exc):
                 raise AirflowFailException(f"collection {self.collection_name!r}: {exc}") from exc
@@ -86,7 +92,15 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
             return ready
         if not self.deferrable:
             event = asyncio.run(
-                build_index(target, self.index_params, expected, self.poll_interval, self.timeout, self.log)
+                build_index(
+                    target,
+                    self.index_params,
+                    expected,
+                    self.poll_interval,
+                    self.timeout,
+                    self.log,
+                    self.keyword_params,
+                )
             )
             return self.execute_complete(context, event)
         self.defer(
@@ -110,11 +124,13 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
             # A refused login or a name taken by another table's index: a retry cannot help.
             raise (AirflowFailException if event.get("terminal") else AirflowException)(message)
         self.log.info(
-            "collection %s: index %s valid with %s vectors (%s bytes)",
+            "collection %s: index %s valid with %s vectors (%s bytes); keyword index %s (%s bytes)",
             self.collection_name,
             event.get("index_name"),
             event.get("indexed_count"),
             event.get("index_size_bytes"),
+            event.get("keyword_index_name", "none"),
+            event.get("keyword_index_size_bytes", 0),
         )
         return event
 
@@ -139,4 +155,5 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
             connection_id=self.connection_id,
             poll_interval=self.poll_interval,
             timeout=self.timeout,
+            keyword_index=self.keyword_params,
         )

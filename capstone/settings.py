@@ -22,6 +22,7 @@ __all__ = [
     "CHECKS",
     "DEFAULT_CONNECTION_ID",
     "DEFAULT_MODELS",
+    "DEFAULT_SEARCH_MODE",
     "HNSW_EF_CONSTRUCTION",
     "HNSW_EF_SEARCH",
     "HNSW_M",
@@ -31,6 +32,7 @@ __all__ = [
     "MEMORY_SIZE",
     "METRICS",
     "PROVIDERS",
+    "SEARCH_MODES",
     "Check",
     "ChunkingSettings",
     "CollectionSettings",
@@ -41,6 +43,8 @@ __all__ = [
     "Metric",
     "Provider",
     "SampleQuery",
+    "SearchMode",
+    "SearchSettings",
     "SourceSettings",
     "StoreSettings",
     "ValidationSettings",
@@ -51,10 +55,15 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 IndexType = Literal["hnsw", "ivfflat"]
 Metric = Literal["cosine", "l2", "inner_product"]
 Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
+SearchMode = Literal["vector", "keyword", "hybrid"]
 PROVIDERS: tuple[Provider, ...] = get_args(Provider)
 INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
 METRICS: tuple[Metric, ...] = get_args(Metric)
 CHECKS: tuple[Check, ...] = get_args(Check)
+SEARCH_MODES: tuple[SearchMode, ...] = get_args(SearchMode)
+# How a search ranks when neither the caller nor the collection says: what the held-out queries of
+# benchmarks/search_quality.py answered best (see benchmarks/RESULTS.md).
+DEFAULT_SEARCH_MODE: SearchMode = "hybrid"
 
 # The Airflow connection of the collection's Postgres when the spec names none.
 DEFAULT_CONNECTION_ID = "vector_store_default"
@@ -149,6 +158,22 @@ class IndexSettings:
 
 
 @dataclass(frozen=True)
+class SearchSettings:
+    """``search``: how the collection is searched by default, and its keyword index.
+
+    ``text_config`` is the Postgres text search configuration of the table's generated
+    ``content_tsv`` column (what the GIN index holds and keyword queries are parsed with);
+    ``rrf_k`` and ``candidates`` shape hybrid ranking (reciprocal rank fusion of the top
+    ``candidates`` of each list, each hit scoring ``1 / (rrf_k + rank)`` per list it is in).
+    """
+
+    mode: SearchMode
+    text_config: str
+    rrf_k: int
+    candidates: int
+
+
+@dataclass(frozen=True)
 class SampleQuery:
     """A question users ask and the document that must answer it."""
 
@@ -183,10 +208,14 @@ class CollectionSettings:
     upsert_batch_size: int
     upsert_parallelism: int
     validation: ValidationSettings
+    search: SearchSettings
 
     @property
     def store_table(self) -> CollectionTable:
-        """The collection's table, with the embedding dimension its vector column has."""
+        """The collection's table: the dimension of its vector column, the text search configuration
+        of its keyword column."""
         from capstone.store import CollectionTable
 
-        return CollectionTable(self.store.schema, self.store.table, self.embedding.dimension)
+        return CollectionTable(
+            self.store.schema, self.store.table, self.embedding.dimension, self.search.text_config
+        )

@@ -6,6 +6,11 @@ staging tables ``capstone."run_<run_key>_{chunks,documents,batches,vectors}"`` (
 and :func:`merge_batch` moves them into the collection table with ``INSERT ... SELECT ... ON
 CONFLICT DO UPDATE``, one transaction per batch; the tables are then dropped. Every step can be
 re-run: staging writes replace what the same run wrote before, and the merge is an upsert.
+
+The collection table also has ``content_tsv``, a stored generated ``tsvector`` of the chunk text
+in the collection's text search configuration, which the keyword index (GIN, built by the
+trigger beside the ANN index) holds. Tables created before it existed get it on their next run
+(:func:`ensure_collection_table`), as does a table whose configuration changed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,8 +35,10 @@ from capstone.errors import TerminalError
 __all__ = [
     "STAGING_KINDS",
     "STAGING_SCHEMA",
+    "TEXT_SEARCH_COLUMN",
     "CollectionTable",
     "DimensionMismatch",
+    "KeywordColumnConflict",
     "StagingIncomplete",
     "assign_batches",
     "batch_spans",
@@ -52,6 +60,7 @@ __all__ = [
     "run_table",
     "stage_documents",
     "staged_vector_ids",
+    "stored_text_config",
     "write_batch_vectors",
 ]
 
@@ -72,13 +81,28 @@ class DimensionMismatch(TerminalError, ValueError):
     """The collection table stores vectors of another dimension than the configured model."""
 
 
+class KeywordColumnConflict(TerminalError, ValueError):
+    """The table's ``content_tsv`` is not the generated column capstone creates, or the text search
+    configuration the spec names does not exist."""
+
+
+# The generated tsvector column keyword search reads and the GIN index holds.
+TEXT_SEARCH_COLUMN = "content_tsv"
+# How long adding (or re-configuring) the keyword column of an existing table waits for its lock
+# before giving up (the task retries): an ALTER queued behind a long query blocks readers too.
+KEYWORD_COLUMN_LOCK_TIMEOUT = "30s"
+_GENERATED_TSVECTOR = re.compile(r"to_tsvector\('((?:[^']|'')+)'::regconfig, content\)")
+
+
 @dataclass(frozen=True)
 class CollectionTable:
-    """A collection's table: ``schema.table`` with vectors of ``dimension``."""
+    """A collection's table: ``schema.table`` with vectors of ``dimension`` and a keyword column
+    parsed with the text search configuration ``text_config``."""
 
     schema: str
     table: str
     dimension: int
+    text_config: str
 
     @property
     def ident(self) -> sql.Identifier:
@@ -159,8 +183,13 @@ def run_staging_exists(conn: psycopg.Connection, run_key: str) -> bool:
     return bool(row and row[0])
 
 
-def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) -> None:
-    """Create the collection table if missing; fail fast if it holds another dimension."""
+def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) -> bool:
+    """Create the collection table if missing, or bring its keyword column up to date; fail fast if
+    it holds another dimension.
+
+    Returns True when it added or re-generated the keyword column of an existing table: the run
+    then has an index to build even if none of its chunks changed.
+    """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (table.qualified,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -172,21 +201,34 @@ def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) ->
                 f"embedding model produces {table.dimension}: set embedding.dimension to {existing}, "
                 "or point store.table at a new table (re-indexing everything)"
             )
-        if existing is None:
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} ("
-                    " id text PRIMARY KEY, document_id text NOT NULL, chunk_index int NOT NULL,"
-                    " content text NOT NULL, metadata jsonb NOT NULL DEFAULT '{{}}',"
-                    " content_hash text NOT NULL, embedding vector({}),"
-                    " embedding_model text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
-                ).format(table.ident, sql.Literal(table.dimension))
+        if existing is not None:
+            return _ensure_keyword_column(conn, table)
+        _check_text_config(conn, table.text_config)
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " id text PRIMARY KEY, document_id text NOT NULL, chunk_index int NOT NULL,"
+                " content text NOT NULL, metadata jsonb NOT NULL DEFAULT '{{}}',"
+                " content_hash text NOT NULL, embedding vector({}),"
+                " embedding_model text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(),"
+                " {} tsvector GENERATED ALWAYS AS ({}) STORED)"
+            ).format(
+                table.ident,
+                sql.Literal(table.dimension),
+                sql.Identifier(TEXT_SEARCH_COLUMN),
+                _tsvector_expression(table.text_config),
             )
-            conn.execute(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (document_id)").format(
-                    sql.Identifier(f"{table.table[:50]}_document_id"), table.ident
-                )
+        )
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (document_id)").format(
+                sql.Identifier(f"{table.table[:50]}_document_id"), table.ident
             )
+        )
+        return False
+
+
+def _tsvector_expression(text_config: str) -> sql.Composed:
+    return sql.SQL("to_tsvector({}::regconfig, content)").format(sql.Literal(text_config))
 
 
 def stored_dimension(conn: psycopg.Connection, table: CollectionTable) -> int | None:
@@ -198,6 +240,106 @@ def stored_dimension(conn: psycopg.Connection, table: CollectionTable) -> int | 
         (table.schema, table.table),
     ).fetchone()
     return None if row is None else int(row[0])
+
+
+def stored_text_config(conn: psycopg.Connection, table: CollectionTable) -> str | None:
+    """The text search configuration of the table's keyword column, or None when it has none.
+
+    Raises :class:`KeywordColumnConflict` when a ``content_tsv`` column exists that is not the
+    generated column capstone creates.
+    """
+    row = conn.execute(
+        "SELECT a.attgenerated, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.attname = %s AND NOT a.attisdropped",
+        (table.schema, table.table, TEXT_SEARCH_COLUMN),
+    ).fetchone()
+    if row is None:
+        return None
+    match = _GENERATED_TSVECTOR.fullmatch(row[1] or "") if row[0] == "s" else None
+    if match is None:
+        raise KeywordColumnConflict(
+            f"table {table.qualified} has a column {TEXT_SEARCH_COLUMN!r} that capstone did not create "
+            f"({row[1] or 'not a stored generated column'}): rename or drop it, capstone adds its own"
+        )
+    return match.group(1).replace("''", "'")
+
+
+def _ensure_keyword_column(conn: psycopg.Connection, table: CollectionTable) -> bool:
+    """Add the keyword column to a table from an earlier release, or re-generate it in another text
+    search configuration; either rewrites the table once, under an exclusive lock. True if it did."""
+    stored = stored_text_config(conn, table)
+    if stored is not None and _same_text_config(conn, stored, table.text_config):
+        return False
+    _check_text_config(conn, table.text_config)
+    rows = _estimated_rows(conn, table)
+    column = sql.Identifier(TEXT_SEARCH_COLUMN)
+    if stored is None:
+        log.warning(
+            "table %s has no keyword column (created by an earlier release): adding %s = to_tsvector(%r, "
+            "content), which rewrites its ~%d rows once under an exclusive lock",
+            table.qualified,
+            TEXT_SEARCH_COLUMN,
+            table.text_config,
+            rows,
+        )
+    else:
+        log.warning(
+            "table %s: search.text_config changed from %r to %r: re-generating %s, which rewrites its ~%d "
+            "rows once under an exclusive lock (the keyword index is rebuilt by the indexing step)",
+            table.qualified,
+            stored,
+            table.text_config,
+            TEXT_SEARCH_COLUMN,
+            rows,
+        )
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (KEYWORD_COLUMN_LOCK_TIMEOUT,))
+    try:
+        if stored is not None:
+            conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table.ident, column))
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN {} tsvector GENERATED ALWAYS AS ({}) STORED").format(
+                table.ident, column, _tsvector_expression(table.text_config)
+            )
+        )
+    except psycopg.errors.LockNotAvailable as exc:
+        raise RuntimeError(
+            f"could not lock {table.qualified} within {KEYWORD_COLUMN_LOCK_TIMEOUT} to add its keyword "
+            "column: a long query or transaction holds it; the task retries"
+        ) from exc
+    return True
+
+
+def _same_text_config(conn: psycopg.Connection, stored: str, wanted: str) -> bool:
+    if stored == wanted:
+        return True
+    row = conn.execute("SELECT %s::regconfig = %s::regconfig", (stored, wanted)).fetchone()
+    return bool(row and row[0])
+
+
+def _check_text_config(conn: psycopg.Connection, text_config: str) -> None:
+    schema, _, name = text_config.rpartition(".")
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace"
+        " WHERE c.cfgname = %s AND (n.nspname = %s OR (%s = '' AND pg_ts_config_is_visible(c.oid)))),"
+        " (SELECT string_agg(cfgname, ', ' ORDER BY cfgname) FROM pg_ts_config)",
+        (name, schema, schema),
+    ).fetchone()
+    if row is None or not row[0]:
+        raise KeywordColumnConflict(
+            f"search.text_config {text_config!r} is not a text search configuration of this Postgres; "
+            f"it has: {row[1] if row else 'none'}"
+        )
+
+
+def _estimated_rows(conn: psycopg.Connection, table: CollectionTable) -> int:
+    row = conn.execute(
+        "SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s",
+        (table.schema, table.table),
+    ).fetchone()
+    return max(0, int(row[0])) if row else 0
 
 
 # -- staging a run's documents --------------------------------------------------------------

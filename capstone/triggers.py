@@ -1,4 +1,5 @@
-"""``VectorStoreIndexingTrigger``: builds a collection's vector index in Airflow's triggerer.
+"""``VectorStoreIndexingTrigger``: builds a collection's indexes (vector and keyword) in Airflow's
+triggerer.
 
 The triggerer imports this class by its path, ``capstone.triggers.VectorStoreIndexingTrigger``,
 from the installed package (never from the DAGs folder). The build itself lives in
@@ -15,18 +16,21 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from capstone.connections import ConnectionNotDefined, apostgres_params
 from capstone.contracts import IndexEvent
-from capstone.index_build import IndexParams, build_index
+from capstone.index_build import IndexParams, KeywordIndexParams, build_index
 
 __all__ = ["VectorStoreIndexingTrigger"]
 
 
 class VectorStoreIndexingTrigger(BaseTrigger):
-    """Build (or follow the build of) a collection's HNSW/IVFFlat index; fire one event when done.
+    """Build (or follow the build of) a collection's HNSW/IVFFlat index, and its keyword (GIN)
+    index first when given; fire one event when done.
 
     :param collection_name: the collection, for messages.
     :param expected_count: rows that must have an embedding before the index counts as ready.
     :param index: the index to build: an :class:`capstone.index_build.IndexParams`, or its fields
         as a dict (how the triggerer re-creates the trigger from :meth:`serialize`).
+    :param keyword_index: the keyword index (:class:`capstone.index_build.KeywordIndexParams` or
+        its fields), or None for none (triggers serialized by earlier releases).
     :param connection_id: Airflow connection of the Postgres holding the collection.
     :param poll_interval: seconds between progress checks of the build.
     :param timeout: seconds before the build is cancelled and a ``timeout`` event fires.
@@ -41,6 +45,7 @@ class VectorStoreIndexingTrigger(BaseTrigger):
         connection_id: str,
         poll_interval: float,
         timeout: float,
+        keyword_index: KeywordIndexParams | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.collection_name = collection_name
@@ -50,6 +55,11 @@ class VectorStoreIndexingTrigger(BaseTrigger):
         self.timeout = float(timeout)
         # Validated here, so a bad spec fails the task when it defers, not later in the triggerer.
         self.params = index if isinstance(index, IndexParams) else IndexParams(**index)
+        self.keyword = (
+            keyword_index
+            if keyword_index is None or isinstance(keyword_index, KeywordIndexParams)
+            else KeywordIndexParams(**keyword_index)
+        )
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Class path and the keyword arguments that re-create this trigger in the triggerer."""
@@ -62,15 +72,18 @@ class VectorStoreIndexingTrigger(BaseTrigger):
                 "connection_id": self.connection_id,
                 "poll_interval": self.poll_interval,
                 "timeout": self.timeout,
+                "keyword_index": None if self.keyword is None else dataclasses.asdict(self.keyword),
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Build the index and yield exactly one event: success, timeout or error."""
+        keyword = f" and keyword index {self.keyword.qualified_index()}" if self.keyword else ""
         self.log.info(
-            "collection %s: making index %s valid over %d vectors (timeout %gs)",
+            "collection %s: making index %s%s valid over %d vectors (timeout %gs)",
             self.collection_name,
             self.params.qualified_index(),
+            keyword,
             self.expected_count,
             self.timeout,
         )
@@ -80,7 +93,7 @@ class VectorStoreIndexingTrigger(BaseTrigger):
             yield TriggerEvent(self._event(self._connection_error(exc)))
             return
         event = await build_index(
-            target, self.params, self.expected_count, self.poll_interval, self.timeout, self.log
+            target, self.params, self.expected_count, self.poll_interval, self.timeout, self.log, self.keyword
         )
         yield TriggerEvent(self._event(event))
 

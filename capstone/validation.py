@@ -4,9 +4,10 @@
 and returns a small report (the task's XCom: counts, ranks and ids, never vectors):
 
 - ``vector_count``: rows with an embedding vs the table's expected total after the upsert;
-- ``query_relevance_<id>``: each sample query of the spec, embedded with the collection's model
-  and searched through the index (:func:`capstone.search.ann_session`), must find its expected
-  document among the ``top_k`` distinct documents; the rank found is reported;
+- ``query_relevance_<id>``: each sample query of the spec, searched in the collection's search
+  mode (``search.mode``: vector through the ANN index, keyword, or hybrid;
+  :func:`capstone.search.run_search`), must find its expected document among the ``top_k``
+  distinct documents; the rank found and the mode are reported;
 - ``recall_at_k``: ``recall_sample_size`` stored vectors (a seeded random sample) searched through
   the index and exactly (all of them in one pass over the table, :mod:`capstone.exact_scan`),
   compared as recall@k over
@@ -48,6 +49,7 @@ from capstone.connections import connect, postgres_params
 from capstone.contracts import IndexEvent, UpsertResult, ValidationReport
 from capstone.errors import TerminalError
 from capstone.exact_scan import exact_neighbours
+from capstone.index_build import KeywordIndexParams
 from capstone.registry import CollectionRecord
 from capstone.search import (
     MAX_EF_SEARCH,
@@ -58,8 +60,9 @@ from capstone.search import (
     ann_statement,
     distinct_documents,
     explain,
+    run_search,
 )
-from capstone.settings import CollectionSettings, SampleQuery, ValidationSettings
+from capstone.settings import CollectionSettings, SampleQuery, SearchMode, ValidationSettings
 
 __all__ = [
     "Check",
@@ -204,9 +207,17 @@ def index_facts(conn: psycopg.Connection, record: CollectionRecord, target: Sear
     """Name, type, parameters, size and validity of the collection's index (pg_index, pg_class), and
     whether the ANN query's plan scans it."""
     name = record.index_name
+    keyword = _keyword_index_facts(conn, record)
     row = conn.execute(_INDEX_SQL, (record.schema, name)).fetchone()
     if row is None:
-        return {"name": name, "exists": False, "valid": False, "scan": None, "usable": False}
+        return {
+            "name": name,
+            "exists": False,
+            "valid": False,
+            "scan": None,
+            "usable": False,
+            "keyword_index": keyword,
+        }
     method, valid, ready, size, options = row
     scan = _ann_scan(conn, target, record.dimension)
     return {
@@ -218,7 +229,18 @@ def index_facts(conn: psycopg.Connection, record: CollectionRecord, target: Sear
         "valid": bool(valid and ready),
         "scan": scan,
         "usable": bool(valid and ready) and scan == f"Index Scan using {name}",
+        "keyword_index": keyword,
     }
+
+
+def _keyword_index_facts(conn: psycopg.Connection, record: CollectionRecord) -> dict[str, Any]:
+    """Name, size and validity of the collection's keyword (GIN) index."""
+    name = KeywordIndexParams(record.schema, record.table, "auto").index_name
+    row = conn.execute(_INDEX_SQL, (record.schema, name)).fetchone()
+    if row is None:
+        return {"name": name, "exists": False, "valid": False}
+    _, valid, ready, size, _ = row
+    return {"name": name, "exists": True, "valid": bool(valid and ready), "size_bytes": int(size)}
 
 
 def _parse_option(option: str) -> tuple[str, int | str]:
@@ -273,28 +295,38 @@ def check_query_relevance(
     queries: Sequence[SampleQuery],
     top_k: int,
 ) -> dict[str, Check]:
-    """One check per sample query: its expected document among the ``top_k`` documents found."""
+    """One check per sample query: its expected document among the ``top_k`` documents found by a
+    search in the collection's mode."""
     if not queries:
         return {}
-    vectors = record.embedder().embed([query.query for query in queries])
+    mode = record.search.mode
+    texts = [query.query for query in queries]
+    vectors = list(record.embedder().embed(texts)) if mode != "keyword" else [None] * len(texts)
     candidates = min(_MAX_CANDIDATES, top_k * _CHUNKS_PER_DOCUMENT)
-    with ann_session(conn, target):
-        found = [ann_search(conn, target, vector, candidates) for vector in vectors]
+    found = [
+        run_search(conn, target, record.search, mode, text, vector, candidates)
+        for text, vector in zip(texts, vectors, strict=True)
+    ]
     return {
-        f"query_relevance_{query.id}": _relevance(conn, target, query, hits, top_k)
+        f"query_relevance_{query.id}": _relevance(conn, target, query, hits, top_k, mode)
         for query, hits in zip(queries, found, strict=True)
     }
 
 
 def _relevance(
-    conn: psycopg.Connection, target: SearchTarget, query: SampleQuery, hits: list[Hit], top_k: int
+    conn: psycopg.Connection,
+    target: SearchTarget,
+    query: SampleQuery,
+    hits: list[Hit],
+    top_k: int,
+    mode: SearchMode,
 ) -> Check:
     expected = query.expected_document_id
     documents = distinct_documents(hits)
     rank = next((hit.rank for hit in documents if hit.document_id == expected), None)
     top = [hit.document_id for hit in documents[:top_k]]
-    facts = {"rank": rank, "expected_document_id": expected, "top_documents": top}
-    asked = f"for {query.query!r}"
+    facts = {"rank": rank, "expected_document_id": expected, "top_documents": top, "mode": mode}
+    asked = f"for {query.query!r} ({mode} search)"
     if rank is not None and rank <= top_k:
         return Check(True, f"rank {rank}", f"{expected!r} at rank {rank} of top {top_k} {asked}", facts)
     if not _document_exists(conn, target, expected):
@@ -393,9 +425,9 @@ def measure_recall(
 
 def _recall(found: list[Hit], exact: list[Hit]) -> float:
     ids = {hit.chunk_id for hit in exact}
-    worst = exact[-1].distance
+    worst = exact[-1].vector_distance
     tolerance = 1e-6 * max(1.0, abs(worst))
-    hits = sum(1 for hit in found if hit.chunk_id in ids or hit.distance <= worst + tolerance)
+    hits = sum(1 for hit in found if hit.chunk_id in ids or hit.vector_distance <= worst + tolerance)
     return min(hits, len(exact)) / len(exact)
 
 
@@ -491,7 +523,7 @@ def _returned_for_itself(
     if any(hit.chunk_id == chunk_id for hit in hits):
         return True
     own = -float(vector @ vector) if target.metric == "inner_product" else 0.0
-    return len(hits) == _FRESHNESS_K and hits[-1].distance <= own + 1e-6
+    return len(hits) == _FRESHNESS_K and hits[-1].vector_distance <= own + 1e-6
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -511,7 +543,7 @@ def _report(
         "collection": record.name,
         "table": record.store_table.qualified,
         "index": facts,
-        "search": {knob_name: knob},
+        "search": {"mode": record.search.mode, knob_name: knob},
         "checks": {
             name: {"status": statuses[name], "value": check.value, "detail": check.detail, **check.facts}
             for name, check in checks.items()
@@ -520,6 +552,7 @@ def _report(
             **statuses,
             "recall": recall,
             knob_name: knob,
+            "search_mode": record.search.mode,
             "failed": [name for name, status in statuses.items() if status == "fail"],
             "warned": [name for name, status in statuses.items() if status == "warn"],
         },
@@ -541,9 +574,15 @@ def format_report(report: ValidationReport) -> str:
         for name, check in report["checks"].items()
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    keyword = index.get("keyword_index") or {}
+    if keyword.get("exists"):
+        keyword_about = f"gin, {_size(keyword['size_bytes'])}, {'valid' if keyword['valid'] else 'INVALID'}"
+    else:
+        keyword_about = "MISSING (keyword and hybrid searches scan the table)"
     lines = [
         f"index health of {report['collection']} ({report['table']}), searched with {search}",
         f"index {index['name']}: {about}",
+        f"keyword index {keyword.get('name')}: {keyword_about}",
         *(
             "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
             for row in rows

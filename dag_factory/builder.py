@@ -229,7 +229,7 @@ def _upsert_task(settings: CollectionSettings) -> Any:
 
 
 def _wait_task(settings: CollectionSettings, upserted: Any) -> Any:
-    from capstone.index_build import IndexParams
+    from capstone.index_build import IndexParams, KeywordIndexParams
     from capstone.sensors import VectorStoreIndexingSensor
 
     return VectorStoreIndexingSensor(
@@ -237,6 +237,7 @@ def _wait_task(settings: CollectionSettings, upserted: Any) -> Any:
         collection_name=settings.collection,
         expected_count=upserted["expected_count"],
         index=IndexParams.of(settings),
+        keyword_index=KeywordIndexParams.of(settings),
         connection_id=settings.store.connection_id,
         poll_interval=settings.index.poll_interval_seconds,
         timeout=settings.index.build_timeout_seconds,

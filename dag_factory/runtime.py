@@ -16,6 +16,7 @@ from capstone.settings import (
     EmbeddingSettings,
     IndexSettings,
     SampleQuery,
+    SearchSettings,
     SourceSettings,
     StoreSettings,
     ValidationSettings,
@@ -80,4 +81,5 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             freshness_limit_seconds=validation.freshness_limit_seconds,
             fail_on=tuple(validation.fail_on),
         ),
+        search=SearchSettings(**spec.search.model_dump()),
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from capstone.settings import (
     DEFAULT_CONNECTION_ID,
     DEFAULT_MODELS,
+    DEFAULT_SEARCH_MODE,
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
     HNSW_M,
@@ -26,6 +27,7 @@ from capstone.settings import (
     IndexType,
     Metric,
     Provider,
+    SearchMode,
 )
 from dag_factory.errors import InvalidField
 
@@ -38,6 +40,7 @@ __all__ = [
     "EmbeddingSpec",
     "IndexSpec",
     "SampleQuery",
+    "SearchSpec",
     "SourceSpec",
     "StoreSpec",
     "ValidationSpec",
@@ -48,6 +51,7 @@ _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _ASSET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,199}$")
 _POOL = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+_TEXT_CONFIG = re.compile(r"^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
 
 
 class _Model(BaseModel):
@@ -313,6 +317,41 @@ class IndexSpec(_Model):
         return self
 
 
+class SearchSpec(_Model):
+    """How the collection is searched: the default mode, the keyword index, hybrid ranking."""
+
+    mode: SearchMode = Field(
+        default=DEFAULT_SEARCH_MODE,
+        description="Default search mode: 'vector' (nearest embeddings), 'keyword' (Postgres full "
+        "text search) or 'hybrid' (reciprocal rank fusion of both). Validation's sample queries run "
+        "in this mode.",
+    )
+    text_config: str = Field(
+        default="english",
+        description="Postgres text search configuration of the keyword index: 'english' stems words; "
+        "'simple' keeps every token as written (code, identifiers, mixed languages).",
+    )
+    rrf_k: int = Field(
+        default=60, ge=1, le=10_000, description="Hybrid: the k of 1 / (k + rank) in reciprocal rank fusion."
+    )
+    candidates: int = Field(
+        default=40,
+        ge=1,
+        le=HNSW_EF_SEARCH[1],
+        description="Hybrid: how many of each list's best hits are fused (also the least ef_search).",
+    )
+
+    @field_validator("text_config")
+    @classmethod
+    def _text_config(cls, value: str) -> str:
+        if not _TEXT_CONFIG.fullmatch(value):
+            raise ValueError(
+                "must name a Postgres text search configuration such as 'english' or 'simple' (an "
+                f"identifier, optionally schema-qualified), got {value!r}"
+            )
+        return value
+
+
 class SampleQuery(_Model):
     """A question users ask and the document that must answer it."""
 
@@ -377,6 +416,7 @@ class CollectionSpec(_Model):
         description="Connections merging upsert batches at once; each batch stays its own transaction.",
     )
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
     dag: DagSpec = Field(default_factory=DagSpec)
 
     @field_validator("collection")

@@ -17,6 +17,7 @@ from psycopg import sql
 from capstone.index_build import (
     DISTANCE_OPERATORS,
     IndexParams,
+    KeywordIndexParams,
     build_index,
     build_memory,
     is_managed_index_name,
@@ -295,3 +296,70 @@ JOIN pg_class t ON t.oid = i.indrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
 WHERE n.nspname = %s AND t.relname = %s AND i.indisvalid AND am.amname IN ('hnsw', 'ivfflat')
 """
+
+
+# -- the keyword index ---------------------------------------------------------------------------
+
+
+async def test_the_keyword_index_is_built_first_with_progress_and_reported_in_the_event(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 1_000)
+    params, keyword = _params(pg_schema), KeywordIndexParams(pg_schema, "docs", "auto")
+
+    with caplog.at_level(logging.INFO, logger=log.name):
+        event = await build_index(pg_dsn, params, 1_000, 0.05, 60, log, keyword)
+
+    assert event["status"] == "success" and event["builds_started"] == 2
+    assert (event["index_name"], event["keyword_index_name"]) == (params.index_name, keyword.index_name)
+    assert event["keyword_index_size_bytes"] > 0
+    assert indexes_on(pg_conn, pg_schema, "docs", "content_tsv") == [
+        IndexRow(keyword.index_name, "gin", True)
+    ]
+    built = [line for line in caplog.text.splitlines() if ": building over " in line]
+    assert len(built) == 2 and "USING gin" in built[0] and "USING hnsw" in built[1]  # keyword first
+    assert f"index {keyword.qualified_index()} is valid" in caplog.text
+
+    again = await build_index(pg_dsn, params, 1_000, 0.05, 60, log, keyword)
+    assert again["status"] == "success" and again["builds_started"] == 0  # both already valid
+
+
+async def test_an_invalid_keyword_index_is_dropped_and_rebuilt(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 1_000)
+    params, keyword = _params(pg_schema), KeywordIndexParams(pg_schema, "docs", "auto")
+    # A failed CONCURRENTLY build under the keyword index's name: unique over duplicate document ids.
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pg_conn.execute(
+            sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} (document_id)").format(
+                sql.Identifier(keyword.index_name), sql.Identifier(pg_schema, "docs")
+            )
+        )
+
+    with caplog.at_level(logging.INFO, logger=log.name):
+        event = await build_index(pg_dsn, params, 1_000, 0.05, 60, log, keyword)
+
+    assert event["status"] == "success" and event["builds_started"] == 2
+    assert (
+        f"index {keyword.qualified_index()} is INVALID (left by a failed build): dropping it" in caplog.text
+    )
+    assert indexes_on(pg_conn, pg_schema, "docs", "content_tsv") == [
+        IndexRow(keyword.index_name, "gin", True)
+    ]
+
+
+async def test_a_table_without_the_keyword_column_is_an_error_naming_it(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 100)
+    pg_conn.execute(
+        sql.SQL("ALTER TABLE {} DROP COLUMN content_tsv").format(sql.Identifier(pg_schema, "docs"))
+    )
+    keyword = KeywordIndexParams(pg_schema, "docs", "auto")
+
+    event = await build_index(pg_dsn, _params(pg_schema), 100, 0.05, 60, log, keyword)
+
+    assert event["status"] == "error" and event["terminal"] is True
+    assert f"has no column {keyword.column!r}".replace("'", '"') in event["message"]
+    assert keyword.qualified_index() in event["message"]

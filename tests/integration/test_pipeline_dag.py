@@ -12,7 +12,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from capstone import store
 from capstone.local.corpus import reference_documents, write_jsonl_batch
+from capstone.search import KeywordIndexMissing, search_collection
 from tests.support.airflow import (
     asset_events,
     run_collection,
@@ -181,3 +183,73 @@ def test_5000_chunks_map_over_batches_and_keep_xcoms_small(
     }
     assert max(sizes.values()) < 64 * 1024, sizes
     assert len(_table_rows(pg_dsn, pg_schema, "big_run")) == 5000
+
+
+def _keyword_state(dsn: str, schema: str, table: str) -> tuple[str | None, list[tuple[str, bool]]]:
+    """(the text search configuration of the table's keyword column, its GIN indexes and validity)."""
+    with psycopg.connect(dsn) as conn:
+        config = store.stored_text_config(conn, store.CollectionTable(schema, table, 64, "english"))
+        indexes = conn.execute(
+            "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %s::regclass AND am.amname = 'gin'",
+            (f"{schema}.{table}",),
+        ).fetchall()
+    return config, [(name, bool(valid)) for name, valid in indexes]
+
+
+def test_a_table_of_an_earlier_release_gets_its_keyword_index_in_place_on_the_next_run(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    spec = write_collection(tmp_path / "configs", "ref_upgrade", pg_schema)
+    batch = _batch(tmp_path, corpus, "b1")
+    assert str(run_collection(spec, [batch]).state) == "success"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        # What an earlier release left: no keyword column (its GIN index goes with it), a registry
+        # row without search options.
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DROP COLUMN content_tsv").format(sql.Identifier(pg_schema, "ref_upgrade"))
+        )
+        conn.execute("UPDATE capstone.collections SET search_options = NULL WHERE name = 'ref_upgrade'")
+    before = _table_rows(pg_dsn, pg_schema, "ref_upgrade")
+    assert _keyword_state(pg_dsn, pg_schema, "ref_upgrade") == (None, [])
+    assert search_collection("ref_upgrade", "try statement", k=3, dsn=pg_dsn)  # vector, as it was validated
+    with pytest.raises(KeywordIndexMissing, match="its next run adds it"):
+        search_collection("ref_upgrade", "try statement", k=3, dsn=pg_dsn, mode="keyword")
+
+    run = run_collection(spec, [batch])  # the same documents: nothing to embed
+
+    states = task_states("ref_upgrade", run.run_id)
+    assert str(run.state) == "success", states
+    assert states["generate_embedding"] in ([], ["skipped"]) and states["publish_indexed_asset"] == [
+        "success"
+    ]
+    assert _table_rows(pg_dsn, pg_schema, "ref_upgrade") == before  # same rows, not re-embedded
+    config, gin = _keyword_state(pg_dsn, pg_schema, "ref_upgrade")
+    indexed = xcom_value("ref_upgrade", run.run_id, "wait_for_indexing")
+    assert (config, gin) == ("english", [(indexed["keyword_index_name"], True)])
+    report = xcom_value("ref_upgrade", run.run_id, "validate_index_health")
+    assert report["summary"]["search_mode"] == "hybrid"
+    hits = search_collection("ref_upgrade", "finally", k=3, dsn=pg_dsn, mode="keyword")
+    assert len(hits) == 3 and all("finally" in hit.text.lower() for hit in hits)
+
+
+def test_a_new_text_search_configuration_regenerates_the_keyword_column(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    configs = tmp_path / "configs"
+    batch = _batch(tmp_path, corpus, "b1")
+    assert str(run_collection(write_collection(configs, "ref_config", pg_schema), [batch]).state) == "success"
+    spec = write_collection(configs, "ref_config", pg_schema, search={"text_config": "simple"})
+
+    run = run_collection(spec, [batch])
+
+    assert str(run.state) == "success", task_states("ref_config", run.run_id)
+    config, gin = _keyword_state(pg_dsn, pg_schema, "ref_config")
+    assert config == "simple" and [valid for _, valid in gin] == [True]
+    with psycopg.connect(pg_dsn) as conn:
+        stems = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE content_tsv @@ to_tsquery('simple', 'statements')").format(
+                sql.Identifier(pg_schema, "ref_config")
+            )
+        ).fetchone()
+    assert stems is not None and stems[0] > 0  # 'simple' keeps the plural 'english' would stem

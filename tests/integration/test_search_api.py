@@ -1,5 +1,5 @@
-"""The search API a service holds (:class:`capstone.search.Searcher`) and filtered searches, on a
-real HNSW index over 20,000 chunks."""
+"""The search API a service holds (:class:`capstone.search.Searcher`): every mode, filtered
+searches, on a real HNSW index and a real GIN keyword index over 20,000 chunks."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from capstone import registry
-from capstone.index_build import IndexParams
+from capstone.index_build import IndexParams, KeywordIndexParams
 from capstone.registry import CollectionRecord
-from capstone.search import Searcher, SearchFilter, SearchTarget, ann_search, ann_session
-from capstone.settings import CollectionSettings
+from capstone.search import Hit, Searcher, SearchFilter, SearchTarget, ann_search, ann_session
+from capstone.settings import SEARCH_MODES, CollectionSettings, SearchMode
 from tests.support.pipeline import run_pipeline
 from tests.support.settings import collection_settings
 from tests.support.tables import jsonl_batch
@@ -30,6 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS, CHUNKS_EACH, GROUPS = 4000, 5, 100  # 20,000 chunks; a group is 1% of them
 DIMENSION = 32
 QUERY = "report on subject 7 with figures"
+WORDS = "report with figures"  # words every chunk has: a keyword search matches them all
 
 
 def _documents() -> list[dict[str, object]]:
@@ -60,6 +61,7 @@ def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     run_pipeline(settings, f"{name}-r1", [batch])
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(IndexParams.of(settings).create_sql())
+        conn.execute(KeywordIndexParams.of(settings).create_sql())
         conn.execute(sql.SQL("ANALYZE {}").format(settings.store_table.ident))
         registry.register(conn, CollectionRecord.from_settings(settings))
     yield settings
@@ -68,17 +70,22 @@ def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
+@pytest.mark.parametrize("mode", SEARCH_MODES)
 def test_a_filter_matching_one_percent_of_the_rows_still_returns_k_results(
-    indexed: CollectionSettings, pg_dsn: str
+    indexed: CollectionSettings, pg_dsn: str, mode: SearchMode
 ) -> None:
     with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
-        hits = searcher.search(QUERY, k=10, filter={"group": 7})
+        hits = searcher.search(WORDS, k=10, mode=mode, filter={"group": 7})
 
     assert len(hits) == 10
     assert all(hit.metadata is not None and hit.metadata["group"] == 7 for hit in hits)
     assert [hit.rank for hit in hits] == list(range(1, 11))
-    assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)  # re-sorted
-    assert all(hit.text.startswith("report ") for hit in hits)
+    assert all(hit.mode == mode and hit.text.startswith("report ") for hit in hits)
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+    if mode == "vector":
+        assert [hit.vector_distance for hit in hits] == sorted(
+            hit.vector_distance for hit in hits
+        )  # re-sorted
 
 
 def test_without_the_iterative_scan_the_index_alone_returns_fewer(
@@ -106,7 +113,7 @@ def test_filtered_results_are_the_nearest_of_the_matching_rows(
         conn.execute("SET LOCAL enable_indexscan = off")  # exact: the HNSW index would filter its 40
         for n in range(40):
             query, wanted = f"report on subject {n} with figures {n * 3}", {"group": n % GROUPS}
-            hits = searcher.search(query, k=10, filter=wanted)
+            hits = searcher.search(query, k=10, mode="vector", filter=wanted)
             vector = searcher.record.embedder().embed([query])[0]
             exact = conn.execute(
                 sql.SQL(
@@ -123,10 +130,65 @@ def test_a_document_filter_returns_only_that_documents_chunks(
     indexed: CollectionSettings, pg_dsn: str
 ) -> None:
     with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
-        hits = searcher.search(QUERY, k=8, filter={"document_id": ["d00042", "d00043"]})
+        found = {
+            mode: searcher.search(WORDS, k=8, mode=mode, filter={"document_id": ["d00042", "d00043"]})
+            for mode in SEARCH_MODES
+        }
 
-    assert len(hits) == 8
-    assert {hit.document_id for hit in hits} == {"d00042", "d00043"}
+    for hits in found.values():
+        assert len(hits) == 8
+        assert {hit.document_id for hit in hits} == {"d00042", "d00043"}
+
+
+def test_keyword_search_ranks_the_matching_chunks_by_ts_rank_cd(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    query = "subject 7 -part"  # websearch syntax: "-part" excludes, and every chunk has "part"
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
+        assert searcher.search(query, k=10, mode="keyword") == []
+        hits = searcher.search("subject 7 figures 3", k=10, mode="keyword")
+    with psycopg.connect(pg_dsn) as conn:
+        expected = conn.execute(
+            sql.SQL(
+                "SELECT id, ts_rank_cd(to_tsvector('english', content), q) AS rank"
+                " FROM {}, websearch_to_tsquery('english', %s) AS q"
+                " WHERE to_tsvector('english', content) @@ q ORDER BY rank DESC, id LIMIT 10"
+            ).format(indexed.store_table.ident),
+            ("subject 7 figures 3",),
+        ).fetchall()
+
+    assert len(expected) == 10
+    assert [(hit.chunk_id, hit.score) for hit in hits] == [
+        (row[0], pytest.approx(row[1])) for row in expected
+    ]
+    assert all(hit.distance is None and "subject 7 " in hit.text and "figures 3" in hit.text for hit in hits)
+
+
+def test_hybrid_search_fuses_the_two_rankings_by_reciprocal_rank(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    options = indexed.search
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
+        hybrid = searcher.search(QUERY, k=10, mode="hybrid")
+        by_vector = searcher.search(QUERY, k=options.candidates, mode="vector")
+        by_keyword = searcher.search(QUERY, k=options.candidates, mode="keyword")
+
+    # Hybrid ranks rows at the same distance by id (hash embeddings tie often); the index does not.
+    by_vector.sort(key=lambda hit: (hit.vector_distance, hit.chunk_id))
+    fused = _fuse([by_vector, by_keyword], options.rrf_k)
+    assert by_vector and by_keyword and {h.chunk_id for h in by_vector} != {h.chunk_id for h in by_keyword}
+    assert [hit.chunk_id for hit in hybrid] == [chunk_id for chunk_id, _ in fused[:10]]
+    assert [hit.score for hit in hybrid] == [pytest.approx(score) for _, score in fused[:10]]
+    assert all(hit.distance is not None for hit in hybrid)  # keyword-only hits get theirs too
+
+
+def _fuse(rankings: list[list[Hit]], rrf_k: int) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion, independently of the SQL: best first, ties by chunk id."""
+    scores: dict[str, float] = {}
+    for hits in rankings:
+        for rank, hit in enumerate(hits, start=1):
+            scores[hit.chunk_id] = scores.get(hit.chunk_id, 0.0) + 1 / (rrf_k + rank)
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
 
 
 def test_one_searcher_answers_100_searches_on_its_pooled_connections(

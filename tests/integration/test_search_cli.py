@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[I
             "sample_queries": [{"id": "try", "query": KNOWN_QUERY, "expected_document_id": "try"}],
             "fail_on": ["vector_count", "query_relevance", "recall", "freshness"],
         },
+        search={"mode": "vector"},  # the known answer is the hash embeddings'; other modes by --mode
     )
     run = run_collection(spec, [{"format": "jsonl", "path": str(batch)}])
     yield IndexedRun(run.run_id, str(run.state), schema)
@@ -92,14 +94,76 @@ def test_search_prints_the_document_that_answers_a_known_query(indexed: IndexedR
 
     assert completed.returncode == 0, completed.stderr
     header = completed.stdout.splitlines()[0]
-    assert header.startswith(f"{COLLECTION} ({indexed.schema}.{COLLECTION}): 3 nearest chunks to ")
-    assert "hash hash-v1, hnsw cosine ef_search=100; score = similarity" in header
+    assert header.startswith(f"{COLLECTION} ({indexed.schema}.{COLLECTION}): 3 best chunks for ")
+    assert "[vector search: hash hash-v1, hnsw cosine ef_search=100; score = similarity]" in header
     rows = results(completed.stdout)
     assert [row[0] for row in rows] == ["1", "2", "3"]
     _rank, score, document, chunk, *snippet = rows[0]
     assert (document, chunk.startswith("try_chunk_")) == ("try", True)
     assert 0 < float(score) <= 1 and float(rows[1][1]) <= float(score)
     assert snippet
+
+
+def test_the_trigger_built_the_keyword_index_beside_the_vector_index(
+    indexed: IndexedRun, pg_dsn: str
+) -> None:
+    event: dict[str, Any] = xcom_value(COLLECTION, indexed.run_id, "wait_for_indexing")
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, am.amname, i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam"
+            " WHERE i.indrelid = %s::regclass",
+            (f"{indexed.schema}.{COLLECTION}",),
+        ).fetchall()
+    indexes = {name: (method, valid, definition) for name, method, valid, definition in rows}
+
+    assert event["status"] == "success" and event["builds_started"] == 2  # keyword, then vector
+    method, valid, definition = indexes[event["keyword_index_name"]]
+    assert (method, valid) == ("gin", True) and definition.endswith("USING gin (content_tsv)")
+    assert indexes[event["index_name"]][:2] == ("hnsw", True)
+    assert event["keyword_index_size_bytes"] > 0
+
+
+def test_search_in_keyword_and_hybrid_mode_prints_json_with_the_mode(
+    indexed: IndexedRun, pg_dsn: str
+) -> None:
+    outputs = {
+        mode: search("--collection", COLLECTION, "StopIteration", "--mode", mode, "--json", "--dsn", pg_dsn)
+        for mode in ("keyword", "hybrid")
+    }
+
+    documents = {mode: json.loads(completed.stdout) for mode, completed in outputs.items()}
+    for mode, completed in outputs.items():
+        assert completed.returncode == 0, completed.stderr
+        assert documents[mode]["mode"] == mode
+        scores = [hit["score"] for hit in documents[mode]["hits"]]
+        assert scores == sorted(scores, reverse=True)
+    with psycopg.connect(pg_dsn) as conn:
+        matching = conn.execute(
+            sql.SQL(
+                "SELECT id FROM {}"
+                " WHERE to_tsvector('english', content) @@ websearch_to_tsquery('english', %s)"
+            ).format(sql.Identifier(indexed.schema, COLLECTION)),
+            ("StopIteration",),
+        ).fetchall()
+    keyword_hits, hybrid_hits = documents["keyword"]["hits"], documents["hybrid"]["hits"]
+    assert 0 < len(matching) < 5  # fewer chunks name it than -k asks for
+    assert {hit["chunk_id"] for hit in keyword_hits} == {row[0] for row in matching}
+    assert all(hit["distance"] is None and "StopIteration" in hit["text"] for hit in keyword_hits)
+    assert len(hybrid_hits) == 5  # the vector list fills in
+    assert all(hit["distance"] is not None for hit in hybrid_hits)
+    assert keyword_hits[0]["chunk_id"] in {hit["chunk_id"] for hit in hybrid_hits}
+
+
+def test_search_prints_the_mode_and_how_it_ranked(indexed: IndexedRun, pg_dsn: str) -> None:
+    completed = search("--collection", COLLECTION, "finally clause", "--mode", "hybrid", "--dsn", pg_dsn)
+
+    assert completed.returncode == 0, completed.stderr
+    header = completed.stdout.splitlines()[0]
+    assert (
+        "[hybrid search: hash hash-v1 + full text english, rrf_k=60; score = reciprocal rank fusion]"
+        in header
+    )
 
 
 def test_search_finds_the_collection_through_the_default_connection(indexed: IndexedRun) -> None:
@@ -116,7 +180,7 @@ def test_search_collection_answers_in_process_through_the_default_connection(ind
 
     assert [hit.rank for hit in hits] == [1, 2, 3]
     assert hits[0].document_id == "try" and hits[0].chunk_id.startswith("try_chunk_")
-    assert hits[0].score == pytest.approx(1 - hits[0].distance)
+    assert hits[0].score == pytest.approx(1 - hits[0].vector_distance)
 
 
 def test_searching_a_collection_never_indexed_says_which_dag_to_run(indexed: IndexedRun, pg_dsn: str) -> None:

@@ -64,7 +64,7 @@ def _rows(conn: psycopg.Connection, table: store.CollectionTable) -> list[tuple]
 def test_first_run_stores_every_chunk_with_its_document_and_index(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
     assert _index(pg_conn, table, "run1", _docs(5)) == 15
     rows = _rows(pg_conn, table)
     assert len(rows) == 15
@@ -73,7 +73,7 @@ def test_first_run_stores_every_chunk_with_its_document_and_index(
 
 
 def test_unchanged_chunks_are_not_batched_again(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
     _index(pg_conn, table, "run1", _docs(5))
     store.stage_documents(pg_conn, "run2", "c", _docs(5), "m")
     assert store.assign_batches(pg_conn, "run2", table, 4, 1024) == []
@@ -85,7 +85,7 @@ def test_unchanged_chunks_are_not_batched_again(pg_conn: psycopg.Connection, pg_
 def test_changed_document_replaces_its_chunks_and_drops_the_ones_it_lost(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
     _index(pg_conn, table, "run1", _docs(3, chunks=4))
     changed = [
         EnrichedDocument(
@@ -103,7 +103,7 @@ def test_changed_document_replaces_its_chunks_and_drops_the_ones_it_lost(
 
 
 def test_batches_never_exceed_the_map_limit(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "run1", "c", _docs(100, chunks=10), "m")
@@ -129,7 +129,7 @@ def test_rewriting_a_batch_replaces_its_vectors(pg_conn: psycopg.Connection, pg_
 def test_each_run_stages_into_its_own_unlogged_tables_dropped_at_the_end(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "own1", "c", _docs(2), "m")
@@ -166,7 +166,7 @@ def test_long_run_keys_get_distinct_valid_table_names(pg_conn: psycopg.Connectio
 
 
 def test_a_merge_missing_staged_chunks_rolls_back(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "lost", "c", _docs(2), "m")
@@ -182,15 +182,15 @@ def test_a_merge_missing_staged_chunks_rolls_back(pg_conn: psycopg.Connection, p
 
 
 def test_dimension_mismatch_fails_before_writing(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM))
+    store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english"))
     with pytest.raises(store.DimensionMismatch, match=r"dimension 8 .* produces 16"):
-        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", 16))
+        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", 16, "english"))
 
 
 def test_merging_new_chunks_again_falls_back_to_the_upsert(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM)
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "again", "c", _docs(4), "m")
@@ -202,3 +202,41 @@ def test_merging_new_chunks_again_falls_back_to_the_upsert(
     assert first == again == [n for _a, _b, n in spans] and sum(first) == 12
     assert len(_rows(pg_conn, table)) == 12
     store.drop_run_staging(pg_conn, "again")
+
+
+def test_the_keyword_column_is_generated_from_the_text(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    assert store.ensure_collection_table(pg_conn, table) is False  # created, nothing upgraded
+    pg_conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (id, document_id, chunk_index, content, content_hash, embedding_model)"
+            " VALUES ('d_chunk_0', 'd', 0, 'Raising exceptions in generators', 'h', 'm')"
+        ).format(table.ident)
+    )
+    row = pg_conn.execute(sql.SQL("SELECT content_tsv::text FROM {}").format(table.ident)).fetchone()
+
+    assert row is not None and row[0] == "'except':2 'generat':4 'rais':1"
+    assert store.stored_text_config(pg_conn, table) == "english"
+    assert store.ensure_collection_table(pg_conn, table) is False  # up to date: nothing to do
+
+
+def test_an_unknown_text_search_configuration_names_the_setting_and_the_choices(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    with pytest.raises(
+        store.KeywordColumnConflict, match=r"search.text_config 'klingon' .* it has: .*english.*simple"
+    ):
+        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon"))
+    assert store.stored_dimension(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon")) is None
+
+
+def test_a_content_tsv_column_capstone_did_not_create_is_refused(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    store.ensure_collection_table(pg_conn, table)
+    pg_conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN content_tsv").format(table.ident))
+    pg_conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN content_tsv tsvector").format(table.ident))
+
+    with pytest.raises(store.KeywordColumnConflict, match="that capstone did not create"):
+        store.ensure_collection_table(pg_conn, table)

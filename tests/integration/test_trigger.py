@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from airflow.sdk.module_loading import import_string
 
+from capstone.index_build import KeywordIndexParams
 from capstone.triggers import VectorStoreIndexingTrigger
 from tests.support.index_build import (
     BUILDERS_SQL,
@@ -51,6 +52,39 @@ def test_serialize_round_trips_through_the_class_path() -> None:
     assert rebuilt.params == trigger.params
     assert kwargs["expected_count"] == 42 and kwargs["timeout"] == 60.0 and kwargs["index"]["lists"] == 10
     assert json.loads(json.dumps(kwargs)) == kwargs  # Airflow stores the kwargs as JSON
+    assert kwargs["keyword_index"] is None and rebuilt.keyword is None
+
+
+def test_serialize_round_trips_the_keyword_index() -> None:
+    keyword = KeywordIndexParams("public", "docs", "256MB")
+    trigger = VectorStoreIndexingTrigger(
+        collection_name="docs",
+        expected_count=42,
+        index=index_params("public", "docs"),
+        keyword_index=keyword,
+        connection_id="my_pg",
+        poll_interval=5,
+        timeout=60,
+    )
+    classpath, kwargs = trigger.serialize()
+
+    rebuilt = import_string(classpath)(**kwargs)
+    assert rebuilt.keyword == keyword and rebuilt.serialize() == (classpath, kwargs)
+    assert json.loads(json.dumps(kwargs)) == kwargs
+
+
+def test_a_trigger_serialized_by_an_earlier_release_builds_no_keyword_index() -> None:
+    _, kwargs = VectorStoreIndexingTrigger(
+        collection_name="docs",
+        expected_count=1,
+        index=index_params("public", "docs"),
+        connection_id="my_pg",
+        poll_interval=5,
+        timeout=60,
+    ).serialize()
+    del kwargs["keyword_index"]  # what a triggerer finds in the database after an upgrade
+
+    assert VectorStoreIndexingTrigger(**kwargs).keyword is None
 
 
 async def test_success_event_carries_the_index_summary(pg_conn: psycopg.Connection, pg_schema: str) -> None:

@@ -25,7 +25,7 @@ from psycopg import sql
 from capstone import exact_scan, registry, store
 from capstone.contracts import IndexEvent, UpsertResult, ValidationReport
 from capstone.embeddings import create_embedder
-from capstone.index_build import IndexParams, build_index
+from capstone.index_build import IndexParams, KeywordIndexParams, build_index
 from capstone.local.corpus import reference_documents, write_jsonl_batch
 from capstone.search import SearchTarget, ann_session, ann_statement
 from capstone.settings import CollectionSettings, Metric
@@ -73,6 +73,10 @@ class Collection:
             replace(self.settings, validation=checks), written, indexed or self.indexed
         )
 
+    def with_search(self, **search: Any) -> Collection:
+        """The same collection searched in another mode (``mode="keyword"``)."""
+        return replace(self, settings=replace(self.settings, search=replace(self.settings.search, **search)))
+
     def with_index(self, **index: Any) -> Collection:
         """The same collection searched with other query-time settings (``probes=...``)."""
         return replace(self, settings=replace(self.settings, index=replace(self.settings.index, **index)))
@@ -99,8 +103,9 @@ def _indexed_collection(
     with psycopg.connect(dsn, autocommit=True) as conn:
         store.ensure_collection_table(conn, table)
         _copy_rows(conn, table, rows, vectors)
-    params = IndexParams.of(settings)
-    event = asyncio.run(build_index(dsn, params, len(rows), 0.1, 120.0, logging.getLogger("test.build")))
+    params, keyword = IndexParams.of(settings), KeywordIndexParams.of(settings)
+    log = logging.getLogger("test.build")
+    event = asyncio.run(build_index(dsn, params, len(rows), 0.1, 120.0, log, keyword))
     assert event["status"] == "success", event
     return Collection(dsn, settings, event, len(rows))
 
@@ -120,7 +125,9 @@ def reference(pg_dsn: str, pg_schema: str) -> Iterator[Collection]:
         for i, text in enumerate(doc["chunks"])
     ]
     vectors = create_embedder(embedding_settings(dimension=DIM)).embed([row[3] for row in rows])
-    settings = collection_settings(pg_schema, pg_schema, "reference", embedding={"dimension": DIM})
+    settings = collection_settings(
+        pg_schema, pg_schema, "reference", embedding={"dimension": DIM}, search={"mode": "vector"}
+    )
     yield _indexed_collection(pg_dsn, settings, rows, vectors)
     _forget(pg_dsn, pg_schema)
 
@@ -195,7 +202,38 @@ def test_validation_registers_the_collection_for_search(reference: Collection) -
     )
     assert (record.metric, record.index_type, record.ef_search) == ("cosine", "hnsw", 100)
     assert record.index_name == reference.indexed["index_name"]
+    assert record.search == reference.settings.search
     assert record.last_validation is not None and record.last_validation["failed"] == []
+
+
+@pytest.mark.parametrize("mode", ["keyword", "hybrid"])
+def test_sample_queries_run_in_the_collections_search_mode_and_report_it(
+    reference: Collection, mode: str
+) -> None:
+    report = reference.with_search(mode=mode).validate()
+
+    assert report["summary"]["search_mode"] == report["search"]["mode"] == mode
+    for query in QUERIES:
+        check = report["checks"][f"query_relevance_{query['id']}"]
+        assert check["mode"] == mode and f"({mode} search)" in check["detail"]
+        if mode == "keyword":
+            assert check["top_documents"] == _keyword_documents(reference, query["query"])[:5]
+    keyword_index = report["index"]["keyword_index"]
+    assert keyword_index["name"] == reference.indexed["keyword_index_name"] and keyword_index["valid"]
+
+
+def _keyword_documents(collection: Collection, query: str) -> list[str]:
+    """Documents in the order of their best chunk's ts_rank_cd for ``query``, straight from SQL."""
+    with psycopg.connect(collection.dsn) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT document_id FROM {}, websearch_to_tsquery('english', %s) AS q"
+                " WHERE to_tsvector('english', content) @@ q"
+                " ORDER BY ts_rank_cd(to_tsvector('english', content), q) DESC, id"
+            ).format(collection.table),
+            (query,),
+        ).fetchall()
+    return list(dict.fromkeys(row[0] for row in rows))
 
 
 def test_the_recall_sample_is_the_same_on_every_run(reference: Collection) -> None:
@@ -250,7 +288,7 @@ def test_exact_search_returns_the_nearest_rows_with_their_own_details(
         truth = dict(zip(ids, _distances(matrix, query, metric), strict=True))
         tenth = sorted(truth.values())[9]
         assert [hit.rank for hit in hits] == list(range(1, 11))
-        assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)
+        assert [hit.vector_distance for hit in hits] == sorted(hit.vector_distance for hit in hits)
         for hit in hits:
             assert (hit.document_id, hit.chunk_index, hit.snippet) == details[hit.chunk_id]
             assert hit.distance == pytest.approx(truth[hit.chunk_id], abs=1e-5)
@@ -275,7 +313,8 @@ def test_one_pass_exact_neighbours_match_exact_search_for_every_query(
     for hits, want in zip(found, expected, strict=True):
         assert [hit.rank for hit in hits] == list(range(1, 12))
         assert [hit.distance for hit in hits] == [hit.distance for hit in want]  # pgvector's own values
-        tied = {h.chunk_id for h in want if h.distance == want[-1].distance}  # any of them may be 11th
+        # Rows tied at the 11th distance are interchangeable: either side may have picked any of them.
+        tied = {h.chunk_id for h in [*hits, *want] if h.distance == want[-1].distance}
         assert {h.chunk_id for h in hits} - tied == {h.chunk_id for h in want} - tied
         details = {w.chunk_id: replace(w, rank=0) for w in want}
         assert all(replace(hit, rank=0) == details.get(hit.chunk_id, replace(hit, rank=0)) for hit in hits)

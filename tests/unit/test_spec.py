@@ -9,7 +9,14 @@ from pydantic import ValidationError
 
 from dag_factory.errors import InvalidField
 from dag_factory.loader import load_collection
-from dag_factory.spec import MAX_INDEXED_DIMENSION, CollectionSpec, EmbeddingSpec, IndexSpec, StoreSpec
+from dag_factory.spec import (
+    MAX_INDEXED_DIMENSION,
+    CollectionSpec,
+    EmbeddingSpec,
+    IndexSpec,
+    SearchSpec,
+    StoreSpec,
+)
 
 MINIMAL_YAML = """\
 # The smallest useful collection file: a name and an embedding provider.
@@ -155,3 +162,28 @@ def test_an_option_of_another_provider_is_refused_with_the_fix(
         ValidationError, match=rf"{option}: applies to provider '{owner}' only.*provider: {owner}"
     ):
         EmbeddingSpec.model_validate({"provider": provider, option: value})
+
+
+def test_search_defaults_to_hybrid_over_an_english_keyword_index(minimal: CollectionSpec) -> None:
+    assert minimal.search.model_dump() == {
+        "mode": "hybrid",
+        "text_config": "english",
+        "rrf_k": 60,
+        "candidates": 40,
+    }
+
+
+@pytest.mark.parametrize("text_config", ["simple", "english", "pg_catalog.german", "public.code_words"])
+def test_a_text_search_configuration_may_be_schema_qualified(text_config: str) -> None:
+    assert SearchSpec(text_config=text_config).text_config == text_config
+
+
+@pytest.mark.parametrize("text_config", ["English", "english; drop table x", "'english'", "a.b.c", ""])
+def test_a_text_search_configuration_must_be_a_name(text_config: str) -> None:
+    with pytest.raises(ValidationError, match="must name a Postgres text search configuration"):
+        SearchSpec(text_config=text_config)
+
+
+def test_an_unknown_search_mode_lists_the_modes() -> None:
+    with pytest.raises(ValidationError, match="'vector', 'keyword' or 'hybrid'"):
+        SearchSpec.model_validate({"mode": "semantic"})
