@@ -22,7 +22,8 @@ then the filter drops most of them), so the session turns on pgvector 0.8's iter
 which keeps scanning until k rows pass; the relaxed order is sorted again by distance.
 
 :class:`Searcher` is what a long-lived process (a web service) holds: the collection's record and
-model loaded once, connections from a pool.
+model loaded once, connections from a pool of its own, on which the index settings are session
+settings (:func:`apply_ann_settings`), so that a search is one round trip.
 
 Exact neighbours, to compare the index with, come from :mod:`capstone.exact_scan` (one pass over
 the table for many queries).
@@ -30,9 +31,11 @@ the table for many queries).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -60,7 +63,9 @@ __all__ = [
     "Searcher",
     "ann_search",
     "ann_session",
+    "ann_settings",
     "ann_statement",
+    "apply_ann_settings",
     "distinct_documents",
     "explain",
     "hits_from_rows",
@@ -316,15 +321,9 @@ def hybrid_statement(
 # -- sessions ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def ann_session(
-    conn: psycopg.Connection, target: SearchTarget, *, iterative: bool = False
-) -> Iterator[dict[str, str]]:
-    """A transaction in which ANN queries go through the index with the target's ef_search/probes,
-    and with ``iterative`` (filtered searches) pgvector's iterative index scan.
-
-    Yields the settings applied; they end with the transaction, leaving the connection as it was.
-    """
+def ann_settings(target: SearchTarget, *, iterative: bool = False) -> dict[str, str]:
+    """The settings under which ANN queries go through the index with the target's
+    ef_search/probes and, with ``iterative`` (filtered searches), pgvector's iterative index scan."""
     name, value = target.knob
     kind = "hnsw" if target.index_type == "hnsw" else "ivfflat"
     settings = {f"{kind}.{name}": str(value), "enable_seqscan": "off"}
@@ -334,10 +333,43 @@ def ann_session(
             settings["hnsw.max_scan_tuples"] = str(MAX_SCAN_TUPLES)
         elif target.lists:
             settings["ivfflat.max_probes"] = str(target.lists)
+    return settings
+
+
+def _set_config(conn: psycopg.Connection, settings: Mapping[str, str], *, local: bool) -> None:
+    """Apply ``settings`` in one round trip (``set_config``, values as parameters)."""
+    calls = sql.SQL(", ").join(sql.SQL("set_config(%s, %s, {})").format(sql.Literal(local)) for _ in settings)
+    conn.execute(sql.SQL("SELECT {}").format(calls), [item for pair in settings.items() for item in pair])
+
+
+@contextmanager
+def ann_session(
+    conn: psycopg.Connection, target: SearchTarget, *, iterative: bool = False
+) -> Iterator[dict[str, str]]:
+    """A transaction under :func:`ann_settings` (``SET LOCAL``: they end with the transaction,
+    leaving the connection as it was). Yields the settings applied."""
+    settings = ann_settings(target, iterative=iterative)
     with conn.transaction():
-        for setting, setting_value in settings.items():
-            conn.execute("SELECT set_config(%s, %s, true)", (setting, setting_value))
+        _set_config(conn, settings, local=True)
         yield settings
+
+
+def apply_ann_settings(
+    conn: psycopg.Connection, target: SearchTarget, applied: dict[str, str], *, iterative: bool = False
+) -> None:
+    """Bring the session settings of ``conn``, a connection only searches use, to
+    :func:`ann_settings`; ``applied`` is what this function set on it before (updated in place).
+
+    Unlike :func:`ann_session` this needs no transaction: a search on such a connection is one
+    round trip, plus one whenever a setting changes (a filtered search after an unfiltered one).
+    """
+    wanted = ann_settings(target, iterative=iterative)
+    kind = "hnsw" if target.index_type == "hnsw" else "ivfflat"
+    wanted.setdefault(f"{kind}.iterative_scan", "off")
+    changed = {name: value for name, value in wanted.items() if applied.get(name) != value}
+    if changed:
+        _set_config(conn, changed, local=False)
+        applied.update(changed)
 
 
 # -- searching --------------------------------------------------------------------------------
@@ -376,6 +408,16 @@ def ann_search(
     return hits_from_rows(conn.execute(statement, query).fetchall(), target.metric)
 
 
+@functools.lru_cache(maxsize=256)
+def _statement(
+    target: SearchTarget, mode: SearchMode, by_metadata: bool, by_document: bool, full_text: bool
+) -> sql.Composed:
+    """The statement of a search (composed once per shape: a service sends the same few)."""
+    shape = SearchFilter({"": None} if by_metadata else {}, ("",) if by_document else ())
+    build = {"vector": ann_statement, "keyword": keyword_statement, "hybrid": hybrid_statement}[mode]
+    return build(target, shape, full_text=full_text)
+
+
 def run_search(
     conn: psycopg.Connection,
     target: SearchTarget,
@@ -387,10 +429,12 @@ def run_search(
     search_filter: SearchFilter | None = None,
     *,
     full_text: bool = False,
+    session: dict[str, str] | None = None,
 ) -> list[Hit]:
     """The ``k`` best chunks for the query (``text``, embedded as ``vector`` for the vector and
     hybrid modes) in ``mode``, that pass ``search_filter``; in a transaction of its own (an
-    :func:`ann_session` where the ANN index is searched).
+    :func:`ann_session`), or, given ``session`` (what :func:`apply_ann_settings` set on this
+    connection so far), under session settings, in one round trip.
 
     Raises :class:`KeywordIndexMissing` for keyword and hybrid searches of a table that has no
     keyword column yet.
@@ -409,11 +453,14 @@ def run_search(
     if target.index_type == "hnsw":
         # HNSW returns at most ef_search rows: a longer candidate list needs a longer search list.
         target = target.with_knob(min(MAX_EF_SEARCH, max(target.ef_search, depth)))
-    statement = {"vector": ann_statement, "keyword": keyword_statement, "hybrid": hybrid_statement}[mode](
-        target, chosen, full_text=full_text
-    )
+    statement = _statement(target, mode, bool(chosen.metadata), bool(chosen.documents), full_text)
+    iterative = bool(chosen) and mode != "keyword"
     try:
-        with ann_session(conn, target, iterative=bool(chosen) and mode != "keyword"):
+        if session is None:
+            with ann_session(conn, target, iterative=iterative):
+                rows = conn.execute(statement, params).fetchall()
+        else:
+            apply_ann_settings(conn, target, session, iterative=iterative)
             rows = conn.execute(statement, params).fetchall()
     except psycopg.errors.UndefinedColumn as exc:
         if TEXT_SEARCH_COLUMN not in str(exc):
@@ -522,6 +569,10 @@ class Searcher:
             self.pool.close()
             raise
         self._embed_lock = threading.Lock()  # one model, many threads: encode one query at a time
+        # What apply_ann_settings set on each pooled connection: its searches need no transaction.
+        self._sessions: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def mode(self) -> SearchMode:
@@ -556,6 +607,7 @@ class Searcher:
                 k,
                 SearchFilter.of(filter),
                 full_text=True,
+                session=self._sessions.setdefault(conn, {}),
             )
 
     def close(self) -> None:

@@ -20,7 +20,15 @@ from psycopg import sql
 from capstone import registry
 from capstone.index_build import IndexParams, KeywordIndexParams
 from capstone.registry import CollectionRecord
-from capstone.search import Hit, Searcher, SearchFilter, SearchTarget, ann_search, ann_session
+from capstone.search import (
+    Hit,
+    Searcher,
+    SearchFilter,
+    SearchTarget,
+    ann_search,
+    ann_session,
+    search_collection,
+)
 from capstone.settings import SEARCH_MODES, CollectionSettings, SearchMode
 from tests.support.pipeline import run_pipeline
 from tests.support.settings import collection_settings
@@ -280,3 +288,26 @@ def test_the_cli_filters_and_prints_json(indexed: CollectionSettings, pg_dsn: st
     assert len(answer["hits"]) == 3
     assert all(hit["metadata"] == {"group": 7, "parity": "odd"} for hit in answer["hits"])
     assert all(hit["text"].startswith("report ") for hit in answer["hits"])
+
+
+def test_one_pooled_connection_switches_its_settings_between_searches(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    # The Searcher sets the index settings on its own connections once, and again only when a
+    # search needs others: a filtered search must not leave the iterative scan on for the next.
+    with Searcher(indexed.collection, dsn=pg_dsn, pool_size=1) as searcher:
+        filtered = searcher.search(WORDS, k=10, mode="vector", filter={"group": 7})
+        with searcher.pool.connection() as conn:
+            after_filtered = conn.execute("SELECT current_setting('hnsw.iterative_scan')").fetchone()
+        wide = searcher.search(QUERY, k=150, mode="vector")  # more than ef_search (40)
+        plain = searcher.search(QUERY, k=10, mode="vector")
+        with searcher.pool.connection() as conn:
+            settings = conn.execute(
+                "SELECT current_setting('hnsw.iterative_scan'), current_setting('hnsw.ef_search')"
+            ).fetchone()
+        fresh = search_collection(indexed.collection, QUERY, k=10, dsn=pg_dsn, mode="vector")
+
+    assert len(filtered) == 10 and after_filtered == ("relaxed_order",)
+    assert len(wide) == 150
+    assert settings == ("off", "40")
+    assert [hit.chunk_id for hit in plain] == [hit.chunk_id for hit in fresh]  # as a one-off search
