@@ -22,7 +22,11 @@ from dag_factory.local.stack import EXECUTORS, SERVICES, AirflowStack
 
 __all__ = ["main"]
 
-SEARCHES = ("how do I handle exceptions", "what does the with statement do")
+# (query, filter): one search in the collection's default mode (hybrid), one filtered by metadata.
+SEARCHES: tuple[tuple[str, dict[str, Any] | None], ...] = (
+    ("StopIteration when a generator returns", None),
+    ("release a resource when a block ends", {"topic": "with"}),
+)
 
 
 def _seconds(ti: dict[str, Any]) -> float:
@@ -132,11 +136,14 @@ def _print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
 def _print_searches(collection: str, dsn: str) -> None:
     from capstone.search import search_collection
 
-    for query in SEARCHES:
-        print(f"\nsearch: {query!r}   (rank, similarity, document, chunk, text)")
-        for hit in search_collection(collection, query, k=3, dsn=dsn):
+    for query, search_filter in SEARCHES:
+        hits = search_collection(collection, query, k=3, dsn=dsn, search_filter=search_filter)
+        where = f", filter {search_filter}" if search_filter else ""
+        mode = hits[0].mode if hits else "no hits"
+        print(f"\nsearch: {query!r} ({mode}{where})   (rank, score, document, chunk, text)")
+        for hit in hits:
             snippet = " ".join(hit.snippet.split())[:60]
-            print(f"  {hit.rank}. {hit.score:.3f}  {hit.document_id:12} {hit.chunk_id:20} {snippet}")
+            print(f"  {hit.rank}. {hit.score:.4f}  {hit.document_id:12} {hit.chunk_id:20} {snippet}")
 
 
 def main(argv: list[str] | None = None) -> int:
