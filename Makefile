@@ -55,7 +55,7 @@ up: $(VENV)/.installed-local
 down: $(VENV)/.installed-dev
 	$(PY) -m dag_factory.local.stack down
 
-BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage
+BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality
 .PHONY: bench bench-embed-stage $(addprefix bench-,$(BENCHMARKS))
 
 $(VENV)/.installed-bench: $(VENV)/.installed-local
