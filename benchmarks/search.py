@@ -20,6 +20,7 @@ search; p50 and p95 per mode, and the ratio of the p50s, are printed, vector mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -129,10 +130,11 @@ def _count(conn: psycopg.Connection, table: store.CollectionTable) -> int:
     return int(row[0]) if row else 0
 
 
-def bare_client(dsn: str, settings: CollectionSettings, mode: SearchMode) -> Callable[[str, np.ndarray], int]:
-    """A search function over one connection whose session has the index settings: one statement
-    per search, the vector given."""
-    conn = psycopg.connect(dsn, autocommit=True)
+def bare_client(
+    conn: psycopg.Connection, settings: CollectionSettings, mode: SearchMode
+) -> Callable[[str, np.ndarray], int]:
+    """A search function over ``conn``, whose session gets the index settings: one statement per
+    search, the vector given."""
     register_vector(conn)
     record = CollectionRecord.from_settings(settings)
     target, options = SearchTarget.of(record), record.search
@@ -166,9 +168,10 @@ def measure(
     embedder = create_embedder(settings.embedding)
     vectors = {text: embedder.embed([text])[0] for text in queries}
     times: dict[str, dict[str, list[float]]] = {}
-    with Searcher(COLLECTION, dsn=dsn, pool_size=1) as searcher:
+    with Searcher(COLLECTION, dsn=dsn, pool_size=1) as searcher, contextlib.ExitStack() as stack:
         for mode in SEARCH_MODES:
-            bare = bare_client(dsn, settings, mode)
+            conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
+            bare = bare_client(conn, settings, mode)
             api_times: list[float] = []
             bare_times: list[float] = []
             for n in range(searches + 20):  # the first 20 warm up (plans, prepared statements, caches)

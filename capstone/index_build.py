@@ -696,7 +696,7 @@ async def build_index(
     try:
         async with _connect(target, "control") as control, _connect(target, "lock") as lock:
             keyword_event = None
-            if keyword is not None:
+            if keyword is not None and await _keyword_column_exists(control, keyword, log):
                 build = _IndexBuild(target, keyword, expected_count, poll_interval, clock, log, control, lock)
                 keyword_event = await build.run()
             current = params
@@ -716,6 +716,27 @@ async def build_index(
         log.warning("%s", message)
         terminal = isinstance(exc, _BuildError) or is_terminal(exc)
         return {"status": "error", "message": message, "terminal": terminal}
+
+
+async def _keyword_column_exists(control: Any, keyword: KeywordIndexParams, log: BuildLog) -> bool:
+    """Whether the keyword index's column exists. A table without it is one the run's earlier tasks
+    wrote before capstone was upgraded (the next run adds the column): the ANN index is built all
+    the same."""
+    found = await control.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND NOT a.attisdropped)",
+        keyword.schema,
+        keyword.table,
+        keyword.column,
+    )
+    if not found:
+        log.warning(
+            "table %s has no column %s yet (its next run adds it): building only the vector index",
+            keyword.qualified_table,
+            quote_ident(keyword.column),
+        )
+    return bool(found)
 
 
 def _with_keyword(event: IndexEvent, keyword: IndexEvent | None) -> IndexEvent:
@@ -741,7 +762,7 @@ async def check_index(
     ``expected_count`` rows, else None."""
     async with _connect(target, "check") as control:
         keyword_event = None
-        if keyword is not None:
+        if keyword is not None and await _keyword_column_exists(control, keyword, log):
             build = _IndexBuild(target, keyword, expected_count, 0.0, _Clock(0.0), log, control, lock=None)
             keyword_event = await build.ready()
             if keyword_event is None:

@@ -235,14 +235,14 @@ def prepare_chunks(
 ) -> Prepared:
     """Decide which staged chunks need embedding and cut them into batches for mapping.
 
-    Raises :class:`NothingToIndex` when nothing is new, changed or removed (and the table's keyword
-    column was not just added, which leaves its keyword index to build), and
+    Raises :class:`NothingToIndex` when nothing is new, changed or removed and the collection's
+    indexes and registration are up to date (see :func:`_unfinished_indexing`), and
     :class:`MassDeleteRefused` when the run would delete more than ``max_delete_fraction`` of the
     collection's rows (unless ``allow_mass_delete``), before anything is embedded or written.
     """
     table = settings.store_table
     with _connect(settings) as conn:
-        keyword_column_changed = store.ensure_collection_table(conn, table)
+        store.ensure_collection_table(conn, table)
         lost = store.count_lost_chunks(conn, run_key, table)
         _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
         batches = store.assign_batches(
@@ -253,6 +253,7 @@ def prepare_chunks(
             min(settings.embedding.parallel_tasks, max_batches),
         )
         staged = store.count_staged_chunks(conn, run_key)
+        unfinished = None if batches or lost else _unfinished_indexing(conn, settings)
     to_embed = sum(batch["chunks"] for batch in batches)
     log.info(
         "%d of %d staged chunks are new or changed (%d unchanged, skipped); %d stored chunks to remove; "
@@ -263,10 +264,10 @@ def prepare_chunks(
         lost,
         len(batches),
     )
-    if not batches and not lost and keyword_column_changed:
+    if unfinished:
         log.info(
-            "no new or changed chunks, but the table's keyword column was just added or re-generated: "
-            "going on, to build its keyword index, validate and publish"
+            "no new or changed chunks, but %s: going on, to build the indexes, validate and publish",
+            unfinished,
         )
     elif not batches and not lost:
         raise NothingToIndex(
@@ -281,6 +282,23 @@ def prepare_chunks(
         "to_delete": lost,
     }
     return {"summary": summary, "batches": batches}
+
+
+def _unfinished_indexing(conn: psycopg.Connection, settings: CollectionSettings) -> str | None:
+    """Why a run with no changed chunk must still build indexes and validate, or None: an index of
+    the collection is missing or invalid (a table upgraded in place, a failed build, an index
+    dropped by hand), or the registry holds other search settings than the spec (a changed
+    ``search`` section, or a run that failed after changing the table)."""
+    from capstone import registry
+    from capstone.index_build import IndexParams, KeywordIndexParams
+
+    for params in (KeywordIndexParams.of(settings), IndexParams.of(settings)):
+        if not store.index_is_valid(conn, params.schema, params.index_name):
+            return f"index {params.qualified_index()} is missing or invalid"
+    registered = registry.registered_search(conn, settings.collection)
+    if registered is not None and registered != settings.search:
+        return "the collection's search settings changed since its last validation"
+    return None
 
 
 def _check_deletions(settings: CollectionSettings, lost: int, rows: int, allowed: bool) -> None:

@@ -26,7 +26,14 @@ from capstone.index_build import IndexParams
 from capstone.settings import CollectionSettings, EmbeddingSettings, IndexType, Metric, SearchSettings
 from capstone.store import STAGING_SCHEMA, CollectionTable
 
-__all__ = ["REGISTRY_TABLE", "CollectionNotRegistered", "CollectionRecord", "lookup", "register"]
+__all__ = [
+    "REGISTRY_TABLE",
+    "CollectionNotRegistered",
+    "CollectionRecord",
+    "lookup",
+    "register",
+    "registered_search",
+]
 
 REGISTRY_TABLE = "collections"
 _REGISTRY = sql.Identifier(STAGING_SCHEMA, REGISTRY_TABLE)
@@ -246,6 +253,26 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
         last_validation=row["last_validation"],
         updated_at=row["updated_at"],
     )
+
+
+def registered_search(conn: psycopg.Connection, name: str) -> SearchSettings | None:
+    """The search settings the registry holds for collection ``name`` (``_EARLIER_SEARCH`` for a
+    row of an earlier release), or None when it has no row for it."""
+    exists = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",)).fetchone()
+    if not exists or exists[0] is None:
+        return None
+    has_options = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass"
+        " AND attname = 'search_options' AND NOT attisdropped)",
+        (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
+    ).fetchone()
+    column = sql.SQL("search_options" if has_options and has_options[0] else "NULL::jsonb")
+    row = conn.execute(
+        sql.SQL("SELECT {} FROM {} WHERE name = %s").format(column, _REGISTRY), (name,)
+    ).fetchone()
+    if row is None:
+        return None
+    return SearchSettings(**row[0]) if row[0] else _EARLIER_SEARCH
 
 
 def _describe(conn: psycopg.Connection) -> str:

@@ -57,7 +57,7 @@ __all__ = [
     "MAX_SCAN_TUPLES",
     "SNIPPET_CHARS",
     "Hit",
-    "KeywordIndexMissing",
+    "KeywordSearchUnavailable",
     "SearchFilter",
     "SearchTarget",
     "Searcher",
@@ -167,8 +167,9 @@ def similarity(metric: str, distance: float) -> float:
     return distance
 
 
-class KeywordIndexMissing(LookupError):
-    """The collection's table has no keyword column yet (created by an earlier release)."""
+class KeywordSearchUnavailable(LookupError):
+    """Keyword and hybrid searches need the table's keyword column, which a table created by an
+    earlier release gets on its next run."""
 
 
 @dataclass(frozen=True)
@@ -436,7 +437,7 @@ def run_search(
     :func:`ann_session`), or, given ``session`` (what :func:`apply_ann_settings` set on this
     connection so far), under session settings, in one round trip.
 
-    Raises :class:`KeywordIndexMissing` for keyword and hybrid searches of a table that has no
+    Raises :class:`KeywordSearchUnavailable` for keyword and hybrid searches of a table that has no
     keyword column yet.
     """
     if mode not in SEARCH_MODES:
@@ -465,7 +466,7 @@ def run_search(
     except psycopg.errors.UndefinedColumn as exc:
         if TEXT_SEARCH_COLUMN not in str(exc):
             raise
-        raise KeywordIndexMissing(
+        raise KeywordSearchUnavailable(
             f"table {target.table.qualified} has no keyword column {TEXT_SEARCH_COLUMN!r} yet (it was "
             "created by an earlier release): its next run adds it; until then search it with mode 'vector'"
         ) from exc
@@ -531,9 +532,13 @@ def search_record(
 class Searcher:
     """Searches one collection from a long-lived process (a web service, a notebook).
 
-    The collection's registry record and its embedding model are loaded once, at construction;
-    connections come from a pool (``psycopg_pool``) of at most ``pool_size``. Thread-safe: a web
-    server's threads may share one. Close it (or use it as a context manager) to close the pool.
+    The collection's registry record and its embedding model are loaded once, at construction
+    (:meth:`refresh` reads them again); connections come from a pool (``psycopg_pool``) of at most
+    ``pool_size``, on which the index settings are session settings, so that a search is one
+    round trip. Behind a pooler in transaction mode (PgBouncer ``pool_mode = transaction``), where
+    consecutive statements may run on different server connections, pass
+    ``session_settings=False``: each search then sets them in its own transaction. Thread-safe: a
+    web server's threads may share one. Close it (or use it as a context manager) to close the pool.
 
         with Searcher("documents", dsn=...) as searcher:
             hits = searcher.search("how do I handle exceptions", k=5, filter={"topic": "try"})
@@ -547,10 +552,12 @@ class Searcher:
         dsn: str | None = None,
         connection_id: str | None = None,
         pool_size: int = 4,
+        session_settings: bool = True,
     ) -> None:
         from psycopg_pool import ConnectionPool
 
         self.collection = collection
+        self.session_settings = session_settings
         self.pool = ConnectionPool(
             resolve_dsn(dsn, connection_id),
             min_size=1,
@@ -574,6 +581,15 @@ class Searcher:
             weakref.WeakKeyDictionary()
         )
 
+    def refresh(self) -> None:
+        """Read the collection's registry record again, and load its model if that changed: after
+        a run changed the collection's settings (its model, index or ``search`` section)."""
+        with self.pool.connection() as conn:
+            record = lookup(conn, self.collection)
+        if record.embedding != self.record.embedding:
+            self._embedder = record.embedder()
+        self.record, self.target = record, SearchTarget.of(record)
+
     @property
     def mode(self) -> SearchMode:
         """The collection's default search mode (its spec's ``search.mode``)."""
@@ -592,6 +608,8 @@ class Searcher:
         if not 1 <= k <= MAX_EF_SEARCH:
             raise ValueError(f"k must be between 1 and {MAX_EF_SEARCH}, got {k}")
         chosen = mode or self.mode
+        if chosen not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {chosen!r}")
         vector = None
         if chosen != "keyword":
             with self._embed_lock:
@@ -607,7 +625,7 @@ class Searcher:
                 k,
                 SearchFilter.of(filter),
                 full_text=True,
-                session=self._sessions.setdefault(conn, {}),
+                session=self._sessions.setdefault(conn, {}) if self.session_settings else None,
             )
 
     def close(self) -> None:

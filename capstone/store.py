@@ -52,6 +52,7 @@ __all__ = [
     "drop_stale_staging",
     "ensure_collection_table",
     "ensure_staging",
+    "index_is_valid",
     "merge_batch",
     "merge_spans",
     "pending_batch_texts",
@@ -183,13 +184,9 @@ def run_staging_exists(conn: psycopg.Connection, run_key: str) -> bool:
     return bool(row and row[0])
 
 
-def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) -> bool:
+def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) -> None:
     """Create the collection table if missing, or bring its keyword column up to date; fail fast if
-    it holds another dimension.
-
-    Returns True when it added or re-generated the keyword column of an existing table: the run
-    then has an index to build even if none of its chunks changed.
-    """
+    it holds another dimension."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (table.qualified,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -202,7 +199,8 @@ def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) ->
                 "or point store.table at a new table (re-indexing everything)"
             )
         if existing is not None:
-            return _ensure_keyword_column(conn, table)
+            _ensure_keyword_column(conn, table)
+            return
         _check_text_config(conn, table.text_config)
         conn.execute(
             sql.SQL(
@@ -224,7 +222,6 @@ def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) ->
                 sql.Identifier(f"{table.table[:50]}_document_id"), table.ident
             )
         )
-        return False
 
 
 def _tsvector_expression(text_config: str) -> sql.Composed:
@@ -266,36 +263,42 @@ def stored_text_config(conn: psycopg.Connection, table: CollectionTable) -> str 
     return match.group(1).replace("''", "'")
 
 
-def _ensure_keyword_column(conn: psycopg.Connection, table: CollectionTable) -> bool:
+def _ensure_keyword_column(conn: psycopg.Connection, table: CollectionTable) -> None:
     """Add the keyword column to a table from an earlier release, or re-generate it in another text
-    search configuration; either rewrites the table once, under an exclusive lock. True if it did."""
+    search configuration.
+
+    Either rewrites the table under an exclusive lock (reads wait; ~40 us per row). The table's
+    ANN indexes are dropped first, or the rewrite would rebuild them under that lock (an HNSW
+    build takes minutes on a large table): vector searches scan the table until the run's
+    indexing step rebuilds them, concurrently, as it does any missing index.
+    """
+    _check_text_config(conn, table.text_config)
     stored = stored_text_config(conn, table)
     if stored is not None and _same_text_config(conn, stored, table.text_config):
-        return False
-    _check_text_config(conn, table.text_config)
+        return
     rows = _estimated_rows(conn, table)
     column = sql.Identifier(TEXT_SEARCH_COLUMN)
-    if stored is None:
-        log.warning(
-            "table %s has no keyword column (created by an earlier release): adding %s = to_tsvector(%r, "
-            "content), which rewrites its ~%d rows once under an exclusive lock",
-            table.qualified,
-            TEXT_SEARCH_COLUMN,
-            table.text_config,
-            rows,
-        )
-    else:
-        log.warning(
-            "table %s: search.text_config changed from %r to %r: re-generating %s, which rewrites its ~%d "
-            "rows once under an exclusive lock (the keyword index is rebuilt by the indexing step)",
-            table.qualified,
-            stored,
-            table.text_config,
-            TEXT_SEARCH_COLUMN,
-            rows,
-        )
+    why = (
+        "it has no keyword column (created by an earlier release)"
+        if stored is None
+        else f"search.text_config changed from {stored!r} to {table.text_config!r}"
+    )
     conn.execute("SELECT set_config('lock_timeout', %s, true)", (KEYWORD_COLUMN_LOCK_TIMEOUT,))
     try:
+        dropped = _drop_ann_indexes(conn, table)
+        log.warning(
+            "table %s: %s: %s %s = to_tsvector(%r, content), rewriting its ~%d rows once under an exclusive "
+            "lock%s; this run's indexing step builds the missing indexes",
+            table.qualified,
+            why,
+            "adding" if stored is None else "re-generating",
+            TEXT_SEARCH_COLUMN,
+            table.text_config,
+            rows,
+            f" (its ANN index {', '.join(dropped)} dropped first, so the rewrite does not rebuild it)"
+            if dropped
+            else "",
+        )
         if stored is not None:
             conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table.ident, column))
         conn.execute(
@@ -306,9 +309,35 @@ def _ensure_keyword_column(conn: psycopg.Connection, table: CollectionTable) -> 
     except psycopg.errors.LockNotAvailable as exc:
         raise RuntimeError(
             f"could not lock {table.qualified} within {KEYWORD_COLUMN_LOCK_TIMEOUT} to add its keyword "
-            "column: a long query or transaction holds it; the task retries"
+            "column: a long query or transaction holds it; nothing was changed, retry the task"
         ) from exc
-    return True
+
+
+def _drop_ann_indexes(conn: psycopg.Connection, table: CollectionTable) -> list[str]:
+    """Drop the table's capstone-managed HNSW/IVFFlat indexes; returns their names."""
+    from capstone.index_build import is_managed_index_name  # index_build imports this module
+
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_am am ON am.oid = c.relam JOIN pg_class t ON t.oid = i.indrelid"
+        " JOIN pg_namespace n ON n.oid = t.relnamespace"
+        " WHERE n.nspname = %s AND t.relname = %s AND am.amname IN ('hnsw', 'ivfflat')",
+        (table.schema, table.table),
+    ).fetchall()
+    names = [name for (name,) in rows if is_managed_index_name(name, table.table)]
+    for name in names:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(table.schema, name)))
+    return names
+
+
+def index_is_valid(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    """Whether index ``schema.name`` exists and is valid (usable by queries)."""
+    row = conn.execute(
+        "SELECT i.indisvalid AND i.indisready FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, name),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _same_text_config(conn: psycopg.Connection, stored: str, wanted: str) -> bool:

@@ -44,7 +44,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from capstone import registry
+from capstone import registry, store
 from capstone.connections import connect, postgres_params
 from capstone.contracts import IndexEvent, UpsertResult, ValidationReport
 from capstone.errors import TerminalError
@@ -300,6 +300,14 @@ def check_query_relevance(
     if not queries:
         return {}
     mode = record.search.mode
+    if mode != "vector" and store.stored_text_config(conn, record.store_table) is None:
+        log.warning(
+            "%s has no keyword column yet (written before capstone was upgraded; its next run adds it): "
+            "sample queries run in vector mode instead of %s",
+            record.store_table.qualified,
+            mode,
+        )
+        mode = "vector"
     texts = [query.query for query in queries]
     vectors = list(record.embedder().embed(texts)) if mode != "keyword" else [None] * len(texts)
     candidates = min(_MAX_CANDIDATES, top_k * _CHUNKS_PER_DOCUMENT)

@@ -330,6 +330,7 @@ class SearchSpec(_Model):
         default="english",
         description="Postgres text search configuration of the keyword index: 'english' stems words; "
         "'simple' keeps every token as written (code, identifiers, mixed languages).",
+        json_schema_extra={"pattern": _TEXT_CONFIG.pattern},
     )
     rrf_k: int = Field(
         default=60, ge=1, le=10_000, description="Hybrid: the k of 1 / (k + rank) in reciprocal rank fusion."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from capstone import store
+from capstone import registry, store
 from capstone.local.corpus import reference_documents, write_jsonl_batch
-from capstone.search import KeywordIndexMissing, search_collection
+from capstone.search import KeywordSearchUnavailable, search_collection
+from capstone.settings import SearchSettings
+from dag_factory.runtime import settings_from_mapping
 from tests.support.airflow import (
     asset_events,
     run_collection,
@@ -213,7 +216,7 @@ def test_a_table_of_an_earlier_release_gets_its_keyword_index_in_place_on_the_ne
     before = _table_rows(pg_dsn, pg_schema, "ref_upgrade")
     assert _keyword_state(pg_dsn, pg_schema, "ref_upgrade") == (None, [])
     assert search_collection("ref_upgrade", "try statement", k=3, dsn=pg_dsn)  # vector, as it was validated
-    with pytest.raises(KeywordIndexMissing, match="its next run adds it"):
+    with pytest.raises(KeywordSearchUnavailable, match="its next run adds it"):
         search_collection("ref_upgrade", "try statement", k=3, dsn=pg_dsn, mode="keyword")
 
     run = run_collection(spec, [batch])  # the same documents: nothing to embed
@@ -253,3 +256,30 @@ def test_a_new_text_search_configuration_regenerates_the_keyword_column(
             )
         ).fetchone()
     assert stems is not None and stems[0] > 0  # 'simple' keeps the plural 'english' would stem
+
+
+def test_an_unchanged_run_still_rebuilds_a_missing_index_and_registers_new_search_settings(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    configs, batch = tmp_path / "configs", _batch(tmp_path, corpus, "b1")
+    first = run_collection(write_collection(configs, "ref_heal", pg_schema), [batch])
+    keyword_index = xcom_value("ref_heal", first.run_id, "wait_for_indexing")["keyword_index_name"]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # dropped by hand, or a failed build
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(pg_schema, keyword_index)))
+
+    healed = run_collection(write_collection(configs, "ref_heal", pg_schema), [batch])
+    changed = run_collection(write_collection(configs, "ref_heal", pg_schema, search={"rrf_k": 10}), [batch])
+    unchanged = run_collection(
+        write_collection(configs, "ref_heal", pg_schema, search={"rrf_k": 10}), [batch]
+    )
+
+    assert task_states("ref_heal", healed.run_id)["publish_indexed_asset"] == ["success"]
+    assert _keyword_state(pg_dsn, pg_schema, "ref_heal")[1] == [(keyword_index, True)]
+    assert task_states("ref_heal", changed.run_id)["validate_index_health"] == ["success"]
+    with psycopg.connect(pg_dsn) as conn:
+        assert registry.registered_search(conn, "ref_heal") == replace(_default_search(), rrf_k=10)
+    assert task_states("ref_heal", unchanged.run_id)["prepare_chunks"] == ["skipped"]  # nothing left to do
+
+
+def _default_search() -> SearchSettings:
+    return settings_from_mapping({"collection": "x", "embedding": {"provider": "hash"}}).search

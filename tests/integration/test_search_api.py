@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -90,10 +91,11 @@ def test_a_filter_matching_one_percent_of_the_rows_still_returns_k_results(
     assert [hit.rank for hit in hits] == list(range(1, 11))
     assert all(hit.mode == mode and hit.text.startswith("report ") for hit in hits)
     assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
-    if mode == "vector":
-        assert [hit.vector_distance for hit in hits] == sorted(
-            hit.vector_distance for hit in hits
-        )  # re-sorted
+    if mode == "vector":  # the iterative scan's relaxed order, sorted again
+        assert [hit.vector_distance for hit in hits] == sorted(hit.vector_distance for hit in hits)
+    else:  # equal scores are ranked by chunk id
+        ranking = [(-hit.score, hit.chunk_id) for hit in hits]
+        assert ranking == sorted(ranking)
 
 
 def test_without_the_iterative_scan_the_index_alone_returns_fewer(
@@ -311,3 +313,37 @@ def test_one_pooled_connection_switches_its_settings_between_searches(
     assert len(wide) == 150
     assert settings == ("off", "40")
     assert [hit.chunk_id for hit in plain] == [hit.chunk_id for hit in fresh]  # as a one-off search
+
+
+def test_without_session_settings_each_search_sets_them_in_its_own_transaction(
+    indexed: CollectionSettings, pg_dsn: str
+) -> None:
+    # For poolers in transaction mode: nothing may stay set on the server connection.
+    with Searcher(indexed.collection, dsn=pg_dsn, pool_size=1, session_settings=False) as searcher:
+        filtered = searcher.search(WORDS, k=10, mode="hybrid", filter={"group": 7})
+        with searcher.pool.connection() as conn:
+            left = conn.execute(
+                "SELECT current_setting('hnsw.iterative_scan'), current_setting('enable_seqscan')"
+            ).fetchone()
+
+    assert len(filtered) == 10 and all((hit.metadata or {}).get("group") == 7 for hit in filtered)
+    assert left == ("off", "on")
+
+
+def test_refresh_reads_the_collections_new_search_settings(indexed: CollectionSettings, pg_dsn: str) -> None:
+    with Searcher(indexed.collection, dsn=pg_dsn) as searcher:
+        model = searcher._embedder
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            registry.register(
+                conn,
+                CollectionRecord.from_settings(replace(indexed, search=replace(indexed.search, rrf_k=10))),
+            )
+        try:
+            searcher.refresh()
+            refreshed = searcher.record.search.rrf_k
+        finally:
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                registry.register(conn, CollectionRecord.from_settings(indexed))
+
+    assert refreshed == 10
+    assert searcher._embedder is model  # same model: not loaded again

@@ -206,7 +206,7 @@ def test_merging_new_chunks_again_falls_back_to_the_upsert(
 
 def test_the_keyword_column_is_generated_from_the_text(pg_conn: psycopg.Connection, pg_schema: str) -> None:
     table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
-    assert store.ensure_collection_table(pg_conn, table) is False  # created, nothing upgraded
+    store.ensure_collection_table(pg_conn, table)
     pg_conn.execute(
         sql.SQL(
             "INSERT INTO {} (id, document_id, chunk_index, content, content_hash, embedding_model)"
@@ -217,7 +217,8 @@ def test_the_keyword_column_is_generated_from_the_text(pg_conn: psycopg.Connecti
 
     assert row is not None and row[0] == "'except':2 'generat':4 'rais':1"
     assert store.stored_text_config(pg_conn, table) == "english"
-    assert store.ensure_collection_table(pg_conn, table) is False  # up to date: nothing to do
+    store.ensure_collection_table(pg_conn, table)  # up to date: nothing to do
+    assert store.stored_text_config(pg_conn, table) == "english"
 
 
 def test_an_unknown_text_search_configuration_names_the_setting_and_the_choices(
@@ -240,3 +241,51 @@ def test_a_content_tsv_column_capstone_did_not_create_is_refused(
 
     with pytest.raises(store.KeywordColumnConflict, match="that capstone did not create"):
         store.ensure_collection_table(pg_conn, table)
+
+
+def test_an_unknown_text_search_configuration_for_an_existing_table_names_the_setting(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english"))
+
+    with pytest.raises(store.KeywordColumnConflict, match=r"search.text_config 'klingon' .* it has: "):
+        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon"))
+    assert (
+        store.stored_text_config(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english"))
+        == "english"
+    )
+
+
+def test_adding_the_keyword_column_drops_the_ann_index_first_and_keeps_the_rows(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    store.ensure_staging(pg_conn)
+    store.ensure_collection_table(pg_conn, table)
+    store.stage_documents(pg_conn, "kw", "c", _docs(4), "m")
+    _embed_all(pg_conn, table, "kw", store.assign_batches(pg_conn, "kw", table, 4, 1024))
+    for first, last, count in store.merge_spans(pg_conn, "kw", 100):
+        store.merge_batch(pg_conn, "kw", table, "m", first, last, count)
+    pg_conn.execute(
+        sql.SQL("ALTER TABLE {} DROP COLUMN content_tsv").format(table.ident)
+    )  # an earlier release
+    pg_conn.execute(
+        sql.SQL("CREATE INDEX chunks_hnsw_0123abcd ON {} USING hnsw (embedding vector_cosine_ops)").format(
+            table.ident
+        )
+    )
+    before = pg_conn.execute(
+        sql.SQL("SELECT id, updated_at FROM {} ORDER BY id").format(table.ident)
+    ).fetchall()
+
+    store.ensure_collection_table(pg_conn, table)
+
+    after = pg_conn.execute(
+        sql.SQL("SELECT id, updated_at FROM {} ORDER BY id").format(table.ident)
+    ).fetchall()
+    assert after == before and len(after) > 0
+    assert store.stored_text_config(pg_conn, table) == "english"
+    assert not store.index_is_valid(
+        pg_conn, pg_schema, "chunks_hnsw_0123abcd"
+    )  # dropped, for the trigger to rebuild
+    store.drop_run_staging(pg_conn, "kw")
