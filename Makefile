@@ -72,6 +72,13 @@ $(addprefix bench-,$(BENCHMARKS)): bench-%: $(VENV)/.installed-bench
 ## make bench-embed-stage: the embedding stage on real Airflow services vs a bare encode (~15 min)
 bench-embed-stage: bench-embed_stage
 
+## make bench-quantization: vector vs halfvec vs binary HNSW at 100k x 1536 (over an hour on 2 cores;
+## not part of make bench). QUANTIZATION_ROWS=20000 takes 3 minutes.
+QUANTIZATION_ROWS ?= 100000
+.PHONY: bench-quantization
+bench-quantization: $(VENV)/.installed-bench
+	$(PY) benchmarks/quantization.py --rows $(QUANTIZATION_ROWS)
+
 validate: $(VENV)/.installed-dev
 	$(PY) -m dag_factory validate configs/
 

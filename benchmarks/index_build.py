@@ -74,7 +74,7 @@ def create_table(dsn: str, name: str, rows: int, dim: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         register_vector(conn)
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
-        store.ensure_collection_table(conn, store.CollectionTable(SCHEMA, name, dim, "english"))
+        store.ensure_collection_table(conn, store.CollectionTable(SCHEMA, name, dim, "english", "vector"))
         copy = sql.SQL(
             "COPY {} (id, document_id, chunk_index, content, content_hash, embedding, embedding_model) "
             "FROM STDIN WITH (FORMAT BINARY)"

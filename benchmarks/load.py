@@ -68,7 +68,7 @@ def _vectors(rows: int, dim: int) -> np.ndarray:
 
 
 def _fresh_table(conn: psycopg.Connection, name: str, dim: int) -> store.CollectionTable:
-    table = store.CollectionTable(SCHEMA, name, dim, "english")
+    table = store.CollectionTable(SCHEMA, name, dim, "english", "vector")
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table.ident))
     store.ensure_collection_table(conn, table)
     return table

@@ -122,7 +122,7 @@ def time_floor(dsn: str, rows: list[tuple[Any, ...]]) -> tuple[float, float]:
     from capstone import store
     from capstone.index_build import build_memory
 
-    table = store.CollectionTable(SCHEMA, "floor", DIMENSION, "english")
+    table = store.CollectionTable(SCHEMA, "floor", DIMENSION, "english", "vector")
     drop_table(dsn, table.table)
     with psycopg.connect(dsn, autocommit=True) as conn:
         store.ensure_collection_table(conn, table)

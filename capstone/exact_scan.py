@@ -95,8 +95,14 @@ def _scan(conn: psycopg.Connection, target: SearchTarget) -> Iterator[tuple[np.n
         ]
     )
     statement = sql.SQL(
-        "COPY (SELECT ctid, {column} FROM {table} WHERE {column} IS NOT NULL) TO STDOUT (FORMAT BINARY)"
-    ).format(column=sql.Identifier("embedding"), table=target.table.ident)
+        "COPY (SELECT ctid, {column}{as_vector} FROM {table} WHERE {column} IS NOT NULL)"
+        " TO STDOUT (FORMAT BINARY)"
+    ).format(
+        column=sql.Identifier("embedding"),
+        # halfvec values stream as vector: the 4-byte floats the reader expects, the same numbers
+        as_vector=sql.SQL("::vector") if target.table.vector_type == "halfvec" else sql.SQL(""),
+        table=target.table.ident,
+    )
     pending = bytearray()
     header_read = False
     with conn.cursor() as cur, cur.copy(statement) as copy:
@@ -162,9 +168,11 @@ def _ranked(
     """
     operator = sql.SQL(DISTANCE_OPERATORS[target.metric])  # from a fixed table of pgvector operators
     statement = sql.SQL(
-        "SELECT id, document_id, chunk_index, embedding {op} %(query)s, left(content, {snippet})"
+        "SELECT id, document_id, chunk_index, embedding {op} %(query)s{cast}, left(content, {snippet})"
         " FROM {table} WHERE ctid = ANY(%(tids)s::tid[])"
-    ).format(op=operator, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident)
+    ).format(
+        op=operator, cast=target.table.cast, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident
+    )
     rows = conn.execute(statement, {"query": query, "tids": tids}).fetchall()
     rows.sort(key=lambda row: (float(row[3]), row[0]))
     return hits_from_rows(rows[:limit], target.metric)

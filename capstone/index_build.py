@@ -38,6 +38,7 @@ from capstone.settings import (
     CollectionSettings,
     IndexType,
     Metric,
+    VectorType,
 )
 from capstone.store import TEXT_SEARCH_COLUMN
 
@@ -55,10 +56,9 @@ __all__ = [
 ]
 
 DISTANCE_OPERATORS: dict[Metric, str] = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
-OPCLASSES: dict[Metric, str] = {
-    "cosine": "vector_cosine_ops",
-    "l2": "vector_l2_ops",
-    "inner_product": "vector_ip_ops",
+OPCLASSES: dict[VectorType, dict[Metric, str]] = {
+    kind: {"cosine": f"{kind}_cosine_ops", "l2": f"{kind}_l2_ops", "inner_product": f"{kind}_ip_ops"}
+    for kind in ("vector", "halfvec")
 }
 
 _MAX_IDENTIFIER_BYTES = 63  # Postgres silently truncates longer names (NAMEDATALEN - 1)
@@ -192,6 +192,8 @@ class IndexParams(_NamedIndex):
     lists: int | None
     maintenance_work_mem: str
     column: str = "embedding"
+    # Triggers serialized by releases before halfvec carry no vector_type: their columns are vector.
+    vector_type: VectorType = "vector"
 
     @classmethod
     def of(cls, settings: CollectionSettings) -> IndexParams:
@@ -206,15 +208,18 @@ class IndexParams(_NamedIndex):
             ef_construction=index.ef_construction,
             lists=index.lists,
             maintenance_work_mem=index.maintenance_work_mem,
+            vector_type=settings.store.vector_type,
         )
 
     def __post_init__(self) -> None:
         for name in (self.schema, self.table, self.column):
             quote_ident(name)
+        if self.vector_type not in OPCLASSES:
+            raise ValueError(f"vector_type must be one of {tuple(OPCLASSES)}, got {self.vector_type!r}")
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
-        if self.metric not in OPCLASSES:
-            raise ValueError(f"metric must be one of {tuple(OPCLASSES)}, got {self.metric!r}")
+        if self.metric not in DISTANCE_OPERATORS:
+            raise ValueError(f"metric must be one of {tuple(DISTANCE_OPERATORS)}, got {self.metric!r}")
         if self.index_type == "hnsw":
             _check_hnsw(self.m, self.ef_construction)
         if self.index_type == "ivfflat" and not (self.lists and _within(self.lists, IVFFLAT_LISTS)):
@@ -230,13 +235,15 @@ class IndexParams(_NamedIndex):
         """8 hex digits identifying the parameters that shape the index (type, metric, options)."""
         # Options the index type ignores are left out, so changing them does not rebuild anything.
         hnsw = self.index_type == "hnsw"
-        shape = (
+        shape: tuple[object, ...] = (
             self.index_type,
             self.metric,
             self.m if hnsw else None,
             self.ef_construction if hnsw else None,
             None if hnsw else self.lists,
         )
+        if self.vector_type != "vector":  # names of vector indexes stay what earlier releases built
+            shape += (self.vector_type,)
         return hashlib.sha256(repr(shape).encode()).hexdigest()[:8]
 
     @property
@@ -246,8 +253,8 @@ class IndexParams(_NamedIndex):
 
     @property
     def opclass(self) -> str:
-        """pgvector operator class matching the metric."""
-        return OPCLASSES[self.metric]
+        """pgvector operator class matching the column's type and the metric."""
+        return OPCLASSES[self.vector_type][self.metric]
 
     def with_options(self) -> str:
         """The ``WITH (...)`` clause (validated integers, so safe to inline in DDL)."""

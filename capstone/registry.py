@@ -23,7 +23,14 @@ from psycopg.rows import dict_row
 from capstone.contracts import ValidationSummary
 from capstone.embeddings.base import Embedder
 from capstone.index_build import IndexParams
-from capstone.settings import CollectionSettings, EmbeddingSettings, IndexType, Metric, SearchSettings
+from capstone.settings import (
+    CollectionSettings,
+    EmbeddingSettings,
+    IndexType,
+    Metric,
+    SearchSettings,
+    VectorType,
+)
 from capstone.store import STAGING_SCHEMA, CollectionTable
 
 __all__ = [
@@ -54,8 +61,11 @@ _COLUMNS = (
     "probes",
     "embedding_options",
     "search_options",
+    "vector_type",
     "last_validation",
 )
+# Columns added after the first release, with their types: registries created earlier get them.
+_ADDED_COLUMNS = {"search_options": "jsonb", "vector_type": "text"}
 
 
 class CollectionNotRegistered(LookupError):
@@ -88,6 +98,7 @@ class CollectionRecord:
     ef_search: int
     probes: int
     search: SearchSettings
+    vector_type: VectorType
     last_validation: dict[str, Any] | None = None
     updated_at: datetime | None = None
 
@@ -113,6 +124,7 @@ class CollectionRecord:
             ef_search=index.ef_search,
             probes=index.probes,
             search=settings.search,
+            vector_type=settings.store.vector_type,
         )
 
     @property
@@ -130,7 +142,9 @@ class CollectionRecord:
     @property
     def store_table(self) -> CollectionTable:
         """The collection's table."""
-        return CollectionTable(self.schema, self.table, self.dimension, self.search.text_config)
+        return CollectionTable(
+            self.schema, self.table, self.dimension, self.search.text_config, self.vector_type
+        )
 
     def embedder(self) -> Embedder:
         """The embedder the collection's chunks were embedded with, for embedding queries."""
@@ -153,18 +167,25 @@ def ensure_registry(conn: psycopg.Connection) -> None:
                 " dimension int NOT NULL, metric text NOT NULL, index_type text NOT NULL,"
                 " index_name text NOT NULL, index_params jsonb NOT NULL, ef_search int NOT NULL,"
                 " probes int NOT NULL, embedding_options jsonb NOT NULL DEFAULT '{{}}',"
-                " search_options jsonb, last_validation jsonb,"
+                " search_options jsonb, vector_type text, last_validation jsonb,"
                 " updated_at timestamptz NOT NULL DEFAULT now())"
             ).format(_REGISTRY)
         )
-        # Registries created before search options existed (checked first: ALTER locks the table).
-        missing = conn.execute(
-            "SELECT NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass"
-            " AND attname = 'search_options' AND NOT attisdropped)",
-            (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
-        ).fetchone()
-        if missing and missing[0]:
-            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN search_options jsonb").format(_REGISTRY))
+        # Registries created by earlier releases (checked first: ALTER locks the table).
+        present = {
+            row[0]
+            for row in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND NOT attisdropped",
+                (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
+            ).fetchall()
+        }
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in present:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                        _REGISTRY, sql.Identifier(column), sql.SQL(kind)
+                    )
+                )
 
 
 def register(
@@ -188,6 +209,7 @@ def register(
         record.probes,
         json.dumps(dataclasses.asdict(record.embedding)),
         json.dumps(dataclasses.asdict(record.search)),
+        record.vector_type,
         None if last_validation is None else json.dumps(last_validation),
     )
     updates = sql.SQL(", ").join(
@@ -250,6 +272,7 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
         ef_search=row["ef_search"],
         probes=row["probes"],
         search=SearchSettings(**row["search_options"]) if row.get("search_options") else _EARLIER_SEARCH,
+        vector_type=row.get("vector_type") or "vector",  # rows of earlier releases: vector columns
         last_validation=row["last_validation"],
         updated_at=row["updated_at"],
     )

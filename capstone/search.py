@@ -219,7 +219,7 @@ def _text(full_text: bool, alias: str = "") -> sql.Composable:
 
 def _distance(target: SearchTarget) -> sql.Composed:
     operator = sql.SQL(DISTANCE_OPERATORS[target.metric])  # from a fixed table of pgvector operators
-    return sql.SQL("embedding {} %(query)s").format(operator)
+    return sql.SQL("embedding {} %(query)s{}").format(operator, target.table.cast)
 
 
 def _nearest(

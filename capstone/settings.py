@@ -29,6 +29,7 @@ __all__ = [
     "INDEX_TYPES",
     "IVFFLAT_LISTS",
     "MAX_INDEXED_DIMENSION",
+    "MAX_INDEXED_DIMENSIONS",
     "MEMORY_SIZE",
     "METRICS",
     "PROVIDERS",
@@ -48,12 +49,15 @@ __all__ = [
     "SourceSettings",
     "StoreSettings",
     "ValidationSettings",
+    "VectorType",
+    "vector_type_for",
 ]
 
 Provider = Literal["hash", "sentence-transformers", "openai"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 IndexType = Literal["hnsw", "ivfflat"]
 Metric = Literal["cosine", "l2", "inner_product"]
+VectorType = Literal["vector", "halfvec"]
 Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
 SearchMode = Literal["vector", "keyword", "hybrid"]
 PROVIDERS: tuple[Provider, ...] = get_args(Provider)
@@ -77,6 +81,8 @@ DEFAULT_MODELS: dict[Provider, tuple[str, int]] = {
 
 # pgvector's limits (inclusive): the spec's bounds, and what IndexParams checks.
 MAX_INDEXED_DIMENSION = 2000  # HNSW and IVFFlat index `vector` columns of at most 2,000 dimensions
+# ... and `halfvec` columns (2-byte floats) of at most 4,000.
+MAX_INDEXED_DIMENSIONS: dict[VectorType, int] = {"vector": MAX_INDEXED_DIMENSION, "halfvec": 4000}
 HNSW_M = (2, 100)
 HNSW_EF_CONSTRUCTION = (4, 1000)
 HNSW_EF_SEARCH = (1, 1000)
@@ -131,14 +137,22 @@ class EmbeddingSettings:
         return min(self.parallel_tasks, self.pool_slots)
 
 
+def vector_type_for(dimension: int) -> VectorType:
+    """``store.vector_type: auto``: ``vector`` (4-byte floats) where pgvector indexes it, ``halfvec``
+    (2-byte floats) above that."""
+    return "vector" if dimension <= MAX_INDEXED_DIMENSION else "halfvec"
+
+
 @dataclass(frozen=True)
 class StoreSettings:
-    """``store``: the Postgres table (``table`` resolved to the collection name by default)."""
+    """``store``: the Postgres table (``table`` resolved to the collection name by default) and the
+    type of its embedding column (``vector_type`` resolved from ``auto``)."""
 
     connection_id: str
     schema: str
     table: str
     max_delete_fraction: float
+    vector_type: VectorType
 
 
 @dataclass(frozen=True)
@@ -217,5 +231,9 @@ class CollectionSettings:
         from capstone.store import CollectionTable
 
         return CollectionTable(
-            self.store.schema, self.store.table, self.embedding.dimension, self.search.text_config
+            self.store.schema,
+            self.store.table,
+            self.embedding.dimension,
+            self.search.text_config,
+            self.store.vector_type,
         )

@@ -31,6 +31,7 @@ from psycopg import sql
 from capstone.contracts import BatchDescriptor
 from capstone.documents import EnrichedDocument
 from capstone.errors import TerminalError
+from capstone.settings import VectorType
 
 __all__ = [
     "STAGING_KINDS",
@@ -62,6 +63,7 @@ __all__ = [
     "stage_documents",
     "staged_vector_ids",
     "stored_text_config",
+    "stored_vector_type",
     "write_batch_vectors",
 ]
 
@@ -97,13 +99,20 @@ _GENERATED_TSVECTOR = re.compile(r"to_tsvector\('((?:[^']|'')+)'::regconfig, con
 
 @dataclass(frozen=True)
 class CollectionTable:
-    """A collection's table: ``schema.table`` with vectors of ``dimension`` and a keyword column
-    parsed with the text search configuration ``text_config``."""
+    """A collection's table: ``schema.table`` with vectors of ``dimension`` in a column of
+    ``vector_type`` (``vector`` or ``halfvec``) and a keyword column parsed with the text search
+    configuration ``text_config``."""
 
     schema: str
     table: str
     dimension: int
     text_config: str
+    vector_type: VectorType
+
+    @property
+    def cast(self) -> sql.Composable:
+        """``::halfvec`` for a halfvec table (a query vector, a staged vector), else nothing."""
+        return sql.SQL("::halfvec") if self.vector_type == "halfvec" else sql.SQL("")
 
     @property
     def ident(self) -> sql.Identifier:
@@ -198,6 +207,13 @@ def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) ->
                 f"embedding model produces {table.dimension}: set embedding.dimension to {existing}, "
                 "or point store.table at a new table (re-indexing everything)"
             )
+        stored_type = stored_vector_type(conn, table) if existing is not None else None
+        if stored_type is not None and stored_type != table.vector_type:
+            raise DimensionMismatch(
+                f"table {table.qualified} stores its vectors as {stored_type} but the collection's "
+                f"store.vector_type resolves to {table.vector_type}: set store.vector_type to {stored_type}, "
+                "or point store.table at a new table (re-indexing everything)"
+            )
         if existing is not None:
             _ensure_keyword_column(conn, table)
             return
@@ -207,11 +223,12 @@ def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) ->
                 "CREATE TABLE IF NOT EXISTS {} ("
                 " id text PRIMARY KEY, document_id text NOT NULL, chunk_index int NOT NULL,"
                 " content text NOT NULL, metadata jsonb NOT NULL DEFAULT '{{}}',"
-                " content_hash text NOT NULL, embedding vector({}),"
+                " content_hash text NOT NULL, embedding {}({}),"
                 " embedding_model text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(),"
                 " {} tsvector GENERATED ALWAYS AS ({}) STORED)"
             ).format(
                 table.ident,
+                sql.SQL(table.vector_type),  # one of two type names, from the spec
                 sql.Literal(table.dimension),
                 sql.Identifier(TEXT_SEARCH_COLUMN),
                 _tsvector_expression(table.text_config),
@@ -237,6 +254,17 @@ def stored_dimension(conn: psycopg.Connection, table: CollectionTable) -> int | 
         (table.schema, table.table),
     ).fetchone()
     return None if row is None else int(row[0])
+
+
+def stored_vector_type(conn: psycopg.Connection, table: CollectionTable) -> str | None:
+    """Type of the table's ``embedding`` column (``vector``, ``halfvec``), or None without a table."""
+    row = conn.execute(
+        "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'embedding' AND NOT a.attisdropped",
+        (table.schema, table.table),
+    ).fetchone()
+    return None if row is None else str(row[0]).rpartition(".")[2]
 
 
 def stored_text_config(conn: psycopg.Connection, table: CollectionTable) -> str | None:
@@ -707,7 +735,7 @@ _MERGE = (
     "INSERT INTO {table} AS t (id, document_id, chunk_index, content, metadata, content_hash,"
     " embedding, embedding_model, updated_at)"
     " SELECT c.id, c.document_id, c.chunk_index, c.content, c.metadata, c.content_hash,"
-    " v.embedding, %s, clock_timestamp()"
+    " v.embedding{cast}, %s, clock_timestamp()"
     " FROM {vectors} v JOIN {chunks} c ON c.id = v.id"
     " WHERE v.id >= %s AND v.id <= %s AND c.id >= %s AND c.id <= %s"
 )
@@ -743,6 +771,7 @@ def merge_batch(
         "table": table.ident,
         "vectors": run_table(run_key, "vectors"),
         "chunks": run_table(run_key, "chunks"),
+        "cast": table.cast,  # staging holds `vector`s of any dimension; a halfvec table casts them
     }
     params = (model, first_id, last_id, first_id, last_id)
     with conn.transaction():

@@ -68,6 +68,7 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             schema=store.schema_name,
             table=spec.table_name,
             max_delete_fraction=store.max_delete_fraction,
+            vector_type=spec.vector_type,
         ),
         index=IndexSettings(**index.model_dump()),
         upsert_batch_size=spec.upsert_batch_size,

@@ -8,7 +8,7 @@ silently ignored key.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,7 @@ from capstone.settings import (
     HNSW_M,
     IVFFLAT_LISTS,
     MAX_INDEXED_DIMENSION,
+    MAX_INDEXED_DIMENSIONS,
     MEMORY_SIZE,
     Check,
     Device,
@@ -28,6 +29,8 @@ from capstone.settings import (
     Metric,
     Provider,
     SearchMode,
+    VectorType,
+    vector_type_for,
 )
 from dag_factory.errors import InvalidField
 
@@ -218,12 +221,15 @@ class EmbeddingSpec(_Model):
                 "dimension",
                 f"required for model {self.model!r}: set it to the length of the vectors the model returns",
             )
-        if self.dimension is not None and self.dimension > MAX_INDEXED_DIMENSION:
-            # The vector type holds up to 16,000 dimensions, but pgvector indexes at most 2,000.
+        top = MAX_INDEXED_DIMENSIONS["halfvec"]
+        if self.dimension is not None and self.dimension > top:
+            # The vector type holds up to 16,000 dimensions, but pgvector indexes at most 2,000 of
+            # `vector` and 4,000 of `halfvec`.
             raise InvalidField(
                 "dimension",
-                f"{self.dimension} is above pgvector's index limit of {MAX_INDEXED_DIMENSION}: "
-                "pick a smaller model or dimension",
+                f"{self.dimension} is above pgvector's index limit of {top} (halfvec; "
+                f"{MAX_INDEXED_DIMENSION} for vector): pick a smaller model or dimension (OpenAI's "
+                "text-embedding-3 models take `dimension: 3072` or less)",
             )
         for option, provider in _PROVIDER_ONLY.items():
             # Set to something other than its default: a null or default value is harmless.
@@ -247,6 +253,12 @@ class StoreSpec(_Model):
     connection_id: str = Field(default=DEFAULT_CONNECTION_ID, min_length=1, max_length=250)
     schema_name: str = Field(default="public", alias="schema")
     table: str | None = Field(default=None, description="Default: the collection name.")
+    vector_type: Literal["auto", "vector", "halfvec"] = Field(
+        default="auto",
+        description="Type of the embedding column: 'vector' (4-byte floats, indexed up to 2,000 "
+        "dimensions), 'halfvec' (2-byte floats: half the size, indexed up to 4,000 dimensions), or "
+        "'auto' (vector up to 2,000 dimensions, halfvec above).",
+    )
     max_delete_fraction: float = Field(
         default=0.5,
         ge=0,
@@ -435,8 +447,21 @@ class CollectionSpec(_Model):
     def _output(cls, value: str | None) -> str | None:
         return _asset(value)
 
+    @property
+    def vector_type(self) -> VectorType:
+        """``store.vector_type``, ``auto`` resolved from the embedding dimension."""
+        chosen = self.store.vector_type
+        return vector_type_for(self.embedding.vector_dimension) if chosen == "auto" else chosen
+
     @model_validator(mode="after")
     def _cross_checks(self) -> CollectionSpec:
+        dimension, chosen = self.embedding.vector_dimension, self.store.vector_type
+        if chosen == "vector" and dimension > MAX_INDEXED_DIMENSION:
+            raise InvalidField(
+                "store.vector_type",
+                f"pgvector indexes 'vector' columns of at most {MAX_INDEXED_DIMENSION} dimensions and "
+                f"embedding.dimension is {dimension}: use 'halfvec' (or 'auto', which picks it)",
+            )
         if self.source_asset == self.output_asset_name:
             raise InvalidField(
                 "output_asset" if self.output_asset else "source.asset",

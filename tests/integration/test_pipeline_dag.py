@@ -191,7 +191,7 @@ def test_5000_chunks_map_over_batches_and_keep_xcoms_small(
 def _keyword_state(dsn: str, schema: str, table: str) -> tuple[str | None, list[tuple[str, bool]]]:
     """(the text search configuration of the table's keyword column, its GIN indexes and validity)."""
     with psycopg.connect(dsn) as conn:
-        config = store.stored_text_config(conn, store.CollectionTable(schema, table, 64, "english"))
+        config = store.stored_text_config(conn, store.CollectionTable(schema, table, 64, "english", "vector"))
         indexes = conn.execute(
             "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
             " JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %s::regclass AND am.amname = 'gin'",

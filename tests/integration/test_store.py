@@ -64,7 +64,7 @@ def _rows(conn: psycopg.Connection, table: store.CollectionTable) -> list[tuple]
 def test_first_run_stores_every_chunk_with_its_document_and_index(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     assert _index(pg_conn, table, "run1", _docs(5)) == 15
     rows = _rows(pg_conn, table)
     assert len(rows) == 15
@@ -73,7 +73,7 @@ def test_first_run_stores_every_chunk_with_its_document_and_index(
 
 
 def test_unchanged_chunks_are_not_batched_again(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     _index(pg_conn, table, "run1", _docs(5))
     store.stage_documents(pg_conn, "run2", "c", _docs(5), "m")
     assert store.assign_batches(pg_conn, "run2", table, 4, 1024) == []
@@ -85,7 +85,7 @@ def test_unchanged_chunks_are_not_batched_again(pg_conn: psycopg.Connection, pg_
 def test_changed_document_replaces_its_chunks_and_drops_the_ones_it_lost(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     _index(pg_conn, table, "run1", _docs(3, chunks=4))
     changed = [
         EnrichedDocument(
@@ -103,7 +103,7 @@ def test_changed_document_replaces_its_chunks_and_drops_the_ones_it_lost(
 
 
 def test_batches_never_exceed_the_map_limit(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "run1", "c", _docs(100, chunks=10), "m")
@@ -129,7 +129,7 @@ def test_rewriting_a_batch_replaces_its_vectors(pg_conn: psycopg.Connection, pg_
 def test_each_run_stages_into_its_own_unlogged_tables_dropped_at_the_end(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "own1", "c", _docs(2), "m")
@@ -166,7 +166,7 @@ def test_long_run_keys_get_distinct_valid_table_names(pg_conn: psycopg.Connectio
 
 
 def test_a_merge_missing_staged_chunks_rolls_back(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "lost", "c", _docs(2), "m")
@@ -182,15 +182,19 @@ def test_a_merge_missing_staged_chunks_rolls_back(pg_conn: psycopg.Connection, p
 
 
 def test_dimension_mismatch_fails_before_writing(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english"))
+    store.ensure_collection_table(
+        pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
+    )
     with pytest.raises(store.DimensionMismatch, match=r"dimension 8 .* produces 16"):
-        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", 16, "english"))
+        store.ensure_collection_table(
+            pg_conn, store.CollectionTable(pg_schema, "chunks", 16, "english", "vector")
+        )
 
 
 def test_merging_new_chunks_again_falls_back_to_the_upsert(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "again", "c", _docs(4), "m")
@@ -205,7 +209,7 @@ def test_merging_new_chunks_again_falls_back_to_the_upsert(
 
 
 def test_the_keyword_column_is_generated_from_the_text(pg_conn: psycopg.Connection, pg_schema: str) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     store.ensure_collection_table(pg_conn, table)
     pg_conn.execute(
         sql.SQL(
@@ -227,14 +231,19 @@ def test_an_unknown_text_search_configuration_names_the_setting_and_the_choices(
     with pytest.raises(
         store.KeywordColumnConflict, match=r"search.text_config 'klingon' .* it has: .*english.*simple"
     ):
-        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon"))
-    assert store.stored_dimension(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon")) is None
+        store.ensure_collection_table(
+            pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon", "vector")
+        )
+    assert (
+        store.stored_dimension(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon", "vector"))
+        is None
+    )
 
 
 def test_a_content_tsv_column_capstone_did_not_create_is_refused(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     store.ensure_collection_table(pg_conn, table)
     pg_conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN content_tsv").format(table.ident))
     pg_conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN content_tsv tsvector").format(table.ident))
@@ -246,12 +255,18 @@ def test_a_content_tsv_column_capstone_did_not_create_is_refused(
 def test_an_unknown_text_search_configuration_for_an_existing_table_names_the_setting(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english"))
+    store.ensure_collection_table(
+        pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
+    )
 
     with pytest.raises(store.KeywordColumnConflict, match=r"search.text_config 'klingon' .* it has: "):
-        store.ensure_collection_table(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon"))
+        store.ensure_collection_table(
+            pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "klingon", "vector")
+        )
     assert (
-        store.stored_text_config(pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english"))
+        store.stored_text_config(
+            pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
+        )
         == "english"
     )
 
@@ -259,7 +274,7 @@ def test_an_unknown_text_search_configuration_for_an_existing_table_names_the_se
 def test_adding_the_keyword_column_drops_the_ann_index_first_and_keeps_the_rows(
     pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:
-    table = store.CollectionTable(pg_schema, "chunks", DIM, "english")
+    table = store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     store.ensure_staging(pg_conn)
     store.ensure_collection_table(pg_conn, table)
     store.stage_documents(pg_conn, "kw", "c", _docs(4), "m")
@@ -289,3 +304,31 @@ def test_adding_the_keyword_column_drops_the_ann_index_first_and_keeps_the_rows(
         pg_conn, pg_schema, "chunks_hnsw_0123abcd"
     )  # dropped, for the trigger to rebuild
     store.drop_run_staging(pg_conn, "kw")
+
+
+def test_a_table_of_another_vector_type_fails_before_writing(
+    pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    store.ensure_collection_table(
+        pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
+    )
+    with pytest.raises(
+        store.DimensionMismatch, match=r"as vector .* resolves to halfvec: set store.vector_type to vector"
+    ):
+        store.ensure_collection_table(
+            pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english", "halfvec")
+        )
+
+
+def test_a_halfvec_table_takes_the_staged_vectors(pg_conn: psycopg.Connection, pg_schema: str) -> None:
+    table = store.CollectionTable(pg_schema, "halves", DIM, "english", "halfvec")
+
+    assert _index(pg_conn, table, "half", _docs(3)) == 9
+
+    row = pg_conn.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = %s::regclass AND attname = 'embedding'",
+        (f"{pg_schema}.halves",),
+    ).fetchone()
+    assert row == (f"halfvec({DIM})",) and store.stored_vector_type(pg_conn, table) == "halfvec"
+    assert store.count_vectors(pg_conn, table) == 9

@@ -129,5 +129,5 @@ def test_the_delete_guard_counts_chunks_documents_lost_too(
     assert str(refused.state) == "failed"
     assert try_numbers("emptied", refused.run_id, "prepare_chunks") == [1]
     with psycopg.connect(pg_dsn) as conn:
-        table = store.CollectionTable(pg_schema, "emptied", 64, "english")
+        table = store.CollectionTable(pg_schema, "emptied", 64, "english", "vector")
         assert store.count_vectors(conn, table) == 20

@@ -57,7 +57,7 @@ def create_collection(
 ) -> None:
     """Create the collection table as the pipeline does and COPY ``rows`` random vectors into it."""
     target = sql.Identifier(schema, table)
-    store.ensure_collection_table(conn, store.CollectionTable(schema, table, dimension, "english"))
+    store.ensure_collection_table(conn, store.CollectionTable(schema, table, dimension, "english", "vector"))
     register_vector(conn)
     copy = sql.SQL(
         "COPY {} (id, document_id, chunk_index, content, content_hash, embedding, embedding_model) "

@@ -98,9 +98,41 @@ def test_longest_allowed_identifier_is_63_bytes() -> None:
 
 
 def test_dimension_limit_is_pgvectors_index_limit() -> None:
-    assert EmbeddingSpec(model="m", dimension=MAX_INDEXED_DIMENSION).vector_dimension == 2000
-    with pytest.raises(ValidationError, match="index limit of 2000"):
-        EmbeddingSpec(model="m", dimension=MAX_INDEXED_DIMENSION + 1)
+    assert EmbeddingSpec(model="m", dimension=4000).vector_dimension == 4000
+    with pytest.raises(ValidationError, match=r"index limit of 4000 \(halfvec; 2000 for vector\)"):
+        EmbeddingSpec(model="m", dimension=4001)
+
+
+@pytest.mark.parametrize(
+    ("dimension", "vector_type", "resolved"),
+    [
+        (MAX_INDEXED_DIMENSION, "auto", "vector"),
+        (MAX_INDEXED_DIMENSION + 1, "auto", "halfvec"),
+        (384, "halfvec", "halfvec"),
+    ],
+)
+def test_vector_type_auto_is_halfvec_above_the_vector_index_limit(
+    dimension: int, vector_type: str, resolved: str
+) -> None:
+    spec = CollectionSpec.model_validate(
+        {
+            "collection": "faq",
+            "embedding": {"provider": "openai", "model": "m", "dimension": dimension},
+            "store": {"vector_type": vector_type},
+        }
+    )
+    assert spec.vector_type == resolved
+
+
+def test_a_vector_column_above_its_index_limit_names_the_setting_and_the_fix() -> None:
+    with pytest.raises(ValidationError, match=r"store.vector_type.*use 'halfvec'"):
+        CollectionSpec.model_validate(
+            {
+                "collection": "faq",
+                "embedding": {"provider": "openai", "model": "text-embedding-3-large", "dimension": 3072},
+                "store": {"vector_type": "vector"},
+            }
+        )
 
 
 def test_ivfflat_accepts_probes_up_to_lists() -> None:
