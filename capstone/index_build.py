@@ -136,13 +136,16 @@ def parse_memory(value: str) -> int:
     return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
 
 
-def build_memory(rows: int, dimension: int, index_type: str, setting: str = "auto") -> str:
+def build_memory(
+    rows: int, dimension: int, index_type: str, setting: str = "auto", value_bytes: int = 4
+) -> str:
     """``maintenance_work_mem`` for building the index over ``rows`` vectors of ``dimension``.
 
-    The vectors take ``rows * dimension * 4`` bytes; an HNSW graph adds its neighbour lists, about
-    as much again. The size is clamped to [64MB, 1GB], or to [.., setting] when the spec names one.
+    The vectors take ``rows * dimension * value_bytes`` bytes (4 for vector, 2 for halfvec); an
+    HNSW graph adds its neighbour lists, about as much again. The size is clamped to [64MB, 1GB],
+    or to [.., setting] when the spec names one.
     """
-    needed = rows * max(dimension, 0) * 4 * (2 if index_type == "hnsw" else 1)
+    needed = rows * max(dimension, 0) * value_bytes * (2 if index_type == "hnsw" else 1)
     cap = MAX_AUTO_BUILD_MEMORY if setting == "auto" else parse_memory(setting)
     if cap <= max(needed, MIN_BUILD_MEMORY):
         return setting if setting != "auto" else f"{cap // _MB}MB"
@@ -536,7 +539,11 @@ class _IndexBuild:
 
     async def _run_own_build(self, table: _Table) -> None:
         rows = await self.count()
-        memory = build_memory(rows, table.dimension, self.params.index_type, self.params.maintenance_work_mem)
+        halfvec = isinstance(self.params, IndexParams) and self.params.vector_type == "halfvec"
+        value_bytes = 2 if halfvec else 4
+        memory = build_memory(
+            rows, table.dimension, self.params.index_type, self.params.maintenance_work_mem, value_bytes
+        )
         async with _connect(self.target, "build") as build:
             await build.execute(
                 "SELECT set_config('maintenance_work_mem', $1, false), "

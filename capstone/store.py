@@ -41,6 +41,7 @@ __all__ = [
     "DimensionMismatch",
     "KeywordColumnConflict",
     "StagingIncomplete",
+    "VectorTypeMismatch",
     "assign_batches",
     "batch_spans",
     "chunk_id",
@@ -82,6 +83,10 @@ class StagingIncomplete(TerminalError, RuntimeError):
 
 class DimensionMismatch(TerminalError, ValueError):
     """The collection table stores vectors of another dimension than the configured model."""
+
+
+class VectorTypeMismatch(TerminalError, ValueError):
+    """The collection table stores vectors of another type than ``store.vector_type`` says."""
 
 
 class KeywordColumnConflict(TerminalError, ValueError):
@@ -209,15 +214,20 @@ def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) ->
             )
         stored_type = stored_vector_type(conn, table) if existing is not None else None
         if stored_type is not None and stored_type != table.vector_type:
-            raise DimensionMismatch(
+            fix = (
+                f"set store.vector_type to {stored_type}, or point store.table at a new table"
+                if stored_type in ("vector", "halfvec")
+                else "point store.table at a new table"
+            )
+            raise VectorTypeMismatch(
                 f"table {table.qualified} stores its vectors as {stored_type} but the collection's "
-                f"store.vector_type resolves to {table.vector_type}: set store.vector_type to {stored_type}, "
-                "or point store.table at a new table (re-indexing everything)"
+                f"store.vector_type resolves to {table.vector_type}: {fix} (re-indexing everything)"
             )
         if existing is not None:
             _ensure_keyword_column(conn, table)
             return
         _check_text_config(conn, table.text_config)
+        _check_vector_type(conn, table.vector_type)
         conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
@@ -238,6 +248,16 @@ def ensure_collection_table(conn: psycopg.Connection, table: CollectionTable) ->
             sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (document_id)").format(
                 sql.Identifier(f"{table.table[:50]}_document_id"), table.ident
             )
+        )
+
+
+def _check_vector_type(conn: psycopg.Connection, vector_type: VectorType) -> None:
+    row = conn.execute("SELECT to_regtype(%s) IS NOT NULL", (vector_type,)).fetchone()
+    if not (row and row[0]):
+        raise VectorTypeMismatch(
+            f"store.vector_type {vector_type!r} needs pgvector 0.7 or later, and this Postgres has no "
+            "such type: run ALTER EXTENSION vector UPDATE (as the extension's owner), or use "
+            "store.vector_type: vector"
         )
 
 

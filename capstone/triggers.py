@@ -21,6 +21,16 @@ from capstone.index_build import IndexParams, KeywordIndexParams, build_index
 __all__ = ["VectorStoreIndexingTrigger"]
 
 
+def _index_kwargs(params: IndexParams) -> dict[str, Any]:
+    """The index's fields for :meth:`VectorStoreIndexingTrigger.serialize`; ``vector_type`` only
+    when it is not ``vector``, so that what a collection of ``vector`` serializes is what releases
+    before ``halfvec`` read."""
+    fields = dataclasses.asdict(params)
+    if fields["vector_type"] == "vector":
+        del fields["vector_type"]
+    return fields
+
+
 class VectorStoreIndexingTrigger(BaseTrigger):
     """Build (or follow the build of) a collection's HNSW/IVFFlat index, and its keyword (GIN)
     index first when given; fire one event when done.
@@ -68,7 +78,7 @@ class VectorStoreIndexingTrigger(BaseTrigger):
             {
                 "collection_name": self.collection_name,
                 "expected_count": self.expected_count,
-                "index": dataclasses.asdict(self.params),
+                "index": _index_kwargs(self.params),
                 "connection_id": self.connection_id,
                 "poll_interval": self.poll_interval,
                 "timeout": self.timeout,

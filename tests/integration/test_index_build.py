@@ -40,6 +40,7 @@ log = logging.getLogger("test_index_build")
 
 def test_index_name_carries_a_hash_of_the_parameters() -> None:
     a = index_params("public", "docs")
+    assert a.index_name == "docs_hnsw_6a701287"  # what every release since the first names it
     b = index_params("public", "docs", m=8, ef_construction=32)
     assert a.index_name.startswith("docs_hnsw_") and len(a.index_name) == len("docs_hnsw_") + 8
     assert a.index_name != b.index_name

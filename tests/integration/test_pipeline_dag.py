@@ -213,6 +213,7 @@ def test_a_table_of_an_earlier_release_gets_its_keyword_index_in_place_on_the_ne
             sql.SQL("ALTER TABLE {} DROP COLUMN content_tsv").format(sql.Identifier(pg_schema, "ref_upgrade"))
         )
         conn.execute("UPDATE capstone.collections SET search_options = NULL WHERE name = 'ref_upgrade'")
+        conn.execute("ALTER TABLE capstone.collections DROP COLUMN vector_type")  # its registry had none
     before = _table_rows(pg_dsn, pg_schema, "ref_upgrade")
     assert _keyword_state(pg_dsn, pg_schema, "ref_upgrade") == (None, [])
     assert search_collection("ref_upgrade", "try statement", k=3, dsn=pg_dsn)  # vector, as it was validated

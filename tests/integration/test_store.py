@@ -313,7 +313,7 @@ def test_a_table_of_another_vector_type_fails_before_writing(
         pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english", "vector")
     )
     with pytest.raises(
-        store.DimensionMismatch, match=r"as vector .* resolves to halfvec: set store.vector_type to vector"
+        store.VectorTypeMismatch, match=r"as vector .* resolves to halfvec: set store.vector_type to vector"
     ):
         store.ensure_collection_table(
             pg_conn, store.CollectionTable(pg_schema, "chunks", DIM, "english", "halfvec")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -53,6 +54,22 @@ def test_serialize_round_trips_through_the_class_path() -> None:
     assert kwargs["expected_count"] == 42 and kwargs["timeout"] == 60.0 and kwargs["index"]["lists"] == 10
     assert json.loads(json.dumps(kwargs)) == kwargs  # Airflow stores the kwargs as JSON
     assert kwargs["keyword_index"] is None and rebuilt.keyword is None
+    assert "vector_type" not in kwargs["index"]  # what releases before halfvec serialized and read
+
+
+def test_a_halfvec_index_serializes_its_type() -> None:
+    params = replace(index_params("public", "docs"), vector_type="halfvec")
+    trigger = VectorStoreIndexingTrigger(
+        collection_name="docs", expected_count=1, index=params, connection_id="c", poll_interval=1, timeout=9
+    )
+    _, kwargs = trigger.serialize()
+
+    assert kwargs["index"]["vector_type"] == "halfvec"
+    assert VectorStoreIndexingTrigger(**kwargs).params == params
+    assert (
+        params.opclass == "halfvec_cosine_ops"
+        and params.index_name != index_params("public", "docs").index_name
+    )
 
 
 def test_serialize_round_trips_the_keyword_index() -> None:

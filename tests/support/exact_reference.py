@@ -27,10 +27,13 @@ def exact_statement(target: SearchTarget) -> sql.Composed:
     operator = sql.SQL(DISTANCE_OPERATORS[target.metric])
     return sql.SQL(
         "/* exact search: index scans off */ SELECT t.id, t.document_id, t.chunk_index, n.distance,"
-        " left(t.content, {snippet}) FROM (SELECT ctid AS row_ctid, embedding {op} %(query)s AS distance"
-        " FROM {table} WHERE embedding IS NOT NULL ORDER BY embedding {op} %(query)s LIMIT %(limit)s) n"
+        " left(t.content, {snippet}) FROM (SELECT ctid AS row_ctid,"
+        " embedding {op} %(query)s{cast} AS distance FROM {table} WHERE embedding IS NOT NULL"
+        " ORDER BY embedding {op} %(query)s{cast} LIMIT %(limit)s) n"
         " JOIN {table} t ON t.ctid = n.row_ctid ORDER BY n.distance"
-    ).format(op=operator, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident)
+    ).format(
+        op=operator, cast=target.table.cast, snippet=sql.Literal(SNIPPET_CHARS), table=target.table.ident
+    )
 
 
 @contextmanager
