@@ -267,24 +267,25 @@ def _tsvector_expression(text_config: str) -> sql.Composed:
 
 def stored_dimension(conn: psycopg.Connection, table: CollectionTable) -> int | None:
     """Dimension of the table's ``embedding`` column, or None when the table does not exist."""
-    row = conn.execute(
-        "SELECT a.atttypmod FROM pg_attribute a"
-        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'embedding' AND NOT a.attisdropped",
-        (table.schema, table.table),
-    ).fetchone()
-    return None if row is None else int(row[0])
+    column = _embedding_column(conn, table)
+    return None if column is None else column[1]
 
 
 def stored_vector_type(conn: psycopg.Connection, table: CollectionTable) -> str | None:
     """Type of the table's ``embedding`` column (``vector``, ``halfvec``), or None without a table."""
+    column = _embedding_column(conn, table)
+    return None if column is None else column[0]
+
+
+def _embedding_column(conn: psycopg.Connection, table: CollectionTable) -> tuple[str, int] | None:
+    """(type name, typmod: the dimension) of the table's ``embedding`` column, None without one."""
     row = conn.execute(
-        "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a"
+        "SELECT format_type(a.atttypid, NULL), a.atttypmod FROM pg_attribute a"
         " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'embedding' AND NOT a.attisdropped",
         (table.schema, table.table),
     ).fetchone()
-    return None if row is None else str(row[0]).rpartition(".")[2]
+    return None if row is None else (str(row[0]).rpartition(".")[2], int(row[1]))
 
 
 def stored_text_config(conn: psycopg.Connection, table: CollectionTable) -> str | None:
