@@ -256,7 +256,7 @@ def _check_vector_type(conn: psycopg.Connection, vector_type: VectorType) -> Non
     if not (row and row[0]):
         raise VectorTypeMismatch(
             f"store.vector_type {vector_type!r} needs pgvector 0.7 or later, and this Postgres has no "
-            "such type: run ALTER EXTENSION vector UPDATE (as the extension's owner), or use "
+            "such type: run `alter extension vector update` (as the extension's owner), or use "
             "store.vector_type: vector"
         )
 
