@@ -35,12 +35,12 @@ from capstone.settings import (
     INDEX_TYPES,
     IVFFLAT_LISTS,
     MEMORY_SIZE,
+    TEXT_SEARCH_COLUMN,
     CollectionSettings,
     IndexType,
     Metric,
     VectorType,
 )
-from capstone.store import TEXT_SEARCH_COLUMN
 
 __all__ = [
     "DISTANCE_OPERATORS",

@@ -172,13 +172,7 @@ def ensure_registry(conn: psycopg.Connection) -> None:
             ).format(_REGISTRY)
         )
         # Registries created by earlier releases (checked first: ALTER locks the table).
-        present = {
-            row[0]
-            for row in conn.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND NOT attisdropped",
-                (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
-            ).fetchall()
-        }
+        present = _registry_columns(conn)
         for column, kind in _ADDED_COLUMNS.items():
             if column not in present:
                 conn.execute(
@@ -278,18 +272,23 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
     )
 
 
+def _registry_columns(conn: psycopg.Connection) -> set[str]:
+    """The columns ``capstone.collections`` has (none when there is no registry yet)."""
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = to_regclass(%s)"
+        " AND a.attnum > 0 AND NOT a.attisdropped",
+        (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
 def registered_search(conn: psycopg.Connection, name: str) -> SearchSettings | None:
     """The search settings the registry holds for collection ``name`` (``_EARLIER_SEARCH`` for a
     row of an earlier release), or None when it has no row for it."""
-    exists = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",)).fetchone()
-    if not exists or exists[0] is None:
+    columns = _registry_columns(conn)
+    if not columns:
         return None
-    has_options = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass"
-        " AND attname = 'search_options' AND NOT attisdropped)",
-        (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
-    ).fetchone()
-    column = sql.SQL("search_options" if has_options and has_options[0] else "NULL::jsonb")
+    column = sql.SQL("search_options" if "search_options" in columns else "NULL::jsonb")
     row = conn.execute(
         sql.SQL("SELECT {} FROM {} WHERE name = %s").format(column, _REGISTRY), (name,)
     ).fetchone()

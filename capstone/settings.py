@@ -34,6 +34,7 @@ __all__ = [
     "METRICS",
     "PROVIDERS",
     "SEARCH_MODES",
+    "TEXT_SEARCH_COLUMN",
     "Check",
     "ChunkingSettings",
     "CollectionSettings",
@@ -87,6 +88,9 @@ HNSW_M = (2, 100)
 HNSW_EF_CONSTRUCTION = (4, 1000)
 HNSW_EF_SEARCH = (1, 1000)
 IVFFLAT_LISTS = (1, 32768)
+# The generated tsvector column of every collection table, which keyword search reads and the
+# keyword (GIN) index holds.
+TEXT_SEARCH_COLUMN = "content_tsv"
 # A Postgres size for maintenance_work_mem, as the spec and the index build accept it.
 MEMORY_SIZE = r"([1-9][0-9]{0,6})(kB|MB|GB)"
 

@@ -31,7 +31,7 @@ from psycopg import sql
 from capstone.contracts import BatchDescriptor
 from capstone.documents import EnrichedDocument
 from capstone.errors import TerminalError
-from capstone.settings import VectorType
+from capstone.settings import TEXT_SEARCH_COLUMN, VectorType
 
 __all__ = [
     "STAGING_KINDS",
@@ -94,8 +94,6 @@ class KeywordColumnConflict(TerminalError, ValueError):
     configuration the spec names does not exist."""
 
 
-# The generated tsvector column keyword search reads and the GIN index holds.
-TEXT_SEARCH_COLUMN = "content_tsv"
 # How long adding (or re-configuring) the keyword column of an existing table waits for its lock
 # before giving up (the task retries): an ALTER queued behind a long query blocks readers too.
 KEYWORD_COLUMN_LOCK_TIMEOUT = "30s"
