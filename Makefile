@@ -55,7 +55,7 @@ up: $(VENV)/.installed-local
 down: $(VENV)/.installed-dev
 	$(PY) -m dag_factory.local.stack down
 
-BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality
+BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality version_switch
 .PHONY: bench bench-embed-stage $(addprefix bench-,$(BENCHMARKS))
 
 $(VENV)/.installed-bench: $(VENV)/.installed-local
@@ -72,7 +72,7 @@ $(addprefix bench-,$(BENCHMARKS)): bench-%: $(VENV)/.installed-bench
 ## make bench-embed-stage: the embedding stage on real Airflow services vs a bare encode (~15 min)
 bench-embed-stage: bench-embed_stage
 
-## make bench-quantization: vector vs halfvec vs binary HNSW at 100k x 1536 (over an hour on 2 cores;
+## make bench-quantization: vector vs halfvec vs binary HNSW at 100k x 1536 (~12 minutes on 2 cores;
 ## not part of make bench). QUANTIZATION_ROWS=20000 takes 3 minutes.
 QUANTIZATION_ROWS ?= 100000
 .PHONY: bench-quantization

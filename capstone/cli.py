@@ -1,9 +1,12 @@
-"""``python -m capstone``: operate the embedded Postgres, and search an indexed collection.
+"""``python -m capstone``: operate the embedded Postgres, search an indexed collection, and list or
+switch the versions of a collection (one per embedding model, see :mod:`capstone.versions`).
 
 python -m capstone db start|stop|status|uri
 python -m capstone search --collection documents "how do I handle exceptions" [-k 5]
     [--mode vector|keyword|hybrid] [--filter key=value ...] [--json]
     [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
+python -m capstone versions --collection documents [--dsn ... | --connection ...]
+python -m capstone rollback --collection documents [--to N] [--dsn ... | --connection ...]
 """
 
 from __future__ import annotations
@@ -158,6 +161,39 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _versions(args: argparse.Namespace) -> int:
+    """``versions`` and ``rollback``: list the collection's versions, or switch to another one."""
+    import psycopg
+
+    from capstone import versions
+    from capstone.registry import lookup
+
+    with psycopg.connect(
+        _search_dsn(args.dsn, args.connection), autocommit=True, application_name="capstone versions"
+    ) as conn:
+        record = lookup(conn, args.collection)
+        if args.command == "rollback":
+            result = versions.rollback(conn, record.schema, record.table, args.to)
+            print(
+                f"{record.schema}.{record.table} now serves version {result.live} (was version "
+                f"{result.previous}); the view was locked for {result.lock_ms:.1f} ms"
+            )
+        rows = versions.describe(conn, record.schema, record.table)
+    print(f"versions of {args.collection} ({record.schema}.{record.table}):")
+    for row in rows:
+        failed = f", last validation failed {', '.join(row['failed_checks'])}" if row["failed_checks"] else ""
+        since = (
+            f" since {row['live_from']:%Y-%m-%d %H:%M}"
+            if row["status"] == "live" and row["live_from"]
+            else ""
+        )
+        print(
+            f"  {row['version']:>3}  {row['status']:<11} {row['table_name']}  {row['model']} "
+            f"({row['dimension']} dimensions){since}{failed}"
+        )
+    return 0
+
+
 def _search_dsn(dsn: str | None, connection_id: str | None) -> str:
     """``--dsn``, else the Airflow connection; with neither given and ``vector_store_default``
     undefined, the project's embedded Postgres if it is already running (say, after ``make demo``).
@@ -197,17 +233,19 @@ def _search_command(args: argparse.Namespace) -> int:
     import psycopg
 
     from capstone.embeddings import MissingAPIKeyError, MissingExtraError, ModelNotAvailableError
+    from capstone.versions import NoVersionToRollBackTo
 
     try:
-        return _search(args)
+        return _versions(args) if args.command in ("versions", "rollback") else _search(args)
     except (
         LookupError,
         psycopg.OperationalError,
         MissingAPIKeyError,
         MissingExtraError,
         ModelNotAvailableError,
+        NoVersionToRollBackTo,
     ) as err:
-        print(f"capstone search: error: {err}", file=sys.stderr)
+        print(f"capstone {args.command}: error: {err}", file=sys.stderr)
         return 1
 
 
@@ -246,7 +284,31 @@ def _parser() -> argparse.ArgumentParser:
         help="how to rank (default: the collection's search.mode)",
     )
     search.add_argument("--json", action="store_true", help="print the hits, full text and metadata, as JSON")
-    where = search.add_mutually_exclusive_group()
+    _where(search)
+    listing = commands.add_parser(
+        "versions",
+        help="list a collection's versions (one per embedding model) and which one is live",
+    )
+    listing.add_argument("--collection", required=True, help="collection name (the DAG id)")
+    _where(listing)
+    rollback = commands.add_parser(
+        "rollback",
+        help="switch a collection back to its previous version (or to version --to N)",
+        description="Point the collection's stable name (the view consumers query) and its search "
+        "registration at an earlier version kept by store.keep_versions, in one transaction. The version "
+        "switched away from is kept; runs whose YAML still names its model fail until the YAML names the "
+        "live model again, or `rollback --to` rolls forward to it.",
+    )
+    rollback.add_argument("--collection", required=True, help="collection name (the DAG id)")
+    rollback.add_argument(
+        "--to", type=int, metavar="N", help="the version to switch to (default: the previous)"
+    )
+    _where(rollback)
+    return parser
+
+
+def _where(command: argparse.ArgumentParser) -> None:
+    where = command.add_mutually_exclusive_group()
     where.add_argument("--dsn", help="a libpq URI, e.g. postgresql://user:pass@host:5432/db")
     where.add_argument(
         "--connection",
@@ -254,7 +316,6 @@ def _parser() -> argparse.ArgumentParser:
         help="an Airflow connection id (default vector_store_default; if that is not defined, the "
         "project's embedded Postgres when it is running)",
     )
-    return parser
 
 
 def _positive(value: str) -> int:
@@ -269,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "db":
         return _db(args.action)
-    if args.command == "search":
+    if args.command in ("search", "versions", "rollback"):
         return _search_command(args)
     return 2
 

@@ -32,6 +32,7 @@ __all__ = [
     "UpsertResult",
     "ValidationReport",
     "ValidationSummary",
+    "VersionRef",
 ]
 
 # How many ids (rejected documents, refused chunks) a contract lists in full; counts stay exact.
@@ -46,6 +47,19 @@ class Rejection(TypedDict):
     reason: str
 
 
+class VersionRef(TypedDict):
+    """The version of the collection a run writes to (see :mod:`capstone.versions`): its number and
+    table, ``live`` or ``building``, whether it holds the live version's chunks yet (``seeded``), the
+    key its chunk hashes are computed with, and its embedding fingerprint."""
+
+    number: int
+    table: str
+    status: str
+    seeded: bool
+    hash_key: str
+    fingerprint: str
+
+
 class LoadResult(TypedDict):
     """``load_enriched_documents``: what the run's batches held."""
 
@@ -56,6 +70,7 @@ class LoadResult(TypedDict):
     chunks: int
     rejected_count: int
     rejected: list[Rejection]
+    hash_key: NotRequired[str]  # what the staged chunks' content hashes were computed with
 
 
 class BatchDescriptor(TypedDict):
@@ -65,6 +80,7 @@ class BatchDescriptor(TypedDict):
     batch_no: int
     chunks: int
     tasks: int
+    table: NotRequired[str]  # the version table the batch's chunks are compared with
 
 
 class PrepareSummary(TypedDict):
@@ -75,6 +91,8 @@ class PrepareSummary(TypedDict):
     to_embed: int
     unchanged: int
     to_delete: int
+    version: NotRequired[VersionRef]
+    seeded: NotRequired[int]  # chunks copied from the live version into a new one
 
 
 class Prepared(TypedDict):
@@ -105,6 +123,8 @@ class EmbeddingTotals(TypedDict):
     failed_count: int
     failed_ids: list[str]
     to_delete: int
+    version: NotRequired[VersionRef]
+    seeded: NotRequired[int]
 
 
 class UpsertResult(TypedDict):
@@ -116,6 +136,8 @@ class UpsertResult(TypedDict):
     deleted: int
     batches: int
     expected_count: int
+    version: NotRequired[VersionRef]
+    table: NotRequired[str]  # the version table the rows went to (what the index is built on)
 
 
 class IndexEvent(TypedDict):
@@ -152,6 +174,7 @@ class ValidationReport(TypedDict):
 
     collection: str
     table: str
+    version: NotRequired[dict[str, Any]]  # number and table of the collection version validated
     index: dict[str, Any]
     search: dict[str, Any]
     checks: dict[str, dict[str, Any]]
@@ -179,3 +202,7 @@ class IndexedEvent(TypedDict):
     index_name: str | None
     index_size_bytes: int | None
     validation: ValidationSummary
+    table: NotRequired[str]  # the stable name consumers query
+    version: NotRequired[int | None]  # the version this run wrote to
+    live_version: NotRequired[int | None]  # the version the stable name serves after the run
+    switched: NotRequired[bool]  # whether this run switched the stable name to its version

@@ -39,6 +39,7 @@ from capstone.settings import (
     CollectionSettings,
     IndexType,
     Metric,
+    Quantization,
     VectorType,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "check_index",
     "is_managed_index_name",
     "quote_ident",
+    "renamed_managed_index",
 ]
 
 DISTANCE_OPERATORS: dict[Metric, str] = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
@@ -119,11 +121,18 @@ def _index_name(table: str, index_type: str, params_hash: str) -> str:
 def is_managed_index_name(name: str, table: str) -> bool:
     """True for names :class:`IndexParams` (for any parameters) and :class:`KeywordIndexParams`
     give to indexes on ``table``."""
+    return renamed_managed_index(name, table, table) is not None
+
+
+def renamed_managed_index(name: str, table: str, new_table: str) -> str | None:
+    """What a managed index of ``table`` (see :func:`is_managed_index_name`) is called on
+    ``new_table``, with the same parameters; None for other indexes."""
     for index_type in (*INDEX_TYPES, KeywordIndexParams.index_type):
         prefix = _index_name(table, index_type, "0" * 8)[:-8]
-        if name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{8}", name[len(prefix) :]):
-            return True
-    return False
+        rest = name[len(prefix) :]
+        if name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{8}", rest):
+            return _index_name(new_table, index_type, rest)
+    return None
 
 
 def parse_memory(value: str) -> int:
@@ -137,19 +146,29 @@ def parse_memory(value: str) -> int:
 
 
 def build_memory(
-    rows: int, dimension: int, index_type: str, setting: str = "auto", value_bytes: int = 4
+    rows: int, dimension: int, index_type: str, setting: str = "auto", value_bytes: float = 4
 ) -> str:
     """``maintenance_work_mem`` for building the index over ``rows`` vectors of ``dimension``.
 
-    The vectors take ``rows * dimension * value_bytes`` bytes (4 for vector, 2 for halfvec); an
+    The vectors take ``rows * dimension * value_bytes`` bytes (4 for vector, 2 for halfvec, 1/8 for
+    binary quantization); an
     HNSW graph adds its neighbour lists, about as much again. The size is clamped to [64MB, 1GB],
     or to [.., setting] when the spec names one.
     """
-    needed = rows * max(dimension, 0) * value_bytes * (2 if index_type == "hnsw" else 1)
+    needed = int(rows * max(dimension, 0) * value_bytes * (2 if index_type == "hnsw" else 1))
     cap = MAX_AUTO_BUILD_MEMORY if setting == "auto" else parse_memory(setting)
     if cap <= max(needed, MIN_BUILD_MEMORY):
         return setting if setting != "auto" else f"{cap // _MB}MB"
     return f"{math.ceil(max(needed, MIN_BUILD_MEMORY) / _MB)}MB"
+
+
+def _value_bytes(params: AnyIndex) -> float:
+    """Bytes per dimension of what the index holds: 4 (vector), 2 (halfvec), 1/8 (binary)."""
+    if not isinstance(params, IndexParams):
+        return 4
+    if params.quantization == "binary":
+        return 0.125
+    return 2 if params.vector_type == "halfvec" else 4
 
 
 class _NamedIndex:
@@ -197,6 +216,10 @@ class IndexParams(_NamedIndex):
     column: str = "embedding"
     # Triggers serialized by releases before halfvec carry no vector_type: their columns are vector.
     vector_type: VectorType = "vector"
+    # "binary": HNSW over binary_quantize(column)::bit(dimension) (bit_hamming_ops); the dimension is
+    # needed (and set) only then.
+    quantization: Quantization = "none"
+    dimension: int | None = None
 
     @classmethod
     def of(cls, settings: CollectionSettings) -> IndexParams:
@@ -212,6 +235,8 @@ class IndexParams(_NamedIndex):
             lists=index.lists,
             maintenance_work_mem=index.maintenance_work_mem,
             vector_type=settings.store.vector_type,
+            quantization=index.quantization,
+            dimension=settings.embedding.dimension if index.quantization == "binary" else None,
         )
 
     def __post_init__(self) -> None:
@@ -232,6 +257,10 @@ class IndexParams(_NamedIndex):
             )
         if self.maintenance_work_mem != "auto":
             parse_memory(self.maintenance_work_mem)
+        if self.quantization not in ("none", "binary"):
+            raise ValueError(f"quantization must be 'none' or 'binary', got {self.quantization!r}")
+        if self.quantization == "binary" and (self.index_type != "hnsw" or not self.dimension):
+            raise ValueError("binary quantization needs an hnsw index and the vectors' dimension")
 
     @property
     def params_hash(self) -> str:
@@ -247,6 +276,8 @@ class IndexParams(_NamedIndex):
         )
         if self.vector_type != "vector":  # names of vector indexes stay what earlier releases built
             shape += (self.vector_type,)
+        if self.quantization != "none":
+            shape += (self.quantization,)
         return hashlib.sha256(repr(shape).encode()).hexdigest()[:8]
 
     @property
@@ -256,8 +287,19 @@ class IndexParams(_NamedIndex):
 
     @property
     def opclass(self) -> str:
-        """pgvector operator class matching the column's type and the metric."""
-        return OPCLASSES[self.vector_type][self.metric]
+        """pgvector operator class matching the column's type and the metric (Hamming distance for a
+        binary-quantized index)."""
+        return (
+            "bit_hamming_ops" if self.quantization == "binary" else OPCLASSES[self.vector_type][self.metric]
+        )
+
+    @property
+    def indexed_expression(self) -> str:
+        """What the index holds: the quoted column, or its binary quantization (an expression of the
+        quoted column and the validated dimension)."""
+        if self.quantization == "binary":
+            return f"(binary_quantize({quote_ident(self.column)})::bit({int(self.dimension or 0)}))"
+        return quote_ident(self.column)
 
     def with_options(self) -> str:
         """The ``WITH (...)`` clause (validated integers, so safe to inline in DDL)."""
@@ -270,7 +312,7 @@ class IndexParams(_NamedIndex):
         return (
             f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {quote_ident(self.index_name)} "
             f"ON {self.qualified_table} USING {self.index_type} "
-            f"({quote_ident(self.column)} {self.opclass}) {self.with_options()}"
+            f"({self.indexed_expression} {self.opclass}) {self.with_options()}"
         )
 
 
@@ -539,10 +581,12 @@ class _IndexBuild:
 
     async def _run_own_build(self, table: _Table) -> None:
         rows = await self.count()
-        halfvec = isinstance(self.params, IndexParams) and self.params.vector_type == "halfvec"
-        value_bytes = 2 if halfvec else 4
         memory = build_memory(
-            rows, table.dimension, self.params.index_type, self.params.maintenance_work_mem, value_bytes
+            rows,
+            table.dimension,
+            self.params.index_type,
+            self.params.maintenance_work_mem,
+            _value_bytes(self.params),
         )
         async with _connect(self.target, "build") as build:
             await build.execute(

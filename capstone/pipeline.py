@@ -3,10 +3,16 @@
 The DAG factory wraps these in Airflow tasks; they take and return small JSON-able dicts
 (descriptors and counts) while the bulk data goes through the staging tables of
 :mod:`capstone.store`. Every function can be re-run for the same run: it replaces what it wrote.
+
+A run writes to one version of the collection (:mod:`capstone.versions`): ``load_documents``
+resolves it from the spec's embedding fingerprint (the live version, or a new one being built
+beside it) and the tasks pass it on (``version`` in their results); the store, the index build and
+validation then work on that version's table, never on the stable name consumers read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -18,7 +24,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from capstone import store
+from capstone import store, versions
 from capstone.connections import connect, postgres_params
 from capstone.contracts import (
     MAX_LISTED,
@@ -29,6 +35,7 @@ from capstone.contracts import (
     Prepared,
     PrepareSummary,
     UpsertResult,
+    VersionRef,
 )
 from capstone.documents import (
     DUPLICATE_REASON,
@@ -123,8 +130,11 @@ def load_documents(
         stale = store.drop_stale_staging(conn, settings.collection)
         if stale:
             log.info("dropped the staging tables of %d abandoned runs", stale)
+        # Read-only: the version's tables are created (or adopted) by prepare_chunks, after the batch
+        # was read, so a run that fails here has written nothing but its staging.
+        hash_key = versions.hash_key_for(conn, settings)
         document_count, chunk_count = store.stage_documents(
-            conn, run_key, settings.collection, reader.documents(), settings.embedding.model
+            conn, run_key, settings.collection, reader.documents(), hash_key
         )
         refusal = reader.too_many_rejected(settings.source.max_rejected_fraction)
         if refusal is not None:
@@ -147,7 +157,27 @@ def load_documents(
         "chunks": chunk_count,
         "rejected_count": len(rejected),
         "rejected": [item.as_dict() for item in rejected[:MAX_LISTED]],
+        "hash_key": hash_key,
     }
+
+
+def _resolve_version(conn: psycopg.Connection, settings: CollectionSettings) -> versions.Version:
+    """The version of the collection this run writes to (see :mod:`capstone.versions`)."""
+    version = versions.resolve(conn, settings)
+    log.info(
+        "writing to version %d of %s (%s, %s)",
+        version.number,
+        settings.store_table.qualified,
+        version.table,
+        version.status if version.status == "live" else "being built beside the live version",
+    )
+    return version
+
+
+def _version_of(conn: psycopg.Connection, settings: CollectionSettings, ref: VersionRef | None) -> VersionRef:
+    """The version a task works on: what the run's earlier task said, or (for a caller that passes
+    none) the one the settings resolve to."""
+    return ref if ref is not None else _resolve_version(conn, settings).ref
 
 
 class _BatchTally:
@@ -231,20 +261,36 @@ class _BatchReader:
 
 
 def prepare_chunks(
-    settings: CollectionSettings, run_key: str, max_batches: int, *, allow_mass_delete: bool = False
+    settings: CollectionSettings,
+    run_key: str,
+    max_batches: int,
+    *,
+    allow_mass_delete: bool = False,
+    hash_key: str | None = None,
 ) -> Prepared:
     """Decide which staged chunks need embedding and cut them into batches for mapping.
+
+    First resolves the collection version the run writes to (:func:`capstone.versions.resolve`:
+    creating or adopting its table where needed); ``hash_key`` is the key ``load_documents`` hashed
+    the staged chunks with, which must still be the version's. A new version being built is
+    *seeded*: the live version's chunks that the run's documents do not replace are staged too, so
+    that every chunk is embedded with the new model.
 
     Raises :class:`NothingToIndex` when nothing is new, changed or removed and the collection's
     indexes and registration are up to date (see :func:`_unfinished_indexing`), and
     :class:`MassDeleteRefused` when the run would delete more than ``max_delete_fraction`` of the
     collection's rows (unless ``allow_mass_delete``), before anything is embedded or written.
     """
-    table = settings.store_table
     with _connect(settings) as conn:
+        ref = _resolve_version(conn, settings).ref
+        _check_hash_key(ref, hash_key)
+        at_version = versions.version_settings(settings, ref)
+        table = at_version.store_table
         store.ensure_collection_table(conn, table)
+        seeded = _seed_new_version(conn, settings, run_key, ref)
         lost = store.count_lost_chunks(conn, run_key, table)
-        _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
+        if seeded is None:
+            _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
         batches = store.assign_batches(
             conn,
             run_key,
@@ -252,9 +298,36 @@ def prepare_chunks(
             settings.embedding.batch_size,
             min(settings.embedding.parallel_tasks, max_batches),
         )
+        for batch in batches:
+            batch["table"] = table.table
         staged = store.count_staged_chunks(conn, run_key)
-        unfinished = None if batches or lost else _unfinished_indexing(conn, settings)
+        unfinished = None if batches or lost else _unfinished_indexing(conn, at_version, ref)
     to_embed = sum(batch["chunks"] for batch in batches)
+    _say_what_to_do(staged, to_embed, lost, len(batches), unfinished)
+    summary: PrepareSummary = {
+        "run_key": run_key,
+        "staged_chunks": staged,
+        "to_embed": to_embed,
+        "unchanged": staged - to_embed,
+        "to_delete": lost,
+        "version": ref,
+    }
+    if seeded is not None:
+        summary["seeded"] = seeded
+    return {"summary": summary, "batches": batches}
+
+
+def _check_hash_key(ref: VersionRef, hash_key: str | None) -> None:
+    if hash_key is not None and hash_key != ref["hash_key"]:
+        raise store.StagingIncomplete(
+            f"the run's chunks were hashed for another version of the collection than version "
+            f"{ref['number']}, which it writes to (a switch or rollback happened between its load and now): "
+            "nothing was embedded; re-run the DAG from load_enriched_documents"
+        )
+
+
+def _say_what_to_do(staged: int, to_embed: int, lost: int, batches: int, unfinished: str | None) -> None:
+    """Log what the run will do; :class:`NothingToIndex` when there is nothing."""
     log.info(
         "%d of %d staged chunks are new or changed (%d unchanged, skipped); %d stored chunks to remove; "
         "%d embedding batch(es)",
@@ -262,7 +335,7 @@ def prepare_chunks(
         staged,
         staged - to_embed,
         lost,
-        len(batches),
+        batches,
     )
     if unfinished:
         log.info(
@@ -272,25 +345,47 @@ def prepare_chunks(
     elif not batches and not lost:
         raise NothingToIndex(
             f"no new or changed chunks in this run's batches ({staged} chunks, all already indexed "
-            "with the same text, metadata and model): nothing to do, no new asset event"
+            "with the same text, metadata and embedding): nothing to do, no new asset event"
         )
-    summary: PrepareSummary = {
-        "run_key": run_key,
-        "staged_chunks": staged,
-        "to_embed": to_embed,
-        "unchanged": staged - to_embed,
-        "to_delete": lost,
-    }
-    return {"summary": summary, "batches": batches}
 
 
-def _unfinished_indexing(conn: psycopg.Connection, settings: CollectionSettings) -> str | None:
-    """Why a run with no changed chunk must still build indexes and validate, or None: an index of
-    the collection is missing or invalid (a table upgraded in place, a failed build, an index
-    dropped by hand), or the registry holds other search settings than the spec (a changed
-    ``search`` section, or a run that failed after changing the table)."""
+def _seed_new_version(
+    conn: psycopg.Connection, settings: CollectionSettings, run_key: str, ref: VersionRef
+) -> int | None:
+    """Stage the live version's chunks for a version being built that does not hold them yet;
+    returns how many (None when the run writes to a version that needs no seeding)."""
+    if ref["status"] != "building" or ref["seeded"]:
+        return None
+    live = versions.live_version(conn, settings.store.schema, settings.store.table)
+    if live is None:
+        return 0
+    source = versions.version_settings(settings, live.ref).store_table
+    seeded = store.seed_from(conn, run_key, source, ref["hash_key"])
+    log.info(
+        "version %d is new: %d chunks of the live version %d (%s) staged to be embedded with %s, besides the "
+        "run's own",
+        ref["number"],
+        seeded,
+        live.number,
+        live.table,
+        settings.embedding.model,
+    )
+    return seeded
+
+
+def _unfinished_indexing(
+    conn: psycopg.Connection, settings: CollectionSettings, version: VersionRef
+) -> str | None:
+    """Why a run with no changed chunk must still build indexes and validate, or None: the version
+    it writes to is not live yet (a new model's version whose validation failed), an index of the
+    version is missing or invalid (a table upgraded in place, a failed build, an index dropped by
+    hand), or the registry holds other search settings than the spec (a changed ``search`` section,
+    or a run that failed after changing the table). ``settings`` are the version's."""
     from capstone import registry
     from capstone.index_build import IndexParams, KeywordIndexParams
+
+    if version["status"] != "live":
+        return f"version {version['number']} ({version['table']}) is not live yet"
 
     for params in (KeywordIndexParams.of(settings), IndexParams.of(settings)):
         if not store.index_is_valid(conn, params.schema, params.index_name):
@@ -343,9 +438,10 @@ def embed_batch(settings: CollectionSettings, run_key: str, batch: BatchDescript
         earlier = done = store.count_batch_staged(conn, run_key, batch_no)
         if earlier:
             log.info("batch %d: %d of %d chunks were staged by an earlier try", batch_no, earlier, total)
-        for ids, texts in store.pending_batch_texts(
-            conn, run_key, settings.store_table, batch_no, _step_size(settings)
-        ):
+        table = settings.store_table
+        if "table" in batch:  # the version the run writes to
+            table = dataclasses.replace(table, table=batch["table"])
+        for ids, texts in store.pending_batch_texts(conn, run_key, table, batch_no, _step_size(settings)):
             if embedder is None:
                 embedder = _task_embedder(settings, int(batch.get("tasks", 1)))
             kept, vectors, refused = _embed_leaving_out_rejected(embedder, ids, texts)
@@ -498,7 +594,7 @@ def aggregate_manifests(prepared: PrepareSummary, manifests: Iterable[Manifest |
             failed_count,
             failed[:MAX_LISTED],
         )
-    return {
+    totals: EmbeddingTotals = {
         "run_key": prepared["run_key"],
         "batches": len(results),
         "embedded": embedded,
@@ -507,6 +603,11 @@ def aggregate_manifests(prepared: PrepareSummary, manifests: Iterable[Manifest |
         "failed_ids": failed[:MAX_LISTED],
         "to_delete": prepared["to_delete"],
     }
+    if "version" in prepared:
+        totals["version"] = prepared["version"]
+    if "seeded" in prepared:
+        totals["seeded"] = prepared["seeded"]
+    return totals
 
 
 # -- batch_upsert_vectors -------------------------------------------------------------------
@@ -522,18 +623,24 @@ def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> 
     only once every batch is in.
     """
     run_key = str(aggregate["run_key"])
-    table = settings.store_table
     with _connect(settings) as conn:
+        ref = _version_of(conn, settings, aggregate.get("version"))
+        at_version = versions.version_settings(settings, ref)
+        table = at_version.store_table
         store.ensure_collection_table(conn, table)
         _check_staging_complete(store.count_staged_vectors(conn, run_key), aggregate)
         spans = store.merge_spans(conn, run_key, settings.upsert_batch_size)
-        upserted, failures, terminal = _merge_spans(conn, settings, run_key, spans)
+        upserted, failures, terminal = _merge_spans(conn, at_version, run_key, spans)
         if failures:
             summary = f"{len(failures)} of {len(spans)} upsert batches failed and were rolled back"
             if terminal:  # e.g. permission denied on the table: the same would happen on every retry
                 raise MergeRefused(f"{summary} ({'; '.join(failures[:3])}); fix that first, then re-run")
             raise RuntimeError(f"{summary} ({'; '.join(failures[:3])}); the retry will redo them")
         deleted = store.delete_lost_chunks(conn, run_key, table)
+        if "seeded" in aggregate:  # the version now holds the live version's chunks and the run's
+            deleted += store.delete_unstaged(conn, run_key, table)
+            versions.mark_seeded(conn, ref, settings.store.schema, settings.store.table)
+            ref = {**ref, "seeded": True}
         store.drop_run_staging(conn, run_key)
         total = store.count_vectors(conn, table)
     log.info(
@@ -550,6 +657,8 @@ def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> 
         "deleted": deleted,
         "batches": len(spans),
         "expected_count": total,
+        "version": ref,
+        "table": table.table,
     }
 
 

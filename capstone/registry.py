@@ -6,12 +6,16 @@ in the collection's own database: its table, embedding provider and model, metri
 query-time settings (``ef_search`` / ``probes``), and how it is searched by default (mode, text
 search configuration, hybrid ranking). ``python -m capstone search`` reads that row to embed a
 query with the right model and search the right table the way validation did.
+
+The row describes the collection's *live* version (:mod:`capstone.versions`): ``table_name`` is
+the stable name consumers query, ``version``/``version_table`` the live version searches read.
+Validating a version that is not live yet registers nothing; the switch to it rewrites the row in
+the same transaction as the view, and ``rollback`` restores the row the version had.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,8 +23,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
-from capstone.contracts import ValidationSummary
+from capstone.contracts import ValidationSummary, VersionRef
 from capstone.embeddings.base import Embedder
 from capstone.index_build import IndexParams
 from capstone.settings import (
@@ -39,7 +44,9 @@ __all__ = [
     "CollectionRecord",
     "lookup",
     "register",
+    "register_row",
     "registered_search",
+    "row_values",
 ]
 
 REGISTRY_TABLE = "collections"
@@ -62,10 +69,13 @@ _COLUMNS = (
     "embedding_options",
     "search_options",
     "vector_type",
+    "version",
+    "version_table",
     "last_validation",
 )
+_JSON_COLUMNS = frozenset({"index_params", "embedding_options", "search_options", "last_validation"})
 # Columns added after the first release, with their types: registries created earlier get them.
-_ADDED_COLUMNS = {"search_options": "jsonb", "vector_type": "text"}
+_ADDED_COLUMNS = {"search_options": "jsonb", "vector_type": "text", "version": "int", "version_table": "text"}
 
 
 class CollectionNotRegistered(LookupError):
@@ -84,6 +94,9 @@ class CollectionRecord:
     """One collection as search sees it: where it is, how to embed queries, how to search it.
 
     ``embedding`` holds the model settings and where the API key comes from (never the key).
+    ``table`` is the stable name consumers query; ``version_table`` the table of the live version
+    behind it (:mod:`capstone.versions`), which searches read (None for rows of earlier releases,
+    whose ``table`` was the table itself).
     """
 
     name: str
@@ -99,18 +112,26 @@ class CollectionRecord:
     probes: int
     search: SearchSettings
     vector_type: VectorType
+    version: int | None = None
+    version_table: str | None = None
     last_validation: dict[str, Any] | None = None
     updated_at: datetime | None = None
 
     @classmethod
-    def from_settings(cls, settings: CollectionSettings) -> CollectionRecord:
-        """The record of a collection, as its settings describe it."""
+    def from_settings(
+        cls, settings: CollectionSettings, version: VersionRef | None = None
+    ) -> CollectionRecord:
+        """The record of a collection, as its settings describe it, searching ``version``'s table."""
         index = settings.index
+        table = settings.store.table if version is None else version["table"]
+        at_version = dataclasses.replace(settings, store=dataclasses.replace(settings.store, table=table))
         shape: dict[str, int | None] = (
             {"m": index.m, "ef_construction": index.ef_construction}
             if index.type == "hnsw"
             else {"lists": index.lists}
         )
+        if index.quantization == "binary":  # searched by Hamming distance, then re-ranked
+            shape["binary_rerank"] = index.rerank_candidates
         return cls(
             name=settings.collection,
             schema=settings.store.schema,
@@ -119,12 +140,14 @@ class CollectionRecord:
             embedding=settings.embedding,
             metric=index.metric,
             index_type=index.type,
-            index_name=IndexParams.of(settings).index_name,
+            index_name=IndexParams.of(at_version).index_name,
             index_params=shape,
             ef_search=index.ef_search,
             probes=index.probes,
             search=settings.search,
             vector_type=settings.store.vector_type,
+            version=None if version is None else version["number"],
+            version_table=None if version is None else version["table"],
         )
 
     @property
@@ -141,9 +164,14 @@ class CollectionRecord:
 
     @property
     def store_table(self) -> CollectionTable:
-        """The collection's table."""
+        """The table searches read: the live version's (or, for a row of an earlier release, the
+        collection's table itself)."""
         return CollectionTable(
-            self.schema, self.table, self.dimension, self.search.text_config, self.vector_type
+            self.schema,
+            self.version_table or self.table,
+            self.dimension,
+            self.search.text_config,
+            self.vector_type,
         )
 
     def embedder(self) -> Embedder:
@@ -167,7 +195,8 @@ def ensure_registry(conn: psycopg.Connection) -> None:
                 " dimension int NOT NULL, metric text NOT NULL, index_type text NOT NULL,"
                 " index_name text NOT NULL, index_params jsonb NOT NULL, ef_search int NOT NULL,"
                 " probes int NOT NULL, embedding_options jsonb NOT NULL DEFAULT '{{}}',"
-                " search_options jsonb, vector_type text, last_validation jsonb,"
+                " search_options jsonb, vector_type text, version int, version_table text,"
+                " last_validation jsonb,"
                 " updated_at timestamptz NOT NULL DEFAULT now())"
             ).format(_REGISTRY)
         )
@@ -182,30 +211,46 @@ def ensure_registry(conn: psycopg.Connection) -> None:
                 )
 
 
+def row_values(record: CollectionRecord, last_validation: ValidationSummary | None = None) -> dict[str, Any]:
+    """The registry row of ``record`` (column -> JSON-able value), as :func:`register_row` writes it
+    and :mod:`capstone.versions` keeps it for a rollback."""
+    return {
+        "name": record.name,
+        "schema_name": record.schema,
+        "table_name": record.table,
+        "connection_id": record.connection_id,
+        "provider": record.provider,
+        "model": record.model,
+        "dimension": record.dimension,
+        "metric": record.metric,
+        "index_type": record.index_type,
+        "index_name": record.index_name,
+        "index_params": record.index_params,
+        "ef_search": record.ef_search,
+        "probes": record.probes,
+        "embedding_options": dataclasses.asdict(record.embedding),
+        "search_options": dataclasses.asdict(record.search),
+        "vector_type": record.vector_type,
+        "version": record.version,
+        "version_table": record.version_table,
+        "last_validation": last_validation,
+    }
+
+
 def register(
     conn: psycopg.Connection, record: CollectionRecord, last_validation: ValidationSummary | None = None
 ) -> None:
     """Insert or replace the collection's row, with the summary of its latest validation."""
+    register_row(conn, row_values(record, last_validation))
+
+
+def register_row(conn: psycopg.Connection, row: dict[str, Any]) -> None:
+    """Insert or replace a registry row made by :func:`row_values`."""
     ensure_registry(conn)
-    values = (
-        record.name,
-        record.schema,
-        record.table,
-        record.connection_id,
-        record.provider,
-        record.model,
-        record.dimension,
-        record.metric,
-        record.index_type,
-        record.index_name,
-        json.dumps(record.index_params),
-        record.ef_search,
-        record.probes,
-        json.dumps(dataclasses.asdict(record.embedding)),
-        json.dumps(dataclasses.asdict(record.search)),
-        record.vector_type,
-        None if last_validation is None else json.dumps(last_validation),
-    )
+    values = [
+        None if row.get(column) is None else Jsonb(row[column]) if column in _JSON_COLUMNS else row[column]
+        for column in _COLUMNS
+    ]
     updates = sql.SQL(", ").join(
         sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(column)) for column in _COLUMNS[1:]
     )
@@ -267,6 +312,8 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
         probes=row["probes"],
         search=SearchSettings(**row["search_options"]) if row.get("search_options") else _EARLIER_SEARCH,
         vector_type=row.get("vector_type") or "vector",  # rows of earlier releases: vector columns
+        version=row.get("version"),
+        version_table=row.get("version_table"),
         last_validation=row["last_validation"],
         updated_at=row["updated_at"],
     )

@@ -95,13 +95,23 @@ class SearchTarget:
     ef_search: int
     probes: int
     lists: int | None = None
+    # With a binary-quantized index (``index.quantization: binary``): how many candidates the index
+    # returns by Hamming distance, which are then re-ranked by the full vectors. None otherwise.
+    binary_rerank: int | None = None
 
     @classmethod
     def of(cls, record: CollectionRecord) -> SearchTarget:
         """The target of a registered collection."""
         lists = record.index_params.get("lists")
+        rerank = record.index_params.get("binary_rerank")
         return cls(
-            record.store_table, record.metric, record.index_type, record.ef_search, record.probes, lists
+            record.store_table,
+            record.metric,
+            record.index_type,
+            record.ef_search,
+            record.probes,
+            lists,
+            rerank,
         )
 
     @property
@@ -225,7 +235,14 @@ def _distance(target: SearchTarget) -> sql.Composed:
 def _nearest(
     target: SearchTarget, search_filter: SearchFilter | None, columns: sql.Composable, limit: str
 ) -> sql.Composed:
-    """``SELECT <columns>`` of the rows nearest ``%(query)s``, served by the index, ``LIMIT %(<limit>)s``."""
+    """``SELECT <columns>`` of the rows nearest ``%(query)s``, served by the index, ``LIMIT %(<limit>)s``.
+
+    With a binary-quantized index the index serves the ``binary_rerank`` nearest by Hamming
+    distance between the quantized vectors (at least ``%(<limit>)s``), which are then ordered by
+    the exact distance of the full vectors.
+    """
+    if target.binary_rerank:
+        return _nearest_by_bits(target, search_filter, columns, limit)
     return sql.SQL(
         "SELECT {columns} FROM {table} WHERE embedding IS NOT NULL{condition}"
         " ORDER BY {distance} LIMIT {limit}"
@@ -233,6 +250,26 @@ def _nearest(
         columns=columns,
         table=target.table.ident,
         condition=search_filter.condition() if search_filter else sql.SQL(""),
+        distance=_distance(target),
+        limit=sql.Placeholder(limit),
+    )
+
+
+def _nearest_by_bits(
+    target: SearchTarget, search_filter: SearchFilter | None, columns: sql.Composable, limit: str
+) -> sql.Composed:
+    bits = sql.SQL("::bit({})").format(sql.Literal(int(target.table.dimension)))
+    return sql.SQL(
+        "SELECT {columns} FROM (SELECT id, document_id, chunk_index, content, metadata, embedding"
+        " FROM {table} WHERE embedding IS NOT NULL{condition}"
+        " ORDER BY binary_quantize(embedding){bits} <~> binary_quantize(%(query)s){bits}"
+        " LIMIT greatest({rerank}, {limit})) AS candidates ORDER BY {distance} LIMIT {limit}"
+    ).format(
+        columns=columns,
+        table=target.table.ident,
+        condition=search_filter.condition() if search_filter else sql.SQL(""),
+        bits=bits,
+        rerank=sql.Literal(int(target.binary_rerank or 0)),
         distance=_distance(target),
         limit=sql.Placeholder(limit),
     )
@@ -327,6 +364,8 @@ def ann_settings(target: SearchTarget, *, iterative: bool = False) -> dict[str, 
     ef_search/probes and, with ``iterative`` (filtered searches), pgvector's iterative index scan."""
     name, value = target.knob
     kind = "hnsw" if target.index_type == "hnsw" else "ivfflat"
+    if target.binary_rerank:  # the index must return every candidate the re-rank asks for
+        value = min(MAX_EF_SEARCH, max(value, target.binary_rerank))
     settings = {f"{kind}.{name}": str(value), "enable_seqscan": "off"}
     if iterative:
         settings[f"{kind}.iterative_scan"] = "relaxed_order"
@@ -540,6 +579,11 @@ class Searcher:
     ``session_settings=False``: each search then sets them in its own transaction. Thread-safe: a
     web server's threads may share one. Close it (or use it as a context manager) to close the pool.
 
+    After the collection switches to a new version (a new embedding model, see
+    :mod:`capstone.versions`), a searcher keeps answering from the version it loaded, consistently
+    (query embedding and vectors of one model), while that version is kept; :meth:`refresh` moves it
+    to the live one, and a search that finds its version dropped refreshes by itself.
+
         with Searcher("documents", dsn=...) as searcher:
             hits = searcher.search("how do I handle exceptions", k=5, filter={"topic": "try"})
             hits = searcher.search("StopIteration", mode="keyword")
@@ -610,6 +654,18 @@ class Searcher:
         chosen = mode or self.mode
         if chosen not in SEARCH_MODES:
             raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {chosen!r}")
+        try:
+            return self._search(query, k, chosen, SearchFilter.of(filter))
+        except psycopg.errors.UndefinedTable:
+            # The version this searcher read was dropped after a switch (store.keep_versions): follow
+            # the collection to its live version, once.
+            version = self.record.version_table
+            self.refresh()
+            if self.record.version_table == version:
+                raise
+            return self._search(query, k, chosen, SearchFilter.of(filter))
+
+    def _search(self, query: str, k: int, chosen: SearchMode, search_filter: SearchFilter) -> list[Hit]:
         vector = None
         if chosen != "keyword":
             with self._embed_lock:
@@ -623,7 +679,7 @@ class Searcher:
                 query,
                 vector,
                 k,
-                SearchFilter.of(filter),
+                search_filter,
                 full_text=True,
                 session=self._sessions.setdefault(conn, {}) if self.session_settings else None,
             )

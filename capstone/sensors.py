@@ -9,6 +9,7 @@ and a valid keyword index, mean there is nothing to wait for), otherwise defers 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -44,11 +45,13 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
     :param poll_interval: seconds between progress checks of the build.
     :param timeout: seconds the build may take before it is cancelled and the task fails.
     :param deferrable: build in the triggerer (True) or in this worker (False).
+    :param table: the table to index instead of the one ``index`` names (templated: the upsert task
+        says which version of the collection the run wrote to); None keeps ``index``'s.
 
     The returned value (pushed to XCom) is the trigger's success event.
     """
 
-    template_fields: Sequence[str] = ("expected_count",)
+    template_fields: Sequence[str] = ("expected_count", "table")
     ui_color = "#d8e9f3"
 
     def __init__(
@@ -62,6 +65,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         timeout: float,
         deferrable: bool = True,
         keyword_index: KeywordIndexParams | None = None,
+        table: str | Any | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(timeout=timeout, poke_interval=poll_interval, **kwargs)
@@ -72,10 +76,12 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         self.deferrable = deferrable
         self.index_params = index
         self.keyword_params = keyword_index
+        self.table = table  # resolved at run time: may be an XComArg or a string
 
     def execute(self, context: Context) -> IndexEvent:
         """Return at once when the index is ready; otherwise build it (deferred or in-process)."""
         expected = self._expected_count()
+        self._use_rendered_table()
         try:
             target = postgres_params(self.connection_id)
             ready = asyncio.run(
@@ -133,6 +139,15 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
             event.get("keyword_index_size_bytes", 0),
         )
         return event
+
+    def _use_rendered_table(self) -> None:
+        """Point the index parameters at the rendered ``table`` (the run's collection version)."""
+        table = str(self.table).strip() if self.table else ""
+        if not table or table == "None" or table == self.index_params.table:
+            return
+        self.index_params = dataclasses.replace(self.index_params, table=table)
+        if self.keyword_params is not None:
+            self.keyword_params = dataclasses.replace(self.keyword_params, table=table)
 
     def _expected_count(self) -> int:
         # Jinja renders to a string unless the DAG renders native objects: accept both.

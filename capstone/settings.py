@@ -12,6 +12,8 @@ every time Airflow parses the DAGs folder.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -44,6 +46,7 @@ __all__ = [
     "IndexType",
     "Metric",
     "Provider",
+    "Quantization",
     "SampleQuery",
     "SearchMode",
     "SearchSettings",
@@ -51,6 +54,7 @@ __all__ = [
     "StoreSettings",
     "ValidationSettings",
     "VectorType",
+    "embedding_fingerprint",
     "vector_type_for",
 ]
 
@@ -59,6 +63,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 IndexType = Literal["hnsw", "ivfflat"]
 Metric = Literal["cosine", "l2", "inner_product"]
 VectorType = Literal["vector", "halfvec"]
+Quantization = Literal["none", "binary"]
 Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
 SearchMode = Literal["vector", "keyword", "hybrid"]
 PROVIDERS: tuple[Provider, ...] = get_args(Provider)
@@ -147,6 +152,28 @@ def vector_type_for(dimension: int) -> VectorType:
     return "vector" if dimension <= MAX_INDEXED_DIMENSION else "halfvec"
 
 
+def embedding_fingerprint(
+    embedding: EmbeddingSettings, vector_type: VectorType, revision: str | None = None
+) -> str:
+    """16 hex digits naming what determines a collection's vectors: the provider, the model and its
+    ``revision`` (where the provider knows one), the dimension, normalisation and the column type.
+
+    Each fingerprint gets its own version of the collection (:mod:`capstone.versions`), and every
+    chunk's content hash covers it: changing any of these re-embeds every chunk into a new version.
+    How the embedding calls are made (batch sizes, threads, the device, the API's address) is left
+    out: it does not change the vectors.
+    """
+    parts = {
+        "provider": embedding.provider,
+        "model": embedding.model,
+        "revision": revision,
+        "dimension": embedding.dimension,
+        "normalize": embedding.normalize,
+        "vector_type": vector_type,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class StoreSettings:
     """``store``: the Postgres table (``table`` resolved to the collection name by default) and the
@@ -157,6 +184,8 @@ class StoreSettings:
     table: str
     max_delete_fraction: float
     vector_type: VectorType
+    # Earlier versions kept (their tables) after a switch to a new one, for `capstone rollback`.
+    keep_versions: int
 
 
 @dataclass(frozen=True)
@@ -170,6 +199,10 @@ class IndexSettings:
     ef_search: int
     lists: int | None
     probes: int
+    # "binary": the HNSW index holds binary_quantize(embedding); searches re-rank this many of its
+    # nearest by Hamming distance with the full vectors.
+    quantization: Quantization
+    rerank_candidates: int
     build_timeout_seconds: float
     poll_interval_seconds: float
     maintenance_work_mem: str

@@ -50,6 +50,7 @@ __all__ = [
     "count_staged_chunks",
     "count_staged_vectors",
     "delete_lost_chunks",
+    "delete_unstaged",
     "drop_run_staging",
     "drop_stale_staging",
     "ensure_collection_table",
@@ -61,6 +62,7 @@ __all__ = [
     "record_batch_embedded",
     "run_staging_exists",
     "run_table",
+    "seed_from",
     "stage_documents",
     "staged_vector_ids",
     "stored_text_config",
@@ -131,9 +133,12 @@ def chunk_id(document_id: str, chunk_index: int) -> str:
     return f"{document_id}_chunk_{chunk_index}"
 
 
-def content_hash(text: str, metadata_json: str, model: str) -> str:
-    """sha256 over (text, metadata, model): a chunk whose hash is stored needs no new embedding."""
-    return hashlib.sha256("\x1f".join((text, metadata_json, model)).encode("utf-8")).hexdigest()
+def content_hash(text: str, metadata_json: str, hash_key: str) -> str:
+    """sha256 over (text, metadata, the version's hash key): a chunk whose hash is stored needs no new
+    embedding. The key is the embedding fingerprint of the collection version the chunk goes to
+    (:mod:`capstone.versions`), or the model name for versions adopted from earlier releases, which
+    hashed over it."""
+    return hashlib.sha256("\x1f".join((text, metadata_json, hash_key)).encode("utf-8")).hexdigest()
 
 
 # -- DDL ------------------------------------------------------------------------------------
@@ -347,7 +352,8 @@ def _ensure_keyword_column(conn: psycopg.Connection, table: CollectionTable) -> 
             else "",
         )
         if stored is not None:
-            conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table.ident, column))
+            _regenerate_keyword_column(conn, table)
+            return
         conn.execute(
             sql.SQL("ALTER TABLE {} ADD COLUMN {} tsvector GENERATED ALWAYS AS ({}) STORED").format(
                 table.ident, column, _tsvector_expression(table.text_config)
@@ -358,6 +364,38 @@ def _ensure_keyword_column(conn: psycopg.Connection, table: CollectionTable) -> 
             f"could not lock {table.qualified} within {KEYWORD_COLUMN_LOCK_TIMEOUT} to add its keyword "
             "column: a long query or transaction holds it; nothing was changed, retry the task"
         ) from exc
+
+
+def _regenerate_keyword_column(conn: psycopg.Connection, table: CollectionTable) -> None:
+    """Re-generate the keyword column in the table's text search configuration.
+
+    PostgreSQL 17 and later change the expression in place (``SET EXPRESSION``), which keeps the
+    view over a collection's live version (and views of consumers) working; older servers drop and
+    add the column, which Postgres refuses while a view reads it.
+    """
+    column, expression = sql.Identifier(TEXT_SEARCH_COLUMN), _tsvector_expression(table.text_config)
+    if conn.info.server_version >= 170000:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET EXPRESSION AS ({})").format(
+                table.ident, column, expression
+            )
+        )
+        return
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table.ident, column))
+    except psycopg.errors.DependentObjectsStillExist as exc:
+        raise KeywordColumnConflict(
+            f"cannot change search.text_config of {table.qualified} on PostgreSQL "
+            f"{conn.info.server_version // 10000}: views read its {TEXT_SEARCH_COLUMN} column "
+            f"({exc.diag.message_detail}); PostgreSQL 17 changes it in place. Keep the old text_config, "
+            "or change the embedding too (a new version of the collection is built with the new one)"
+        ) from exc
+    conn.execute(
+        sql.SQL("ALTER TABLE {} ADD COLUMN {} tsvector GENERATED ALWAYS AS ({}) STORED").format(
+            table.ident, column, expression
+        )
+    )
 
 
 def _drop_ann_indexes(conn: psycopg.Connection, table: CollectionTable) -> list[str]:
@@ -426,11 +464,11 @@ def stage_documents(
     run_key: str,
     collection: str,
     documents: Iterable[EnrichedDocument],
-    model: str,
+    hash_key: str,
 ) -> tuple[int, int]:
     """(Re)create the run's staging tables holding ``documents``; returns (docs, chunks).
 
-    Each chunk is staged with its content hash for ``model`` (see :func:`content_hash`).
+    Each chunk is staged with its content hash under ``hash_key`` (see :func:`content_hash`).
     """
     document_count = chunk_count = 0
     chunks, docs = run_table(run_key, "chunks"), run_table(run_key, "documents")
@@ -454,7 +492,7 @@ def stage_documents(
                 for document in documents:
                     metadata = json.dumps(document.metadata, ensure_ascii=False, sort_keys=True)
                     for index, text in enumerate(document.chunks):
-                        row_hash = content_hash(text, metadata, model)
+                        row_hash = content_hash(text, metadata, hash_key)
                         copy.write_row(
                             (chunk_id(document.id, index), document.id, index, text, metadata, row_hash)
                         )
@@ -472,6 +510,63 @@ def stage_documents(
     # without them the planner may pick nested loops over a big batch (minutes at 20k chunks).
     conn.execute(sql.SQL("ANALYZE {}, {}").format(chunks, docs))
     return document_count, chunk_count
+
+
+_SEED_ROWS_PER_COPY = 5000
+
+
+def seed_from(conn: psycopg.Connection, run_key: str, source: CollectionTable, hash_key: str) -> int:
+    """Stage every chunk of ``source`` (the live version) whose document the run does not carry, with
+    its content hash under ``hash_key``: a new version of the collection re-embeds them from the live
+    version's own content and metadata. Returns the chunks staged.
+
+    The rows stream through a ``WITH HOLD`` cursor and go into staging a few thousand at a time, so
+    memory stays flat and no transaction stays open on ``source`` meanwhile.
+    """
+    chunks, docs = run_table(run_key, "chunks"), run_table(run_key, "documents")
+    query = sql.SQL(
+        "SELECT l.id, l.document_id, l.chunk_index, l.content, l.metadata FROM {} l"
+        " WHERE NOT EXISTS (SELECT 1 FROM {} d WHERE d.document_id = l.document_id)"
+    ).format(source.ident, docs)
+    seeded = 0
+    with conn.cursor(name=f"seed_{run_key[:20]}", withhold=True) as read:
+        read.itersize = _SEED_ROWS_PER_COPY
+        read.execute(query)
+        while rows := read.fetchmany(_SEED_ROWS_PER_COPY):
+            with conn.transaction(), conn.cursor() as cur:
+                copy_sql = sql.SQL(
+                    "COPY {} (id, document_id, chunk_index, content, metadata, content_hash) FROM STDIN"
+                ).format(chunks)
+                with cur.copy(copy_sql) as copy:
+                    for chunk, document, index, text, metadata in rows:
+                        metadata_json = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+                        copy.write_row(
+                            (
+                                chunk,
+                                document,
+                                index,
+                                text,
+                                metadata_json,
+                                content_hash(text, metadata_json, hash_key),
+                            )
+                        )
+            seeded += len(rows)
+            log.info("staged %d chunks of %s for re-embedding so far", seeded, source.qualified)
+    conn.execute(sql.SQL("ANALYZE {}").format(chunks))
+    return seeded
+
+
+def delete_unstaged(conn: psycopg.Connection, run_key: str, table: CollectionTable) -> int:
+    """Delete the rows of ``table`` that the run did not stage: after a seeding run, a new version
+    holds exactly the live version's chunks and the run's (say, a retired version rebuilt, whose
+    documents were deleted since it was live). Returns rows deleted."""
+    with conn.transaction():
+        cursor = conn.execute(
+            sql.SQL("DELETE FROM {} t WHERE NOT EXISTS (SELECT 1 FROM {} c WHERE c.id = t.id)").format(
+                table.ident, run_table(run_key, "chunks")
+            )
+        )
+        return cursor.rowcount
 
 
 def drop_run_staging(conn: psycopg.Connection, run_key: str) -> None:

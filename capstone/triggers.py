@@ -23,11 +23,13 @@ __all__ = ["VectorStoreIndexingTrigger"]
 
 def _index_kwargs(params: IndexParams) -> dict[str, Any]:
     """The index's fields for :meth:`VectorStoreIndexingTrigger.serialize`; ``vector_type`` only
-    when it is not ``vector``, so that what a collection of ``vector`` serializes is what releases
-    before ``halfvec`` read."""
+    when it is not ``vector``, and ``quantization`` (with ``dimension``) only when it is not
+    ``none``, so that what a collection of plain vectors serializes is what earlier releases read."""
     fields = dataclasses.asdict(params)
     if fields["vector_type"] == "vector":
         del fields["vector_type"]
+    if fields["quantization"] == "none":
+        del fields["quantization"], fields["dimension"]
     return fields
 
 

@@ -44,9 +44,9 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from capstone import registry, store
+from capstone import registry, store, versions
 from capstone.connections import connect, postgres_params
-from capstone.contracts import IndexEvent, UpsertResult, ValidationReport
+from capstone.contracts import IndexEvent, UpsertResult, ValidationReport, VersionRef
 from capstone.errors import TerminalError
 from capstone.exact_scan import exact_neighbours
 from capstone.index_build import KeywordIndexParams
@@ -135,39 +135,109 @@ def validate_collection(
 ) -> ValidationReport:
     """Run the checks, log them as a table, register the collection; raise when a ``fail_on`` check fails.
 
-    ``upserted`` is the upsert task's result (``expected_count``: rows the table should hold),
-    ``indexed`` the indexing sensor's event. Returns the report (small enough for XCom); its
-    ``summary`` goes into the asset event.
+    ``upserted`` is the upsert task's result (``expected_count``: rows the table should hold;
+    ``version``: the collection version the run wrote to), ``indexed`` the indexing sensor's event.
+    The checks run against that version's table. A version being built (a new embedding model) is
+    switched to (:func:`capstone.versions.switch`: the stable name, the catalog and the registry in
+    one transaction) only when no ``fail_on`` check fails; otherwise the live version stays live
+    and the error says so. Returns the report (small enough for XCom); its ``summary`` goes into
+    the asset event.
     """
-    record = CollectionRecord.from_settings(settings)
-    target = SearchTarget.of(record)
-    options = settings.validation
     params = postgres_params(settings.store.connection_id)
-    log.info(
-        "validating %s (%s): %d sample queries, recall@%d over %d sampled vectors with %s",
-        record.name,
-        record.store_table.qualified,
-        len(options.sample_queries),
-        options.recall_k,
-        options.recall_sample_size,
-        target.describe_knob(),
-    )
     with connect(params, application_name="capstone validation") as conn:
+        ref = _version_to_validate(conn, settings, upserted)
+        record = CollectionRecord.from_settings(settings, ref)
+        target = SearchTarget.of(record)
+        options = settings.validation
+        log.info(
+            "validating %s (%s): %d sample queries, recall@%d over %d sampled vectors with %s",
+            record.name,
+            record.store_table.qualified if ref is None else f"version {ref['number']}, {ref['table']}",
+            len(options.sample_queries),
+            options.recall_k,
+            options.recall_sample_size,
+            target.describe_knob(),
+        )
         register_vector(conn)
         facts = index_facts(conn, record, target)
         checks = _run_checks(conn, record, target, facts, options, upserted, indexed)
         report = _report(record, target, facts, checks, options.fail_on)
-        registry.register(conn, record, report["summary"])
+        summary = report["summary"]
+        failed = summary["failed"]
+        live = _settle_version(conn, settings, record, ref, summary, bool(failed))
     table = format_report(report)
-    failed, warned = report["summary"]["failed"], report["summary"]["warned"]
+    warned = summary["warned"]
     (log.error if failed else log.warning if warned else log.info)("%s", table)
     if failed:
+        kept = (
+            f"; version {ref['number']} ({ref['table']}, {record.model}) was not switched to, and "
+            f"{record.schema}.{record.table} keeps serving version {live}"
+            if ref is not None and ref["status"] == "building" and live is not None
+            else ""
+        )
         raise IndexHealthError(
             f"index health of collection {record.name!r}: {', '.join(failed)} failed, and validation.fail_on "
-            f"lists {'it' if len(failed) == 1 else 'them'}, so {record.name}.indexed is not published "
+            f"lists {'it' if len(failed) == 1 else 'them'}, so {record.name}.indexed is not published{kept} "
             f"(remove a check from fail_on to only warn about it):\n{table}"
         )
     return report
+
+
+def _version_to_validate(
+    conn: psycopg.Connection, settings: CollectionSettings, upserted: UpsertResult
+) -> VersionRef | None:
+    """The version the run wrote to; for a caller that names none, the live version, or None when
+    the collection has no versions (a plain table, validated as it is)."""
+    if "version" in upserted:
+        return upserted["version"]
+    live = versions.live_version(conn, settings.store.schema, settings.store.table)
+    return None if live is None else live.ref
+
+
+def _settle_version(
+    conn: psycopg.Connection,
+    settings: CollectionSettings,
+    record: CollectionRecord,
+    ref: VersionRef | None,
+    summary: dict[str, Any],
+    failed: bool,
+) -> int | None:
+    """Register the validated version, switching the stable name to it when it is a new one that
+    passed; returns the number of the version live afterwards. Adds ``version``, ``live_version``
+    and ``switched`` to ``summary``."""
+    schema, stable = settings.store.schema, settings.store.table
+    if ref is None:  # an unversioned table
+        registry.register(conn, record, summary)
+        return None
+    current = versions.live_version(conn, schema, stable)
+    version = next(v for v in versions.list_versions(conn, schema, stable) if v.number == ref["number"])
+    summary |= {"version": version.number, "live_version": version.number, "switched": False}
+    if version.status == "live":
+        row = registry.row_values(record, summary)
+        registry.register_row(conn, row)
+        versions.remember_record(conn, version, row)
+        return version.number
+    if failed:
+        summary["live_version"] = current.number if current else None
+        versions.record_failed_validation(conn, version, summary)
+        return summary["live_version"]
+    summary["switched"] = True
+    row = registry.row_values(record, summary)
+    result = versions.switch(
+        conn, version, lambda c: registry.register_row(c, row), settings.store.keep_versions, record=row
+    )
+    log.info(
+        "%s.%s now serves version %d (%s, %d dimensions)%s; the view was locked for %.1f ms%s",
+        schema,
+        stable,
+        result.live,
+        record.model,
+        record.dimension,
+        f" instead of version {result.previous}" if result.previous is not None else "",
+        result.lock_ms,
+        f"; dropped {', '.join(result.dropped)} (store.keep_versions)" if result.dropped else "",
+    )
+    return result.live
 
 
 def _run_checks(
@@ -235,7 +305,7 @@ def index_facts(conn: psycopg.Connection, record: CollectionRecord, target: Sear
 
 def _keyword_index_facts(conn: psycopg.Connection, record: CollectionRecord) -> dict[str, Any]:
     """Name, size and validity of the collection's keyword (GIN) index."""
-    name = KeywordIndexParams(record.schema, record.table, "auto").index_name
+    name = KeywordIndexParams(record.schema, record.store_table.table, "auto").index_name
     row = conn.execute(_INDEX_SQL, (record.schema, name)).fetchone()
     if row is None:
         return {"name": name, "exists": False, "valid": False}
@@ -549,7 +619,8 @@ def _report(
     recall = checks["recall_at_k"].facts.get("recall")
     return {
         "collection": record.name,
-        "table": record.store_table.qualified,
+        "table": f"{record.schema}.{record.table}",
+        "version": {"number": record.version, "table": record.store_table.table},
         "index": facts,
         "search": {"mode": record.search.mode, knob_name: knob},
         "checks": {
@@ -588,7 +659,8 @@ def format_report(report: ValidationReport) -> str:
     else:
         keyword_about = "MISSING (keyword and hybrid searches scan the table)"
     lines = [
-        f"index health of {report['collection']} ({report['table']}), searched with {search}",
+        f"index health of {report['collection']} ({report['table']}{_version_note(report)}), "
+        f"searched with {search}",
         f"index {index['name']}: {about}",
         f"keyword index {keyword.get('name')}: {keyword_about}",
         *(
@@ -597,6 +669,11 @@ def format_report(report: ValidationReport) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _version_note(report: ValidationReport) -> str:
+    version = report.get("version") or {}
+    return f", version {version['number']} in {version['table']}" if version.get("number") else ""
 
 
 def _duration(ms: float) -> str:

@@ -169,6 +169,7 @@ def _prepare_task(settings: CollectionSettings) -> Any:
                     loaded["run_key"],
                     conf.getint("core", "max_map_length"),
                     allow_mass_delete=_allow_mass_delete(),
+                    hash_key=loaded.get("hash_key"),
                 )
         except NothingToIndex as reason:
             log.info("%s", reason)
@@ -238,6 +239,7 @@ def _wait_task(settings: CollectionSettings, upserted: Any) -> Any:
         expected_count=upserted["expected_count"],
         index=IndexParams.of(settings),
         keyword_index=KeywordIndexParams.of(settings),
+        table=upserted["table"],  # the version of the collection the run wrote to
         connection_id=settings.store.connection_id,
         poll_interval=settings.index.poll_interval_seconds,
         timeout=settings.index.build_timeout_seconds,
@@ -288,6 +290,10 @@ def _publish_task(spec: CollectionSpec, output: Asset) -> Any:
             "index_name": indexed.get("index_name"),
             "index_size_bytes": indexed.get("index_size_bytes"),
             "validation": report["summary"],
+            "table": f"{spec.store.schema_name}.{spec.table_name}",
+            "version": report["summary"].get("version"),
+            "live_version": report["summary"].get("live_version"),
+            "switched": bool(report["summary"].get("switched")),
         }
         context["outlet_events"][output].extra = dict[str, Any](summary)
         log.info("publishing %s: %s", output.name, summary)

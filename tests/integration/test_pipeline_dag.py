@@ -26,6 +26,7 @@ from tests.support.airflow import (
     xcom_value,
     xcoms,
 )
+from tests.support.versions import as_an_earlier_release, live_table
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -88,7 +89,13 @@ def test_first_run_indexes_every_valid_chunk_and_publishes(
     assert event["chunks_embedded"] == valid_chunks
     assert event["rejected_documents"] == 4
     assert event["run_id"] == run.run_id
-    assert event["index_name"].startswith("ref_first_hnsw_")
+    assert event["index_name"].startswith("ref_first__v1_hnsw_")  # on version 1, behind the view
+    assert (event["table"], event["version"], event["live_version"], event["switched"]) == (
+        f"{pg_schema}.ref_first",
+        1,
+        1,
+        False,
+    )
 
 
 def test_rerun_embeds_nothing_and_publishes_nothing(
@@ -188,8 +195,14 @@ def test_5000_chunks_map_over_batches_and_keep_xcoms_small(
     assert len(_table_rows(pg_dsn, pg_schema, "big_run")) == 5000
 
 
-def _keyword_state(dsn: str, schema: str, table: str) -> tuple[str | None, list[tuple[str, bool]]]:
-    """(the text search configuration of the table's keyword column, its GIN indexes and validity)."""
+def _keyword_state(dsn: str, schema: str, name: str) -> tuple[str | None, list[tuple[str, bool]]]:
+    """(the text search configuration of the keyword column of the collection's live table, or of
+    its plain table before it has versions; its GIN indexes and validity)."""
+    with psycopg.connect(dsn) as conn:
+        kind = conn.execute(
+            "SELECT relkind FROM pg_class WHERE oid = %s::regclass", (f"{schema}.{name}",)
+        ).fetchone()
+    table = live_table(dsn, schema, name) if kind == ("v",) else name
     with psycopg.connect(dsn) as conn:
         config = store.stored_text_config(conn, store.CollectionTable(schema, table, 64, "english", "vector"))
         indexes = conn.execute(
@@ -206,9 +219,10 @@ def test_a_table_of_an_earlier_release_gets_its_keyword_index_in_place_on_the_ne
     spec = write_collection(tmp_path / "configs", "ref_upgrade", pg_schema)
     batch = _batch(tmp_path, corpus, "b1")
     assert str(run_collection(spec, [batch]).state) == "success"
+    # What an earlier release left: a plain table (before versions), without a keyword column (its
+    # GIN index goes with it), and a registry row without search options.
+    as_an_earlier_release(pg_dsn, pg_schema, "ref_upgrade", "hash-v1")
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        # What an earlier release left: no keyword column (its GIN index goes with it), a registry
-        # row without search options.
         conn.execute(
             sql.SQL("ALTER TABLE {} DROP COLUMN content_tsv").format(sql.Identifier(pg_schema, "ref_upgrade"))
         )

@@ -31,6 +31,7 @@ from capstone.search import (
     search_collection,
 )
 from capstone.settings import SEARCH_MODES, CollectionSettings, SearchMode
+from capstone.versions import version_settings
 from tests.support.pipeline import run_pipeline
 from tests.support.settings import collection_settings
 from tests.support.tables import jsonl_batch
@@ -67,12 +68,13 @@ def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
         name, schema, embedding={"dimension": DIMENSION}, index={"ef_search": 40}, upsert_batch_size=5000
     )
     batch = jsonl_batch(tmp_path_factory.mktemp("search") / "batch.jsonl", _documents())
-    run_pipeline(settings, f"{name}-r1", [batch])
+    version = run_pipeline(settings, f"{name}-r1", [batch])["version"]
+    live = version_settings(settings, version)  # the table of the version the pipeline wrote
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(IndexParams.of(settings).create_sql())
-        conn.execute(KeywordIndexParams.of(settings).create_sql())
-        conn.execute(sql.SQL("ANALYZE {}").format(settings.store_table.ident))
-        registry.register(conn, CollectionRecord.from_settings(settings))
+        conn.execute(IndexParams.of(live).create_sql())
+        conn.execute(KeywordIndexParams.of(live).create_sql())
+        conn.execute(sql.SQL("ANALYZE {}").format(live.store_table.ident))
+        registry.register(conn, CollectionRecord.from_settings(settings, version))
     yield settings
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM capstone.collections WHERE name = %s", (name,))
@@ -225,10 +227,12 @@ def test_the_model_is_loaded_once_for_100_searches(pg_dsn: str, pg_schema: str, 
     documents = [
         {"id": f"d{i}", "content": "x", "chunks": [f"chunk {i} about topic {i % 5}"]} for i in range(50)
     ]
-    run_pipeline(settings, "local-search-r1", [jsonl_batch(tmp_path / "b.jsonl", documents)])
+    version = run_pipeline(settings, "local-search-r1", [jsonl_batch(tmp_path / "b.jsonl", documents)])[
+        "version"
+    ]
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(IndexParams.of(settings).create_sql())
-        registry.register(conn, CollectionRecord.from_settings(settings))
+        conn.execute(IndexParams.of(version_settings(settings, version)).create_sql())
+        registry.register(conn, CollectionRecord.from_settings(settings, version))
     local_model._MODELS.clear()  # as in a new process
     loads = _LoadLog()
     logger = logging.getLogger(local_model.__name__)

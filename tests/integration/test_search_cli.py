@@ -19,6 +19,7 @@ from psycopg import sql
 from capstone.local.corpus import reference_documents, write_jsonl_batch
 from capstone.search import search_collection
 from tests.support.airflow import asset_events, run_collection, task_states, write_collection, xcom_value
+from tests.support.versions import live_table
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -113,7 +114,7 @@ def test_the_trigger_built_the_keyword_index_beside_the_vector_index(
             "SELECT c.relname, am.amname, i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i"
             " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam"
             " WHERE i.indrelid = %s::regclass",
-            (f"{indexed.schema}.{COLLECTION}",),
+            (f"{indexed.schema}.{live_table(pg_dsn, indexed.schema, COLLECTION)}",),
         ).fetchall()
     indexes = {name: (method, valid, definition) for name, method, valid, definition in rows}
 

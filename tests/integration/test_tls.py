@@ -217,8 +217,8 @@ def test_a_whole_dag_runs_with_verify_full_and_keeps_the_password_to_itself(
     with psycopg.connect(admin) as conn:
         valid = conn.execute(
             "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-            " WHERE i.indrelid = 'public.tls_docs'::regclass AND i.indisvalid"
-            " AND c.relname LIKE 'tls_docs_hnsw_%'"
+            " WHERE i.indrelid = 'public.tls_docs__v1'::regclass AND i.indisvalid"  # behind the view
+            " AND c.relname LIKE 'tls_docs\\_\\_v1\\_hnsw\\_%'"
         ).fetchone()
     assert valid == (1,)
     places = {

@@ -55,6 +55,7 @@ def test_serialize_round_trips_through_the_class_path() -> None:
     assert json.loads(json.dumps(kwargs)) == kwargs  # Airflow stores the kwargs as JSON
     assert kwargs["keyword_index"] is None and rebuilt.keyword is None
     assert "vector_type" not in kwargs["index"]  # what releases before halfvec serialized and read
+    assert "quantization" not in kwargs["index"] and "dimension" not in kwargs["index"]
 
 
 def test_a_halfvec_index_serializes_its_type() -> None:
@@ -70,6 +71,19 @@ def test_a_halfvec_index_serializes_its_type() -> None:
         params.opclass == "halfvec_cosine_ops"
         and params.index_name != index_params("public", "docs").index_name
     )
+
+
+def test_a_binary_quantized_index_serializes_its_quantization_and_indexes_the_bits() -> None:
+    params = replace(index_params("public", "docs"), quantization="binary", dimension=256)
+    trigger = VectorStoreIndexingTrigger(
+        collection_name="docs", expected_count=1, index=params, connection_id="c", poll_interval=1, timeout=9
+    )
+    _, kwargs = trigger.serialize()
+
+    assert (kwargs["index"]["quantization"], kwargs["index"]["dimension"]) == ("binary", 256)
+    assert VectorStoreIndexingTrigger(**kwargs).params == params
+    assert '((binary_quantize("embedding")::bit(256)) bit_hamming_ops)' in params.create_sql()
+    assert params.index_name != index_params("public", "docs").index_name
 
 
 def test_serialize_round_trips_the_keyword_index() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from capstone.pipeline import (
     run_key_for,
     upsert_vectors,
 )
+from capstone.versions import version_table_name
 from dag_factory.builder import build_collection_dag
 from dag_factory.loader import load_collection
 from tests.support.index_build import IndexRow, indexes_on
@@ -68,7 +70,10 @@ def test_two_overlapping_runs_end_with_exact_rows_and_one_index(
         "run-a": jsonl_batch(tmp_path / "a.jsonl", first),
         "run-b": jsonl_batch(tmp_path / "b.jsonl", second),
     }
-    params = IndexParams.of(settings)
+    # The collection's first version, which both runs write to (behind the view at "twice").
+    params = IndexParams.of(
+        replace(settings, store=replace(settings.store, table=version_table_name("twice", 1)))
+    )
     at_merge, at_build = threading.Barrier(2, timeout=60), threading.Barrier(2, timeout=60)
     results: dict[str, dict[str, Any]] = {}
     errors: list[BaseException] = []
@@ -103,4 +108,4 @@ def test_two_overlapping_runs_end_with_exact_rows_and_one_index(
     assert [event["status"] for event in events] == ["success", "success"], events
     assert sum(event["builds_started"] for event in events) == 1  # one writer built it, the other waited
     assert {event["index_name"] for event in events} == {params.index_name}
-    assert indexes_on(pg_conn, pg_schema, "twice") == [IndexRow(params.index_name, "hnsw", True)]
+    assert indexes_on(pg_conn, pg_schema, params.table) == [IndexRow(params.index_name, "hnsw", True)]

@@ -92,12 +92,13 @@ def _interrupt_a_merge(
 
     blocker = psycopg.connect(server.uri())  # closed, never committed: the stop kills it
     try:
-        blocker.execute("SELECT 1 FROM db_fault.chunks WHERE id = %s FOR UPDATE", (locked_id,))
+        # The collection's first version's table (its name, db_fault.chunks, is a view over it).
+        blocker.execute("SELECT 1 FROM db_fault.chunks__v1 WHERE id = %s FOR UPDATE", (locked_id,))
         worker = threading.Thread(target=target, name="upsert")
         worker.start()
         with psycopg.connect(server.uri(), autocommit=True) as watcher:
             deadline = time.monotonic() + 60
-            while not _merge_waiting_on_lock(watcher, '"db_fault"."chunks"'):
+            while not _merge_waiting_on_lock(watcher, '"db_fault"."chunks__v1"'):
                 assert worker.is_alive() and time.monotonic() < deadline, "the merge never reached the lock"
                 time.sleep(0.02)
         stop()

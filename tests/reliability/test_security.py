@@ -81,9 +81,17 @@ _SQL = re.compile(
     r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|COPY|ANALYZE|TRUNCATE|GRANT)\b|\bWITH \("
 )
 # What an f-string of SQL may interpolate: identifiers through quote_ident (which checks the length
-# and doubles quotes), whole quoted names built from it, integers, and values IndexParams checks
-# against a fixed set (index_type, opclass).
-_QUOTING = {"quote_ident", "int", "qualified_table", "qualified_index", "with_options", "create_sql"}
+# and doubles quotes), whole quoted names and expressions built from it and integers, and values
+# IndexParams checks against a fixed set (index_type, opclass).
+_QUOTING = {
+    "quote_ident",
+    "int",
+    "qualified_table",
+    "qualified_index",
+    "indexed_expression",
+    "with_options",
+    "create_sql",
+}
 _CHECKED = {"index_type", "opclass"}
 
 

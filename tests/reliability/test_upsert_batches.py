@@ -24,6 +24,7 @@ from capstone.settings import CollectionSettings
 from tests.support.pipeline import run_pipeline, run_until_upsert
 from tests.support.settings import collection_settings
 from tests.support.tables import assert_table_holds_exactly, jsonl_batch, stored_chunks
+from tests.support.versions import live_table
 
 DIMENSION = 32
 UPSERT_BATCH = 50
@@ -84,7 +85,7 @@ def test_a_refused_batch_rolls_back_alone_and_the_retry_finishes_exactly(
     span_ids = [_ids_between(pg_conn, run_key, first, last) for first, last, _count in spans]
     assert sorted(i for ids in span_ids for i in ids) == sorted(staged)
     refused = span_ids[3][len(span_ids[3]) // 2]  # Postgres refuses one row in the middle of span 4
-    table = sql.Identifier(pg_schema, "chunks")
+    table = sql.Identifier(pg_schema, live_table(pg_dsn, pg_schema, "chunks"))  # behind the view "chunks"
     pg_conn.execute(
         sql.SQL("ALTER TABLE {} ADD CONSTRAINT refuse_one CHECK (id <> {}) NOT VALID").format(
             table, sql.Literal(refused)
