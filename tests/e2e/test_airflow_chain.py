@@ -76,7 +76,8 @@ def test_asset_chain_runs_on_real_services(stack: AirflowStack, api: AirflowApi,
     assert published["extra"]["vector_count"] == CHUNKS
     assert published["extra"]["chunks_embedded"] == CHUNKS
     published_index = published["extra"]["index_name"]
-    assert published_index.startswith("documents_hnsw_")
+    assert published_index.startswith("documents__v1_hnsw_")  # version 1, behind the view e2e.documents
+    assert (published["extra"]["version"], published["extra"]["switched"]) == (1, False)
     # ... and the build was logged by the triggerer process (its own log file), not by a worker
     trigger_logs = list(
         stack.home.glob(
