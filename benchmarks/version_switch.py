@@ -48,7 +48,7 @@ def _fill(conn: psycopg.Connection, table: str, rows: int, dimension: int) -> No
         sql.SQL(
             "INSERT INTO {} (id, document_id, chunk_index, content, metadata, content_hash, embedding,"
             " embedding_model) SELECT 'c' || g, 'd' || g, 0, 'chunk ' || g, '{{}}', 'h',"
-            " (SELECT array_agg(random() + g * 0) FROM generate_series(1, %s))::vector, 'hash-v1'"
+            " (SELECT array_agg(random()) FROM generate_series(1, %s) s WHERE g > 0)::vector, 'hash-v1'"
             " FROM generate_series(1, %s) g"
         ).format(sql.Identifier(SCHEMA, table)),
         (dimension, rows),
@@ -82,6 +82,7 @@ def main() -> None:
     drop_schema(dsn, SCHEMA)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+        versions.ensure_catalog(conn)
         conn.execute("DELETE FROM capstone.collection_versions WHERE schema_name = %s", (SCHEMA,))
         one = versions.resolve(conn, _settings(384))
         _fill(conn, one.table, args.rows, 384)
@@ -104,7 +105,10 @@ def main() -> None:
             ends = time.monotonic() + args.seconds
             while time.monotonic() < ends:
                 target = two if len(locks) % 2 == 0 else one
-                locks.append(versions.switch(conn, target, lambda _conn: None, keep_versions=5).lock_ms)
+                switched = versions.switch(
+                    conn, target, lambda _conn: None, keep_versions=5, expected=("building", "retired")
+                )
+                locks.append(switched.lock_ms)
                 time.sleep(args.every)
     stop.set()
     for reader in readers:

@@ -233,7 +233,7 @@ def _search_command(args: argparse.Namespace) -> int:
     import psycopg
 
     from capstone.embeddings import MissingAPIKeyError, MissingExtraError, ModelNotAvailableError
-    from capstone.versions import NoVersionToRollBackTo
+    from capstone.versions import NoVersionToRollBackTo, SwitchRefused, SwitchTimeout
 
     try:
         return _versions(args) if args.command in ("versions", "rollback") else _search(args)
@@ -244,6 +244,9 @@ def _search_command(args: argparse.Namespace) -> int:
         MissingExtraError,
         ModelNotAvailableError,
         NoVersionToRollBackTo,
+        SwitchRefused,
+        SwitchTimeout,
+        psycopg.errors.DependentObjectsStillExist,
     ) as err:
         print(f"capstone {args.command}: error: {err}", file=sys.stderr)
         return 1

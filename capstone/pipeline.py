@@ -287,7 +287,14 @@ def prepare_chunks(
         at_version = versions.version_settings(settings, ref)
         table = at_version.store_table
         store.ensure_collection_table(conn, table)
-        seeded = _seed_new_version(conn, settings, run_key, ref)
+        source = versions.seed_source(conn, settings.store.schema, settings.store.table, ref["number"])
+        if source is not None:  # the run deletes what the source holds and the run's documents lost
+            source_table = versions.version_settings(settings, source.ref).store_table
+            source_lost = store.count_lost_chunks(conn, run_key, source_table)
+            _check_deletions(
+                settings, source_lost, store.count_vectors(conn, source_table), allow_mass_delete
+            )
+        seeded = _seed_version(conn, settings, run_key, ref, source)
         lost = store.count_lost_chunks(conn, run_key, table)
         if seeded is None:
             _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
@@ -302,6 +309,10 @@ def prepare_chunks(
             batch["table"] = table.table
         staged = store.count_staged_chunks(conn, run_key)
         unfinished = None if batches or lost else _unfinished_indexing(conn, at_version, ref)
+        if seeded is not None and not (batches or lost or unfinished):
+            unfinished = (
+                f"version {ref['number']} takes the rows of version {source.number if source else '?'}"
+            )
     to_embed = sum(batch["chunks"] for batch in batches)
     _say_what_to_do(staged, to_embed, lost, len(batches), unfinished)
     summary: PrepareSummary = {
@@ -321,8 +332,9 @@ def _check_hash_key(ref: VersionRef, hash_key: str | None) -> None:
     if hash_key is not None and hash_key != ref["hash_key"]:
         raise store.StagingIncomplete(
             f"the run's chunks were hashed for another version of the collection than version "
-            f"{ref['number']}, which it writes to (a switch or rollback happened between its load and now): "
-            "nothing was embedded; re-run the DAG from load_enriched_documents"
+            f"{ref['number']}, which it writes to: a switch or rollback happened between its load and "
+            "now, or the workers that ran them have different versions of the model's package installed. "
+            "Nothing was embedded; re-run the DAG from load_enriched_documents"
         )
 
 
@@ -349,26 +361,32 @@ def _say_what_to_do(staged: int, to_embed: int, lost: int, batches: int, unfinis
         )
 
 
-def _seed_new_version(
-    conn: psycopg.Connection, settings: CollectionSettings, run_key: str, ref: VersionRef
+def _seed_version(
+    conn: psycopg.Connection,
+    settings: CollectionSettings,
+    run_key: str,
+    ref: VersionRef,
+    source: versions.Version | None,
 ) -> int | None:
-    """Stage the live version's chunks for a version being built that does not hold them yet;
-    returns how many (None when the run writes to a version that needs no seeding)."""
-    if ref["status"] != "building" or ref["seeded"]:
+    """Stage the chunks of ``source`` (the live version, for a version being built; the version
+    switched away from, for one rolled back to) that the run's documents do not replace; returns how
+    many (None when the version needs no seeding)."""
+    if source is None:
         return None
-    live = versions.live_version(conn, settings.store.schema, settings.store.table)
-    if live is None:
-        return 0
-    source = versions.version_settings(settings, live.ref).store_table
-    seeded = store.seed_from(conn, run_key, source, ref["hash_key"])
+    schema, stable = settings.store.schema, settings.store.table
+    versions.claim_seeding(conn, ref, schema, stable, run_key)
+    seeded = store.seed_from(
+        conn, run_key, versions.version_settings(settings, source.ref).store_table, ref["hash_key"]
+    )
     log.info(
-        "version %d is new: %d chunks of the live version %d (%s) staged to be embedded with %s, besides the "
-        "run's own",
+        "version %d takes the rows of version %d (%s): %d of its chunks staged (embedded with %s where they "
+        "changed), besides the run's own; rows of version %d that neither has are deleted after the upsert",
         ref["number"],
+        source.number,
+        source.table,
         seeded,
-        live.number,
-        live.table,
         settings.embedding.model,
+        ref["number"],
     )
     return seeded
 
@@ -625,6 +643,7 @@ def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> 
     run_key = str(aggregate["run_key"])
     with _connect(settings) as conn:
         ref = _version_of(conn, settings, aggregate.get("version"))
+        versions.check_embedding_unchanged(settings, ref)
         at_version = versions.version_settings(settings, ref)
         table = at_version.store_table
         store.ensure_collection_table(conn, table)
@@ -637,10 +656,18 @@ def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> 
                 raise MergeRefused(f"{summary} ({'; '.join(failures[:3])}); fix that first, then re-run")
             raise RuntimeError(f"{summary} ({'; '.join(failures[:3])}); the retry will redo them")
         deleted = store.delete_lost_chunks(conn, run_key, table)
-        if "seeded" in aggregate:  # the version now holds the live version's chunks and the run's
+        if "seeded" in aggregate:  # the version now holds its source's chunks and the run's
             deleted += store.delete_unstaged(conn, run_key, table)
-            versions.mark_seeded(conn, ref, settings.store.schema, settings.store.table)
-            ref = {**ref, "seeded": True}
+            if aggregate["failed_count"]:
+                log.warning(
+                    "version %d lacks %d chunks the embedding API refused: it is not switched to, and the "
+                    "next run stages its source's rows again (only what is missing is embedded)",
+                    ref["number"],
+                    aggregate["failed_count"],
+                )
+            else:
+                versions.mark_seeded(conn, ref, settings.store.schema, settings.store.table)
+                ref = {**ref, "seeded": True}
         store.drop_run_staging(conn, run_key)
         total = store.count_vectors(conn, table)
     log.info(

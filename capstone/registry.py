@@ -46,6 +46,7 @@ __all__ = [
     "register",
     "register_row",
     "registered_search",
+    "row_for_table",
     "row_values",
 ]
 
@@ -317,6 +318,20 @@ def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
         last_validation=row["last_validation"],
         updated_at=row["updated_at"],
     )
+
+
+def row_for_table(conn: psycopg.Connection, schema: str, table: str) -> dict[str, Any] | None:
+    """The registry row (as :func:`row_values` makes them) of the collection at ``schema.table``."""
+    if not _registry_columns(conn):
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE schema_name = %s AND table_name = %s").format(_REGISTRY),
+            (schema, table),
+        ).fetchone()
+    if row is None:
+        return None
+    return {column: row.get(column) for column in _COLUMNS}
 
 
 def _registry_columns(conn: psycopg.Connection) -> set[str]:

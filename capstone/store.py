@@ -528,6 +528,12 @@ def seed_from(conn: psycopg.Connection, run_key: str, source: CollectionTable, h
         "SELECT l.id, l.document_id, l.chunk_index, l.content, l.metadata FROM {} l"
         " WHERE NOT EXISTS (SELECT 1 FROM {} d WHERE d.document_id = l.document_id)"
     ).format(source.ident, docs)
+    # What an earlier try of this step staged: everything but the run's own documents.
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {} c WHERE NOT EXISTS (SELECT 1 FROM {} d WHERE d.document_id = c.document_id)"
+        ).format(chunks, docs)
+    )
     seeded = 0
     with conn.cursor(name=f"seed_{run_key[:20]}", withhold=True) as read:
         read.itersize = _SEED_ROWS_PER_COPY

@@ -209,19 +209,38 @@ def _settle_version(
     if ref is None:  # an unversioned table
         registry.register(conn, record, summary)
         return None
+    versions.check_embedding_unchanged(settings, ref)
     current = versions.live_version(conn, schema, stable)
-    version = next(v for v in versions.list_versions(conn, schema, stable) if v.number == ref["number"])
+    version = next(
+        (v for v in versions.list_versions(conn, schema, stable) if v.number == ref["number"]), None
+    )
+    if version is None or version.status not in ("live", "building"):
+        raise versions.SwitchRefused(
+            f"version {ref['number']} of {schema}.{stable}, which this run wrote to, is "
+            f"{version.status if version else 'gone'} now (a rollback or another run switched while this run "
+            f"went on): {schema}.{stable} serves version {current.number if current else 'none'}, and "
+            "nothing was registered; trigger a new run"
+        )
     summary |= {"version": version.number, "live_version": version.number, "switched": False}
     if version.status == "live":
         row = registry.row_values(record, summary)
         registry.register_row(conn, row)
         versions.remember_record(conn, version, row)
         return version.number
-    if failed:
-        summary["live_version"] = current.number if current else None
+    summary["live_version"] = current.number if current else None
+    if failed or not version.seeded:
+        if not failed:
+            log.warning(
+                "version %d does not hold every chunk yet (the embedding API refused some): %s.%s keeps "
+                "serving version %s; the next run embeds what is missing and switches",
+                version.number,
+                schema,
+                stable,
+                summary["live_version"],
+            )
         versions.record_failed_validation(conn, version, summary)
         return summary["live_version"]
-    summary["switched"] = True
+    summary |= {"switched": True, "live_version": version.number}
     row = registry.row_values(record, summary)
     result = versions.switch(
         conn, version, lambda c: registry.register_row(c, row), settings.store.keep_versions, record=row

@@ -50,11 +50,18 @@ from capstone.settings import TEXT_SEARCH_COLUMN, CollectionSettings, embedding_
 __all__ = [
     "CATALOG_TABLE",
     "SWITCH_LOCK_TIMEOUT",
+    "EmbeddingChangedDuringRun",
     "NoVersionToRollBackTo",
+    "SeedingInProgress",
     "StableNameTaken",
+    "SwitchRefused",
     "SwitchResult",
+    "SwitchTimeout",
     "Version",
     "VersionRolledBack",
+    "check_embedding_unchanged",
+    "claim_seeding",
+    "ensure_catalog",
     "hash_key_for",
     "list_versions",
     "live_settings",
@@ -62,6 +69,7 @@ __all__ = [
     "remember_record",
     "resolve",
     "rollback",
+    "seed_source",
     "switch",
     "version_settings",
     "version_table_name",
@@ -75,7 +83,8 @@ _CATALOG_LOCK = 7_245_021_115  # advisory lock serialising the catalog's creatio
 SWITCH_LOCK_TIMEOUT = "5s"  # how long a switch waits for queries of the view before trying again
 _SWITCH_ATTEMPTS = 3
 _RENAME_LOCK_TIMEOUT = "30s"  # adopting a table renames it: wait this long for its readers
-_MAX_IDENTIFIER_BYTES = 63
+# 63 bytes (Postgres's identifier limit) less the longest index suffix, "_ivfflat_<8 hex digits>".
+_VERSION_TABLE_BYTES = 63 - len("_ivfflat_00000000")
 # The view's columns, in this order whatever the version table's physical order: CREATE OR REPLACE
 # VIEW keeps dependent views of consumers working when the columns stay the same.
 _VIEW_COLUMNS = (
@@ -105,6 +114,15 @@ class NoVersionToRollBackTo(TerminalError, LookupError):
     """``rollback`` found no kept version to switch to."""
 
 
+class SwitchRefused(TerminalError, RuntimeError):
+    """The version to switch to is no longer the one this run built (a rollback or another run
+    switched meanwhile)."""
+
+
+class SwitchTimeout(RuntimeError):
+    """The view stayed busy (long queries of it) through every try; nothing was switched."""
+
+
 @dataclass(frozen=True)
 class Version:
     """One version of a collection: its own table, the fingerprint of the vectors it holds."""
@@ -119,6 +137,9 @@ class Version:
     seeded: bool
     model: str
     dimension: int
+    # The version whose rows this one takes on its next run (after a rollback: the one switched
+    # away from), when it is live but not ``seeded``.
+    seed_from: int | None = None
 
     @property
     def ref(self) -> VersionRef:
@@ -148,9 +169,10 @@ class SwitchResult:
 
 
 def version_table_name(stable: str, number: int) -> str:
-    """``<stable>__v<number>``, the stable name shortened (never the suffix) to fit 63 bytes."""
+    """``<stable>__v<number>``, the stable name shortened (never the suffix) so that the names of the
+    version's indexes (``<table>_ivfflat_<hash>``, the longest) keep the version number."""
     suffix = f"__v{number}"
-    room = _MAX_IDENTIFIER_BYTES - len(suffix.encode())
+    room = _VERSION_TABLE_BYTES - len(suffix.encode())
     return stable.encode()[:room].decode("utf-8", "ignore") + suffix
 
 
@@ -163,10 +185,22 @@ def version_settings(settings: CollectionSettings, ref: VersionRef) -> Collectio
 # -- the catalog ------------------------------------------------------------------------------
 
 
+# Columns the catalog gained after it was first created, with their types.
+_ADDED_COLUMNS = {"seed_from": "int", "seeding_run": "text"}
+
+
 def ensure_catalog(conn: psycopg.Connection) -> None:
-    """Create ``capstone.collection_versions`` if missing (safe when several tasks do it at once)."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"capstone.{CATALOG_TABLE}",)).fetchone()
-    if row and row[0]:
+    """Create ``capstone.collection_versions`` if missing, or add the columns it lacks (safe when
+    several tasks do it at once)."""
+    present = {
+        row[0]
+        for row in conn.execute(
+            "SELECT attname FROM pg_attribute"
+            " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+            (f"capstone.{CATALOG_TABLE}",),
+        )
+    }
+    if present and not _ADDED_COLUMNS.keys() - present:
         return
     store.ensure_staging(conn)
     with conn.transaction():
@@ -183,6 +217,12 @@ def ensure_catalog(conn: psycopg.Connection) -> None:
                 " live_until timestamptz, PRIMARY KEY (schema_name, stable_name, version))"
             ).format(_CATALOG)
         )
+        for column, kind in _ADDED_COLUMNS.items():
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    _CATALOG, sql.Identifier(column), sql.SQL(kind)
+                )
+            )
 
 
 def list_versions(conn: psycopg.Connection, schema: str, stable: str) -> list[Version]:
@@ -192,7 +232,7 @@ def list_versions(conn: psycopg.Connection, schema: str, stable: str) -> list[Ve
         return []
     rows = conn.execute(
         sql.SQL(
-            "SELECT version, table_name, fingerprint, hash_key, status, seeded, model, dimension"
+            "SELECT version, table_name, fingerprint, hash_key, status, seeded, model, dimension, seed_from"
             " FROM {} WHERE schema_name = %s AND stable_name = %s ORDER BY version"
         ).format(_CATALOG),
         (schema, stable),
@@ -239,6 +279,7 @@ def hash_key_for(conn: psycopg.Connection, settings: CollectionSettings) -> str:
     the version's table is created). Raises :class:`VersionRolledBack` like :func:`resolve`."""
     fingerprint = spec_fingerprint(settings)
     schema, stable = settings.store.schema, settings.store.table
+    ensure_catalog(conn)
     existing = list_versions(conn, schema, stable)
     if existing:
         same = [version for version in existing if version.fingerprint == fingerprint]
@@ -261,6 +302,25 @@ def _refuse_rolled_back(settings: CollectionSettings, versions: list[Version], s
                 f"{f' ({live.model}, {live.dimension} dimensions)' if live else ''}, or roll forward to it: "
                 f"`python -m capstone rollback --collection {settings.collection} --to {version.number}`"
             )
+
+
+class EmbeddingChangedDuringRun(TerminalError, RuntimeError):
+    """The spec's embedding is not the one of the version the run's earlier tasks chose."""
+
+
+def check_embedding_unchanged(settings: CollectionSettings, ref: VersionRef) -> None:
+    """Refuse to write or switch when the spec's embedding fingerprint is no longer the version's:
+    the YAML changed while the run was going on (or workers run different model packages)."""
+    if ref["fingerprint"].startswith("adopted-"):
+        return
+    fingerprint = spec_fingerprint(settings)
+    if fingerprint != ref["fingerprint"]:
+        raise EmbeddingChangedDuringRun(
+            f"collection {settings.collection}: this run writes to version {ref['number']} "
+            f"(embedding {ref['fingerprint']}), but the spec now names embedding {fingerprint}: the YAML's "
+            "embedding changed while the run went on, or this worker has another version of the model's "
+            "package than the one that started the run. Nothing was written; trigger a new run"
+        )
 
 
 def live_settings(conn: psycopg.Connection, settings: CollectionSettings) -> CollectionSettings | None:
@@ -289,6 +349,8 @@ def resolve(conn: psycopg.Connection, settings: CollectionSettings) -> Version:
         versions = list_versions(conn, schema, stable)
         if not versions:
             version = _first_version(conn, settings, fingerprint)
+            if version.fingerprint != fingerprint:  # an adopted table of another embedding
+                version = _version_for(conn, settings, [version], fingerprint)
         else:
             version = _version_for(conn, settings, versions, fingerprint)
     _ensure_version_table(conn, settings, version)
@@ -300,11 +362,19 @@ def _ensure_version_table(conn: psycopg.Connection, settings: CollectionSettings
     version's table (say, its keyword column added by this release)."""
     table = version_settings(settings, version.ref).store_table
     store.ensure_collection_table(conn, table)
+    live = live_version(conn, version.schema, version.stable)
+    if version.status == "building" and live is not None and not _grants(conn, version.schema, version.table):
+        # Searches read the live version's table directly: the roles that may, may read the new one.
+        with conn.transaction():
+            _grant(conn, version.schema, version.table, _grants(conn, version.schema, live.table))
     if version.status == "live" and _view_columns(conn, version.schema, version.stable) != _table_columns(
         conn, version.schema, version.table
     ):
         with conn.transaction():
-            _replace_view(conn, version)
+            _lock(conn, version.schema, version.stable)
+            if live_version(conn, version.schema, version.stable) == version:  # not switched meanwhile
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (SWITCH_LOCK_TIMEOUT,))
+                _replace_view(conn, version)
 
 
 def _first_version(conn: psycopg.Connection, settings: CollectionSettings, fingerprint: str) -> Version:
@@ -337,12 +407,12 @@ def _version_for(
     live = next((version for version in versions if version.status == "live"), None)
     if live is not None and live.fingerprint == fingerprint:
         for abandoned in (v for v in versions if v.status == "building"):
-            _drop(conn, abandoned, "it was being built for an embedding the spec no longer names")
+            _abandon(conn, abandoned)
         return live
     same = [version for version in versions if version.fingerprint == fingerprint]
     _refuse_rolled_back(settings, versions, same)
     for abandoned in (v for v in versions if v.status == "building" and v.fingerprint != fingerprint):
-        _drop(conn, abandoned, "it was being built for an embedding the spec no longer names")
+        _abandon(conn, abandoned)
     building = next((version for version in same if version.status in ("building", "retired")), None)
     if building is not None:
         if building.status == "retired":
@@ -379,6 +449,22 @@ def _version_for(
         number,
     )
     return version
+
+
+def _abandon(conn: psycopg.Connection, version: Version) -> None:
+    """A version being built for an embedding the spec no longer names: dropped, unless it was live
+    once (a retired version being rebuilt), which goes back to being a kept earlier version."""
+    if version_record(conn, version) is not None:
+        log.warning(
+            "collection %s.%s: version %d is no longer being rebuilt (the spec names another embedding): "
+            "kept as an earlier version",
+            version.schema,
+            version.stable,
+            version.number,
+        )
+        _set_status(conn, version, "retired")
+        return
+    _drop(conn, version, "it was being built for an embedding the spec no longer names")
 
 
 def _insert(
@@ -454,6 +540,7 @@ def _adopt(conn: psycopg.Connection, settings: CollectionSettings, fingerprint: 
             f"cannot adopt {schema}.{stable} as version 1 of collection {settings.collection}: "
             f"{schema}.{target} already exists; drop or rename it"
         )
+    grants = _grants(conn, schema, stable)
     _rename_with_indexes(conn, schema, stable, target)
     version = _insert(
         conn,
@@ -469,6 +556,7 @@ def _adopt(conn: psycopg.Connection, settings: CollectionSettings, fingerprint: 
         adopting=True,
     )
     _replace_view(conn, version)
+    _grant(conn, schema, stable, grants)  # whoever read the table reads the view
     log.warning(
         "collection %s: adopted the table %s.%s of an earlier release as version 1 (renamed to %s with its "
         "indexes; nothing copied); %s.%s is now a view over the live version%s",
@@ -538,6 +626,37 @@ def _rename_with_indexes(conn: psycopg.Connection, schema: str, table: str, targ
             )
 
 
+# Table privileges GRANT accepts (aclexplode's privilege_type names): what is copied between versions.
+_PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"}
+)
+
+
+def _grants(conn: psycopg.Connection, schema: str, name: str) -> list[tuple[str | None, str]]:
+    """(role, or None for PUBLIC; privilege) granted on ``schema.name`` to roles other than its owner."""
+    rows = conn.execute(
+        "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, a.privilege_type"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.grantee <> c.relowner",
+        (schema, name),
+    ).fetchall()
+    return [(row[0], str(row[1])) for row in rows]
+
+
+def _grant(conn: psycopg.Connection, schema: str, name: str, grants: list[tuple[str | None, str]]) -> None:
+    """Grant ``grants`` (from :func:`_grants`) on ``schema.name``: consumers' roles keep reading the
+    collection through a new view or a new version's table."""
+    for role, privilege in grants:
+        if privilege in _PRIVILEGES:
+            conn.execute(
+                sql.SQL("GRANT {} ON {} TO {}").format(
+                    sql.SQL(privilege),  # one of the names above
+                    sql.Identifier(schema, name),
+                    sql.SQL("PUBLIC") if role is None else sql.Identifier(role),
+                )
+            )
+
+
 def _relation_kind(conn: psycopg.Connection, schema: str, name: str) -> str | None:
     row = conn.execute(
         "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -587,8 +706,10 @@ def _replace_view(conn: psycopg.Connection, version: Version) -> None:
         with conn.transaction():
             conn.execute(statement)
     except (psycopg.errors.InvalidTableDefinition, psycopg.errors.DatatypeMismatch):
+        grants = _grants(conn, version.schema, version.stable)
         conn.execute(sql.SQL("DROP VIEW {}").format(view))
         conn.execute(statement)
+        _grant(conn, version.schema, version.stable, grants)
     conn.execute(
         sql.SQL("COMMENT ON VIEW {} IS {}").format(
             view,
@@ -619,14 +740,57 @@ def _drop(conn: psycopg.Connection, version: Version, why: str) -> None:
 
 
 def mark_seeded(conn: psycopg.Connection, version: Version | VersionRef, schema: str, stable: str) -> None:
-    """Record that the version holds every chunk of the live version (its seeding run merged)."""
+    """Record that the version holds every chunk of its seed source (its seeding run merged)."""
     number = version.number if isinstance(version, Version) else version["number"]
     conn.execute(
         sql.SQL(
-            "UPDATE {} SET seeded = true WHERE schema_name = %s AND stable_name = %s AND version = %s"
+            "UPDATE {} SET seeded = true, seed_from = NULL, seeding_run = NULL"
+            " WHERE schema_name = %s AND stable_name = %s AND version = %s"
         ).format(_CATALOG),
         (schema, stable, number),
     )
+
+
+def seed_source(conn: psycopg.Connection, schema: str, stable: str, number: int) -> Version | None:
+    """Where version ``number`` takes the rows it lacks from: the live version for a version being
+    built, the version switched away from for one rolled back to; None when it needs none."""
+    versions = list_versions(conn, schema, stable)
+    version = next((v for v in versions if v.number == number), None)
+    if version is None or version.seeded:
+        return None
+    wanted = version.seed_from if version.status == "live" else None
+    source = next(
+        (v for v in versions if (v.number == wanted if wanted is not None else v.status == "live")), None
+    )
+    if source is None or source.number == number or _relation_kind(conn, schema, source.table) != "r":
+        return None
+    return source
+
+
+class SeedingInProgress(RuntimeError):
+    """Another run is staging the rows of the same version; this one retries after it."""
+
+
+def claim_seeding(
+    conn: psycopg.Connection, version: Version | VersionRef, schema: str, stable: str, run_key: str
+) -> None:
+    """Make ``run_key`` the one run seeding the version, unless another run whose staging still
+    exists is doing it (:class:`SeedingInProgress`, transient: the task retries). Two runs seeding
+    at once would each delete the rows only the other one staged."""
+    number = version.number if isinstance(version, Version) else version["number"]
+    claimed = conn.execute(
+        sql.SQL(
+            "UPDATE {} SET seeding_run = %s WHERE schema_name = %s AND stable_name = %s AND version = %s"
+            " AND (seeding_run IS NULL OR seeding_run = %s OR NOT EXISTS"
+            " (SELECT 1 FROM capstone.staging_runs r WHERE r.run_key = seeding_run)) RETURNING version"
+        ).format(_CATALOG),
+        (run_key, schema, stable, number, run_key),
+    ).fetchone()
+    if claimed is None:
+        raise SeedingInProgress(
+            f"version {number} of {schema}.{stable} is being filled by another run right now: this run "
+            "waits for it (the task retries)"
+        )
 
 
 def live_version(conn: psycopg.Connection, schema: str, stable: str) -> Version | None:
@@ -645,6 +809,7 @@ def switch(
     *,
     status_of_previous: Status = "retired",
     record: dict[str, Any] | None = None,
+    expected: tuple[Status, ...] = ("building",),
 ) -> SwitchResult:
     """Make ``version`` live: the view, the catalog and (through ``register(conn)``, which writes the
     registry row searches read) the registry change in one transaction. Then drops the versions
@@ -656,10 +821,10 @@ def switch(
     """
     for attempt in range(1, _SWITCH_ATTEMPTS + 1):
         try:
-            return _switch_once(conn, version, register, keep_versions, status_of_previous, record)
+            return _switch_once(conn, version, register, keep_versions, status_of_previous, record, expected)
         except psycopg.errors.LockNotAvailable:
             if attempt == _SWITCH_ATTEMPTS:
-                raise RuntimeError(
+                raise SwitchTimeout(
                     f"could not lock the view {version.schema}.{version.stable} within {SWITCH_LOCK_TIMEOUT} "
                     f"in {_SWITCH_ATTEMPTS} tries: long queries of it hold it; nothing was switched, retry"
                 ) from None
@@ -675,24 +840,48 @@ def _switch_once(
     keep_versions: int,
     status_of_previous: Status,
     record: dict[str, Any] | None,
+    expected: tuple[Status, ...],
 ) -> SwitchResult:
+    from capstone import registry
+
     with conn.transaction():
         _lock(conn, version.schema, version.stable)
         versions = list_versions(conn, version.schema, version.stable)
         previous = next((v for v in versions if v.status == "live"), None)
+        now = next((v for v in versions if v.number == version.number), None)
+        if now is None or now.status not in expected:
+            raise SwitchRefused(
+                f"version {version.number} of {version.schema}.{version.stable} is "
+                f"{now.status if now else 'gone'} now, not {' or '.join(expected)}: it was switched away "
+                "from (or dropped) while this run went on, by a rollback or another run; nothing was switched"
+            )
+        if previous is not None and version_record(conn, previous) is None:
+            # Keep what searches read for the version switched away from (say, one adopted from an
+            # earlier release, never validated since), so that a rollback can restore it.
+            current = registry.row_for_table(conn, version.schema, version.stable)
+            if current is not None:
+                remember_record(conn, previous, current)
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (SWITCH_LOCK_TIMEOUT,))
         locked = time.monotonic()
         _replace_view(conn, version)
         if previous is not None and previous.number != version.number:
             _set_status(conn, previous, status_of_previous, live_until="now()")
-        _set_status(conn, version, "live", live_from="now()", live_until=None, seeded=True)
-        if record is not None:
-            conn.execute(
-                sql.SQL(
-                    "UPDATE {} SET record = %s WHERE schema_name = %s AND stable_name = %s AND version = %s"
-                ).format(_CATALOG),
-                (Jsonb(record), version.schema, version.stable, version.number),
+        if version.status == "building" or previous is None:
+            _set_status(
+                conn, version, "live", live_from="now()", live_until=None, seeded=True, seed_from=None
             )
+        else:  # rolled back (or forward) to: it lacks what was indexed since, until its next run
+            _set_status(
+                conn,
+                version,
+                "live",
+                live_from="now()",
+                live_until=None,
+                seeded=False,
+                seed_from=previous.number,
+            )
+        if record is not None:
+            remember_record(conn, version, record)
         register(conn)
     lock_ms = (time.monotonic() - locked) * 1000
     dropped = _drop_old(conn, version.schema, version.stable, keep_versions)
@@ -795,6 +984,7 @@ def rollback(conn: psycopg.Connection, schema: str, stable: str, to: int | None 
         keep_versions=len(kept),  # a rollback drops nothing
         status_of_previous="rolled_back" if going_back else "retired",
         record=row,
+        expected=("retired", "rolled_back"),
     )
 
 

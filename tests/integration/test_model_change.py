@@ -8,6 +8,7 @@ content plus the run's batches; the stable name (a view) switches to it only aft
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,19 @@ from psycopg import sql
 
 from capstone import registry
 from capstone.cli import main as capstone_cli
+from capstone.documents import BatchLocation
 from capstone.embeddings.hashing import HashEmbedder
 from capstone.index_build import IndexParams
 from capstone.local.corpus import reference_documents
+from capstone.pipeline import load_documents, prepare_chunks
 from capstone.search import Searcher, search_collection
 from capstone.store import index_is_valid
-from capstone.versions import version_table_name
+from capstone.versions import SwitchRefused, list_versions, switch, version_table_name
 from dag_factory.loader import load_collection
 from dag_factory.runtime import collection_settings
 from tests.support.airflow import run_collection, task_states, write_collection, xcom_value
+from tests.support.pipeline import run_pipeline
+from tests.support.settings import collection_settings as settings_for
 from tests.support.tables import assert_table_holds_exactly, jsonl_batch
 from tests.support.versions import as_an_earlier_release, served_dimensions, version_states
 
@@ -171,7 +176,8 @@ def test_rollback_switches_back_and_a_run_of_the_rolled_back_model_says_how_to_g
     batch = jsonl_batch(tmp_path / "b1.jsonl", corpus)
     assert str(run_collection(write_collection(configs, name, pg_schema), [batch]).state) == "success"
     new_model = write_collection(configs, name, pg_schema, embedding={"dimension": 128})
-    assert str(run_collection(new_model, [batch]).state) == "success"
+    with_new_document = jsonl_batch(tmp_path / "b2.jsonl", [NEW_DOCUMENT])
+    assert str(run_collection(new_model, [with_new_document]).state) == "success"
 
     assert capstone_cli(["rollback", "--collection", name, "--dsn", pg_dsn]) == 0
 
@@ -181,10 +187,19 @@ def test_rollback_switches_back_and_a_run_of_the_rolled_back_model_says_how_to_g
     assert search_collection(name, QUERY, k=3, dsn=pg_dsn)
     assert version_states(pg_dsn, pg_schema, name) == {1: "live", 2: "rolled_back"}
 
-    refused = run_collection(new_model, [jsonl_batch(tmp_path / "b2.jsonl", [NEW_DOCUMENT])])
+    refused = run_collection(new_model, [with_new_document])
 
     assert task_states(name, refused.run_id)["load_enriched_documents"] == ["failed"]
     assert served_dimensions(pg_dsn, pg_schema, name) == {64}
+
+    # The YAML names version 1's model again: its next run takes what version 2 got meanwhile.
+    reconciled = run_collection(write_collection(configs, name, pg_schema), [])
+
+    assert str(reconciled.state) == "success", task_states(name, reconciled.run_id)
+    assert xcom_value(name, reconciled.run_id, "aggregate_embeddings")["embedded"] == 1  # only the new chunk
+    assert_table_holds_exactly(
+        pg_dsn, pg_schema, name, [*corpus, NEW_DOCUMENT], model="hash-v1", dimension=64
+    )
 
     assert capstone_cli(["rollback", "--collection", name, "--to", "2", "--dsn", pg_dsn]) == 0
     assert served_dimensions(pg_dsn, pg_schema, name) == {128}
@@ -244,3 +259,73 @@ def _relation_kind(dsn: str, schema: str, name: str) -> str | None:
             (schema, name),
         ).fetchone()
     return None if row is None else str(row[0])
+
+
+def test_a_table_of_another_embedding_is_adopted_and_replaced_in_one_run_and_can_be_rolled_back_to(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    configs, name = tmp_path / "configs", "model_upgrade"
+    batch = jsonl_batch(tmp_path / "b1.jsonl", corpus)
+    assert str(run_collection(write_collection(configs, name, pg_schema), [batch]).state) == "success"
+    as_an_earlier_release(pg_dsn, pg_schema, name, "hash-v1")
+
+    # Upgrading and changing the model at once: the old table becomes version 1, the run builds 2.
+    run = run_collection(write_collection(configs, name, pg_schema, embedding={"dimension": 128}), [])
+
+    assert str(run.state) == "success", task_states(name, run.run_id)
+    assert_table_holds_exactly(pg_dsn, pg_schema, name, corpus, model="hash-v1", dimension=128)
+    assert version_states(pg_dsn, pg_schema, name) == {1: "retired", 2: "live"}
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        building = next(v for v in list_versions(conn, pg_schema, name) if v.number == 2)
+        with pytest.raises(SwitchRefused, match=r"version 2 .* is live now, not building"):
+            switch(conn, replace(building, status="building"), lambda _conn: None, keep_versions=1)
+
+    assert capstone_cli(["rollback", "--collection", name, "--dsn", pg_dsn]) == 0  # to the adopted table
+    assert served_dimensions(pg_dsn, pg_schema, name) == {64}
+    assert _registered_dimension(pg_dsn, name) == 64
+    assert search_collection(name, QUERY, k=3, dsn=pg_dsn)
+
+
+def test_going_back_to_an_earlier_model_rebuilds_its_kept_version_with_what_changed_since(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    configs, name = tmp_path / "configs", "model_return"
+    assert (
+        str(
+            run_collection(
+                write_collection(configs, name, pg_schema), [jsonl_batch(tmp_path / "a.jsonl", corpus)]
+            ).state
+        )
+        == "success"
+    )
+    new_model = write_collection(configs, name, pg_schema, embedding={"dimension": 128})
+    gone = corpus[0]
+    changes = [NEW_DOCUMENT, {"id": gone["id"], "deleted": True}]
+    assert str(run_collection(new_model, [jsonl_batch(tmp_path / "b.jsonl", changes)]).state) == "success"
+
+    back = run_collection(write_collection(configs, name, pg_schema), [])
+
+    assert str(back.state) == "success", task_states(name, back.run_id)
+    assert version_states(pg_dsn, pg_schema, name) == {1: "live", 2: "retired"}
+    assert xcom_value(name, back.run_id, "aggregate_embeddings")["embedded"] == 1  # the new chunk only
+    assert_table_holds_exactly(
+        pg_dsn, pg_schema, name, [*corpus[1:], NEW_DOCUMENT], model="hash-v1", dimension=64
+    )
+
+
+def test_a_retried_prepare_of_a_new_version_stages_the_live_rows_once(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, corpus: list[dict[str, Any]]
+) -> None:
+    old = settings_for("model_retry", pg_schema, embedding={"dimension": 64})
+    run_pipeline(old, "retry-r1", [jsonl_batch(tmp_path / "a.jsonl", corpus)])
+    new = settings_for("model_retry", pg_schema, embedding={"dimension": 128})
+    load_documents(
+        new, "retry-r2", [BatchLocation.from_extra(jsonl_batch(tmp_path / "b.jsonl", [NEW_DOCUMENT]))]
+    )
+
+    first = prepare_chunks(new, "retry-r2", max_batches=8)
+    again = prepare_chunks(new, "retry-r2", max_batches=8)  # the task's retry
+
+    chunks = sum(len(doc["chunks"]) for doc in corpus) + 1
+    assert first["summary"]["to_embed"] == again["summary"]["to_embed"] == chunks
+    assert again["summary"]["seeded"] == chunks - 1
