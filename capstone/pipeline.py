@@ -288,13 +288,7 @@ def prepare_chunks(
         table = at_version.store_table
         store.ensure_collection_table(conn, table)
         source = versions.seed_source(conn, settings.store.schema, settings.store.table, ref["number"])
-        if source is not None:  # the run deletes what the source holds and the run's documents lost
-            source_table = versions.version_settings(settings, source.ref).store_table
-            source_lost = store.count_lost_chunks(conn, run_key, source_table)
-            _check_deletions(
-                settings, source_lost, store.count_vectors(conn, source_table), allow_mass_delete
-            )
-        seeded = _seed_version(conn, settings, run_key, ref, source)
+        seeded = _seed_version(conn, settings, run_key, ref, source, allow_mass_delete)
         lost = store.count_lost_chunks(conn, run_key, table)
         if seeded is None:
             _check_deletions(settings, lost, store.count_vectors(conn, table), allow_mass_delete)
@@ -367,17 +361,20 @@ def _seed_version(
     run_key: str,
     ref: VersionRef,
     source: versions.Version | None,
+    allow_mass_delete: bool,
 ) -> int | None:
     """Stage the chunks of ``source`` (the live version, for a version being built; the version
     switched away from, for one rolled back to) that the run's documents do not replace; returns how
-    many (None when the version needs no seeding)."""
+    many (None when the version needs no seeding). The mass-delete guard counts against ``source``:
+    what it holds that the run's documents lost is what the version will not have."""
     if source is None:
         return None
+    source_table = versions.version_settings(settings, source.ref).store_table
+    lost = store.count_lost_chunks(conn, run_key, source_table)
+    _check_deletions(settings, lost, store.count_vectors(conn, source_table), allow_mass_delete)
     schema, stable = settings.store.schema, settings.store.table
     versions.claim_seeding(conn, ref, schema, stable, run_key)
-    seeded = store.seed_from(
-        conn, run_key, versions.version_settings(settings, source.ref).store_table, ref["hash_key"]
-    )
+    seeded = store.seed_from(conn, run_key, source_table, ref["hash_key"])
     log.info(
         "version %d takes the rows of version %d (%s): %d of its chunks staged (embedded with %s where they "
         "changed), besides the run's own; rows of version %d that neither has are deleted after the upsert",

@@ -240,6 +240,17 @@ def _settle_version(
             )
         versions.record_failed_validation(conn, version, summary)
         return summary["live_version"]
+    return _switch_to(conn, settings, record, version, summary)
+
+
+def _switch_to(
+    conn: psycopg.Connection,
+    settings: CollectionSettings,
+    record: CollectionRecord,
+    version: versions.Version,
+    summary: dict[str, Any],
+) -> int:
+    """Switch the stable name to the validated new ``version``; returns its number."""
     summary |= {"switched": True, "live_version": version.number}
     row = registry.row_values(record, summary)
     result = versions.switch(
@@ -247,8 +258,8 @@ def _settle_version(
     )
     log.info(
         "%s.%s now serves version %d (%s, %d dimensions)%s; the view was locked for %.1f ms%s",
-        schema,
-        stable,
+        settings.store.schema,
+        settings.store.table,
         result.live,
         record.model,
         record.dimension,

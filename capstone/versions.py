@@ -64,7 +64,6 @@ __all__ = [
     "ensure_catalog",
     "hash_key_for",
     "list_versions",
-    "live_settings",
     "record_failed_validation",
     "remember_record",
     "resolve",
@@ -82,7 +81,7 @@ _CATALOG = sql.Identifier(store.STAGING_SCHEMA, CATALOG_TABLE)
 _CATALOG_LOCK = 7_245_021_115  # advisory lock serialising the catalog's creation
 SWITCH_LOCK_TIMEOUT = "5s"  # how long a switch waits for queries of the view before trying again
 _SWITCH_ATTEMPTS = 3
-_RENAME_LOCK_TIMEOUT = "30s"  # adopting a table renames it: wait this long for its readers
+_RENAME_LOCK_TIMEOUT = "5s"  # adopting a table renames it: readers queue behind it at most this long
 # 63 bytes (Postgres's identifier limit) less the longest index suffix, "_ivfflat_<8 hex digits>".
 _VERSION_TABLE_BYTES = 63 - len("_ivfflat_00000000")
 # The view's columns, in this order whatever the version table's physical order: CREATE OR REPLACE
@@ -323,12 +322,6 @@ def check_embedding_unchanged(settings: CollectionSettings, ref: VersionRef) -> 
         )
 
 
-def live_settings(conn: psycopg.Connection, settings: CollectionSettings) -> CollectionSettings | None:
-    """The settings at the live version's table (see :func:`version_settings`), or None."""
-    live = live_version(conn, settings.store.schema, settings.store.table)
-    return None if live is None else version_settings(settings, live.ref)
-
-
 def resolve(conn: psycopg.Connection, settings: CollectionSettings) -> Version:
     """The version of the collection a run with these settings writes to, creating what is missing.
 
@@ -337,9 +330,10 @@ def resolve(conn: psycopg.Connection, settings: CollectionSettings) -> Version:
     - The live version has the spec's fingerprint: it.
     - A version being built has it: that one (the run adds its batches to it).
     - A rolled-back version has it: :class:`VersionRolledBack`.
-    - Otherwise a new version is created beside the live one, ``building``; other versions still
-      being built (for a fingerprint the spec no longer names) are dropped, and a retired version
+    - Otherwise a new version is created beside the live one, ``building``, or a retired version
       with this fingerprint is rebuilt from where it was (only what changed since is embedded).
+    Versions being built for a fingerprint the spec no longer names are abandoned: dropped, or, if
+    they were live once, kept as retired.
     """
     schema, stable = settings.store.schema, settings.store.table
     fingerprint = spec_fingerprint(settings)
@@ -842,8 +836,6 @@ def _switch_once(
     record: dict[str, Any] | None,
     expected: tuple[Status, ...],
 ) -> SwitchResult:
-    from capstone import registry
-
     with conn.transaction():
         _lock(conn, version.schema, version.stable)
         versions = list_versions(conn, version.schema, version.stable)
@@ -855,12 +847,8 @@ def _switch_once(
                 f"{now.status if now else 'gone'} now, not {' or '.join(expected)}: it was switched away "
                 "from (or dropped) while this run went on, by a rollback or another run; nothing was switched"
             )
-        if previous is not None and version_record(conn, previous) is None:
-            # Keep what searches read for the version switched away from (say, one adopted from an
-            # earlier release, never validated since), so that a rollback can restore it.
-            current = registry.row_for_table(conn, version.schema, version.stable)
-            if current is not None:
-                remember_record(conn, previous, current)
+        if previous is not None:
+            _keep_registration(conn, previous)
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (SWITCH_LOCK_TIMEOUT,))
         locked = time.monotonic()
         _replace_view(conn, version)
@@ -895,6 +883,18 @@ def _switch_once(
         lock_ms,
     )
     return SwitchResult(version.number, previous.number if previous else None, lock_ms, tuple(dropped))
+
+
+def _keep_registration(conn: psycopg.Connection, version: Version) -> None:
+    """Keep what searches read for ``version`` (the one switched away from) when the catalog has no
+    record of it yet (say, a version adopted from an earlier release and never validated since), so
+    that a rollback can restore it."""
+    from capstone import registry
+
+    if version_record(conn, version) is None:
+        current = registry.row_for_table(conn, version.schema, version.stable)
+        if current is not None:
+            remember_record(conn, version, current)
 
 
 def _drop_old(conn: psycopg.Connection, schema: str, stable: str, keep: int) -> list[str]:
