@@ -74,6 +74,7 @@ def pg_schema(pg_dsn: str) -> Iterator[str]:
     yield name
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(f"reader_{name}")))  # a test's
         if conn.execute("SELECT to_regclass('capstone.collections')").fetchone() != (None,):
             conn.execute("DELETE FROM capstone.collections WHERE schema_name = %s", (name,))
         if conn.execute("SELECT to_regclass('capstone.collection_versions')").fetchone() != (None,):

@@ -84,6 +84,7 @@ def test_a_new_model_is_built_beside_the_live_version_and_switched_to_once_it_va
 
     monkeypatch.setattr(HashEmbedder, "embed", embed_and_search)
     spec = write_collection(configs, name, pg_schema, embedding={"dimension": 128})
+    reader = _reader_role(pg_dsn, pg_schema, name)  # a consumer allowed to read the collection
     # Only the new document arrives: every other chunk comes from version 1's own rows.
     second = run_collection(spec, [jsonl_batch(tmp_path / "b2.jsonl", [NEW_DOCUMENT])])
 
@@ -103,6 +104,13 @@ def test_a_new_model_is_built_beside_the_live_version_and_switched_to_once_it_va
     assert search_collection(name, "walrus operator assignment", k=1, dsn=pg_dsn, mode="vector")[
         0
     ].document_id == ("walrus")
+
+    with psycopg.connect(pg_dsn) as conn:  # ... may read the new version too
+        readable = conn.execute(
+            "SELECT has_table_privilege(%s, %s, 'SELECT'), has_table_privilege(%s, %s, 'SELECT')",
+            (reader, f"{pg_schema}.{name}", reader, f"{pg_schema}.{version_table_name(name, 2)}"),
+        ).fetchone()
+    assert readable == (True, True)
 
     again = run_collection(spec, [jsonl_batch(tmp_path / "b2.jsonl", [NEW_DOCUMENT])])  # unchanged
 
@@ -239,6 +247,20 @@ def test_a_table_of_an_earlier_release_is_adopted_as_version_1_without_copying(
     assert str(rebuilt.state) == "success", task_states(name, rebuilt.run_id)
     assert_table_holds_exactly(pg_dsn, pg_schema, name, corpus, model="hash-v1", dimension=128)
     assert version_states(pg_dsn, pg_schema, name) == {1: "retired", 2: "live"}
+
+
+def _reader_role(dsn: str, schema: str, name: str) -> str:
+    """A role (dropped with the test's schema) that may read the collection and its live table."""
+    role = f"reader_{schema}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        for relation in (name, version_table_name(name, 1)):
+            conn.execute(
+                sql.SQL("GRANT SELECT ON {} TO {}").format(
+                    sql.Identifier(schema, relation), sql.Identifier(role)
+                )
+            )
+    return role
 
 
 def _rows(dsn: str, schema: str, table: str) -> dict[str, tuple[Any, ...]]:
