@@ -285,8 +285,7 @@ def prepare_chunks(
         ref = _resolve_version(conn, settings).ref
         _check_hash_key(ref, hash_key)
         at_version = versions.version_settings(settings, ref)
-        table = at_version.store_table
-        store.ensure_collection_table(conn, table)
+        table = at_version.store_table  # created (or brought up to date) by resolve
         source = versions.seed_source(conn, settings.store.schema, settings.store.table, ref["number"])
         seeded = _seed_version(conn, settings, run_key, ref, source, allow_mass_delete)
         lost = store.count_lost_chunks(conn, run_key, table)

@@ -210,10 +210,9 @@ def _settle_version(
         registry.register(conn, record, summary)
         return None
     versions.check_embedding_unchanged(settings, ref)
-    current = versions.live_version(conn, schema, stable)
-    version = next(
-        (v for v in versions.list_versions(conn, schema, stable) if v.number == ref["number"]), None
-    )
+    existing = versions.list_versions(conn, schema, stable)
+    current = next((v for v in existing if v.status == "live"), None)
+    version = next((v for v in existing if v.number == ref["number"]), None)
     if version is None or version.status not in ("live", "building"):
         raise versions.SwitchRefused(
             f"version {ref['number']} of {schema}.{stable}, which this run wrote to, is "

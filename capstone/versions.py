@@ -919,21 +919,20 @@ def _drop_old(conn: psycopg.Connection, schema: str, stable: str, keep: int) -> 
 
 def record_failed_validation(conn: psycopg.Connection, version: Version, summary: dict[str, Any]) -> None:
     """Keep the summary of a validation that refused to switch to the version."""
-    conn.execute(
-        sql.SQL(
-            "UPDATE {} SET last_validation = %s WHERE schema_name = %s AND stable_name = %s AND version = %s"
-        ).format(_CATALOG),
-        (Jsonb(summary), version.schema, version.stable, version.number),
-    )
+    _set_json(conn, version, "last_validation", summary)
 
 
 def remember_record(conn: psycopg.Connection, version: Version, record: dict[str, Any]) -> None:
     """Keep the registry row of the live version, for a later rollback to it."""
+    _set_json(conn, version, "record", record)
+
+
+def _set_json(conn: psycopg.Connection, version: Version, column: str, value: dict[str, Any]) -> None:
     conn.execute(
-        sql.SQL(
-            "UPDATE {} SET record = %s WHERE schema_name = %s AND stable_name = %s AND version = %s"
-        ).format(_CATALOG),
-        (Jsonb(record), version.schema, version.stable, version.number),
+        sql.SQL("UPDATE {} SET {} = %s WHERE schema_name = %s AND stable_name = %s AND version = %s").format(
+            _CATALOG, sql.Identifier(column)
+        ),
+        (Jsonb(value), version.schema, version.stable, version.number),
     )
 
 

@@ -33,7 +33,7 @@ from tests.support.airflow import run_collection, task_states, write_collection,
 from tests.support.pipeline import run_pipeline
 from tests.support.settings import collection_settings as settings_for
 from tests.support.tables import assert_table_holds_exactly, jsonl_batch
-from tests.support.versions import as_an_earlier_release, served_dimensions, version_states
+from tests.support.versions import as_an_earlier_release, relation_kind, served_dimensions, version_states
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -230,7 +230,7 @@ def test_a_table_of_an_earlier_release_is_adopted_as_version_1_without_copying(
     run = run_collection(spec, [batch])
 
     assert task_states(name, run.run_id)["prepare_chunks"] == ["skipped"]  # nothing re-embedded
-    assert _relation_kind(pg_dsn, pg_schema, name) == "v"
+    assert relation_kind(pg_dsn, pg_schema, name) == "v"
     assert _rows(pg_dsn, pg_schema, version_table_name(name, 1)) == before  # the same rows, not copied
     assert version_states(pg_dsn, pg_schema, name) == {1: "live"}
     settings = collection_settings(load_collection(spec))
@@ -271,16 +271,6 @@ def _rows(dsn: str, schema: str, table: str) -> dict[str, tuple[Any, ...]]:
             )
         ).fetchall()
     return {row[0]: row[1:] for row in rows}
-
-
-def _relation_kind(dsn: str, schema: str, name: str) -> str | None:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s",
-            (schema, name),
-        ).fetchone()
-    return None if row is None else str(row[0])
 
 
 def test_a_table_of_another_embedding_is_adopted_and_replaced_in_one_run_and_can_be_rolled_back_to(

@@ -26,7 +26,7 @@ from tests.support.airflow import (
     xcom_value,
     xcoms,
 )
-from tests.support.versions import as_an_earlier_release, live_table
+from tests.support.versions import as_an_earlier_release, live_table, relation_kind
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -198,11 +198,7 @@ def test_5000_chunks_map_over_batches_and_keep_xcoms_small(
 def _keyword_state(dsn: str, schema: str, name: str) -> tuple[str | None, list[tuple[str, bool]]]:
     """(the text search configuration of the keyword column of the collection's live table, or of
     its plain table before it has versions; its GIN indexes and validity)."""
-    with psycopg.connect(dsn) as conn:
-        kind = conn.execute(
-            "SELECT relkind FROM pg_class WHERE oid = %s::regclass", (f"{schema}.{name}",)
-        ).fetchone()
-    table = live_table(dsn, schema, name) if kind == ("v",) else name
+    table = live_table(dsn, schema, name) if relation_kind(dsn, schema, name) == "v" else name
     with psycopg.connect(dsn) as conn:
         config = store.stored_text_config(conn, store.CollectionTable(schema, table, 64, "english", "vector"))
         indexes = conn.execute(

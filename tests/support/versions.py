@@ -11,7 +11,18 @@ from capstone.index_build import renamed_managed_index
 from capstone.store import content_hash
 from capstone.versions import version_table_name
 
-__all__ = ["as_an_earlier_release", "live_table", "served_dimensions", "version_states"]
+__all__ = ["as_an_earlier_release", "live_table", "relation_kind", "served_dimensions", "version_states"]
+
+
+def relation_kind(dsn: str, schema: str, name: str) -> str | None:
+    """``pg_class.relkind`` of ``schema.name`` (``r`` table, ``v`` view), None when there is none."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            (schema, name),
+        ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def live_table(dsn: str, schema: str, name: str) -> str:
