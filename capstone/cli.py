@@ -141,7 +141,7 @@ def _search(args: argparse.Namespace) -> int:
         source = "--dsn" if dsn else f"Airflow connection {connection_id or DEFAULT_CONNECTION_ID!r}"
         raise LookupError(f"cannot connect to the Postgres given by {source}: {err}") from None
     with conn:
-        record = lookup(conn, collection)
+        record = lookup(conn, collection, args.schema)
     failed = (record.last_validation or {}).get("failed")
     if failed:
         print(
@@ -171,7 +171,7 @@ def _versions(args: argparse.Namespace) -> int:
     with psycopg.connect(
         _search_dsn(args.dsn, args.connection), autocommit=True, application_name="capstone versions"
     ) as conn:
-        record = lookup(conn, args.collection)
+        record = lookup(conn, args.collection, args.schema)
         if args.command == "rollback":
             result = versions.rollback(conn, record.schema, record.table, args.to)
             print(
@@ -311,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _where(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--schema",
+        help="the collection's schema (store.schema), needed where its name has tables in several "
+        "schemas of the database (two deployments sharing it)",
+    )
     where = command.add_mutually_exclusive_group()
     where.add_argument("--dsn", help="a libpq URI, e.g. postgresql://user:pass@host:5432/db")
     where.add_argument(

@@ -162,7 +162,11 @@ def load_documents(
 
 
 def _resolve_version(conn: psycopg.Connection, settings: CollectionSettings) -> versions.Version:
-    """The version of the collection this run writes to (see :mod:`capstone.versions`)."""
+    """The version of the collection this run writes to (see :mod:`capstone.versions`), once the
+    table is known to be this collection's (:func:`capstone.registry.check_table_owner`)."""
+    from capstone import registry
+
+    registry.check_table_owner(conn, settings.collection, settings.store.schema, settings.store.table)
     version = versions.resolve(conn, settings)
     log.info(
         "writing to version %d of %s (%s, %s)",
@@ -301,7 +305,7 @@ def prepare_chunks(
         for batch in batches:
             batch["table"] = table.table
         staged = store.count_staged_chunks(conn, run_key)
-        unfinished = None if batches or lost else _unfinished_indexing(conn, at_version, ref)
+        unfinished = None if batches or lost else _unfinished_indexing(conn, settings, ref)
         if seeded is not None and not (batches or lost or unfinished):
             unfinished = (
                 f"version {ref['number']} takes the rows of version {source.number if source else '?'}"
@@ -393,19 +397,26 @@ def _unfinished_indexing(
     """Why a run with no changed chunk must still build indexes and validate, or None: the version
     it writes to is not live yet (a new model's version whose validation failed), an index of the
     version is missing or invalid (a table upgraded in place, a failed build, an index dropped by
-    hand), or the registry holds other search settings than the spec (a changed ``search`` section,
-    or a run that failed after changing the table). ``settings`` are the version's."""
+    hand), or the registry does not describe this version as the spec does: no row for the
+    collection's table (a registry of an earlier release, keyed by name and taken by another
+    deployment's table), another version, or other search settings (a changed ``search`` section,
+    or a run that failed after changing the table)."""
     from capstone import registry
     from capstone.index_build import IndexParams, KeywordIndexParams
 
     if version["status"] != "live":
         return f"version {version['number']} ({version['table']}) is not live yet"
 
-    for params in (KeywordIndexParams.of(settings), IndexParams.of(settings)):
+    at_version = versions.version_settings(settings, version)
+    for params in (KeywordIndexParams.of(at_version), IndexParams.of(at_version)):
         if not store.index_is_valid(conn, params.schema, params.index_name):
             return f"index {params.qualified_index()} is missing or invalid"
-    registered = registry.registered_search(conn, settings.collection)
-    if registered is not None and registered != settings.search:
+    registered = registry.registered_row(conn, settings.store.schema, settings.store.table)
+    if registered is None:
+        return f"the search registry holds no row for {settings.store.schema}.{settings.store.table}"
+    if registered.version not in (None, version["number"]):
+        return f"the search registry points at version {registered.version}, not the live {version['number']}"
+    if registered.search != settings.search:
         return "the collection's search settings changed since its last validation"
     return None
 

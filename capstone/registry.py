@@ -11,11 +11,19 @@ The row describes the collection's *live* version (:mod:`capstone.versions`): ``
 the stable name consumers query, ``version``/``version_table`` the live version searches read.
 Validating a version that is not live yet registers nothing; the switch to it rewrites the row in
 the same transaction as the view, and ``rollback`` restores the row the version had.
+
+A row is identified by its stable name (``schema_name``, ``table_name``), as the version catalog
+is: a database holds one collection per table. Two deployments that share a database (staging and
+production with a schema each) may both have a collection ``documents``; each keeps its own row,
+and a search by name alone that finds two tables refuses to guess (:class:`AmbiguousCollection`)
+and asks for the schema. A table belongs to one collection name: a spec of another name writing to
+it fails at once (:class:`CollectionTableTaken`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,6 +35,7 @@ from psycopg.types.json import Jsonb
 
 from capstone.contracts import ValidationSummary, VersionRef
 from capstone.embeddings.base import Embedder
+from capstone.errors import TerminalError
 from capstone.index_build import IndexParams
 from capstone.settings import (
     CollectionSettings,
@@ -40,15 +49,20 @@ from capstone.store import STAGING_SCHEMA, CollectionTable
 
 __all__ = [
     "REGISTRY_TABLE",
+    "AmbiguousCollection",
     "CollectionNotRegistered",
     "CollectionRecord",
+    "CollectionTableTaken",
+    "check_table_owner",
     "lookup",
     "register",
     "register_row",
-    "registered_search",
+    "registered_row",
     "row_for_table",
     "row_values",
 ]
+
+log = logging.getLogger(__name__)
 
 REGISTRY_TABLE = "collections"
 _REGISTRY = sql.Identifier(STAGING_SCHEMA, REGISTRY_TABLE)
@@ -88,6 +102,21 @@ class CollectionNotRegistered(LookupError):
             f"or publish an event of its source asset) and search again once its validate_index_health "
             "task has run; if the collection lives in another Postgres, pass --connection or --dsn"
         )
+
+
+class AmbiguousCollection(LookupError):
+    """Several tables of one database are registered under the collection name searched for (two
+    deployments sharing the database, a schema each); the schema says which one."""
+
+    def __init__(self, name: str, where: str, tables: list[str]) -> None:
+        super().__init__(
+            f"collection {name!r} has {len(tables)} tables in {where}: {'; '.join(tables)}. Say which "
+            "one: --schema SCHEMA on the command line, Searcher(name, schema=...) in Python"
+        )
+
+
+class CollectionTableTaken(TerminalError, ValueError):
+    """The spec's table is registered to a collection of another name in this database."""
 
 
 @dataclass(frozen=True)
@@ -191,16 +220,18 @@ def ensure_registry(conn: psycopg.Connection) -> None:
         conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
-                " name text PRIMARY KEY, schema_name text NOT NULL, table_name text NOT NULL,"
+                " name text NOT NULL, schema_name text NOT NULL, table_name text NOT NULL,"
                 " connection_id text NOT NULL, provider text NOT NULL, model text NOT NULL,"
                 " dimension int NOT NULL, metric text NOT NULL, index_type text NOT NULL,"
                 " index_name text NOT NULL, index_params jsonb NOT NULL, ef_search int NOT NULL,"
                 " probes int NOT NULL, embedding_options jsonb NOT NULL DEFAULT '{{}}',"
                 " search_options jsonb, vector_type text, version int, version_table text,"
                 " last_validation jsonb,"
-                " updated_at timestamptz NOT NULL DEFAULT now())"
+                " updated_at timestamptz NOT NULL DEFAULT now(),"
+                " PRIMARY KEY (schema_name, table_name))"
             ).format(_REGISTRY)
         )
+        _key_by_table(conn)
         # Registries created by earlier releases (checked first: ALTER locks the table).
         present = _registry_columns(conn)
         for column, kind in _ADDED_COLUMNS.items():
@@ -210,6 +241,34 @@ def ensure_registry(conn: psycopg.Connection) -> None:
                         _REGISTRY, sql.Identifier(column), sql.SQL(kind)
                     )
                 )
+
+
+def _key_by_table(conn: psycopg.Connection) -> None:
+    """Registries of earlier releases are keyed by the collection name alone: key them by the
+    stable name (keeping the newest row of a table registered under two names)."""
+    key = conn.execute(
+        "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_constraint c"
+        " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)"
+        " WHERE c.conrelid = to_regclass(%s) AND c.contype = 'p' GROUP BY c.conname",
+        (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
+    ).fetchone()
+    if key is not None and key[0] == ["schema_name", "table_name"]:
+        return
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {0} r USING {0} newer WHERE (r.schema_name, r.table_name)"
+            " = (newer.schema_name, newer.table_name) AND r.updated_at < newer.updated_at"
+        ).format(_REGISTRY)
+    )
+    constraint = conn.execute(
+        "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+        (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",),
+    ).fetchone()
+    if constraint is not None:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(_REGISTRY, sql.Identifier(constraint[0]))
+        )
+    conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (schema_name, table_name)").format(_REGISTRY))
 
 
 def row_values(record: CollectionRecord, last_validation: ValidationSummary | None = None) -> dict[str, Any]:
@@ -253,11 +312,14 @@ def register_row(conn: psycopg.Connection, row: dict[str, Any]) -> None:
         for column in _COLUMNS
     ]
     updates = sql.SQL(", ").join(
-        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(column)) for column in _COLUMNS[1:]
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(column))
+        for column in _COLUMNS
+        if column not in ("schema_name", "table_name")
     )
     conn.execute(
         sql.SQL(
-            "INSERT INTO {} ({}, updated_at) VALUES ({}, now()) ON CONFLICT (name) DO UPDATE SET {},"
+            "INSERT INTO {} ({}, updated_at) VALUES ({}, now())"
+            " ON CONFLICT (schema_name, table_name) DO UPDATE SET {},"
             " updated_at = now()"
         ).format(
             _REGISTRY,
@@ -267,6 +329,27 @@ def register_row(conn: psycopg.Connection, row: dict[str, Any]) -> None:
         ),
         values,
     )
+    _warn_of_namesakes(conn, row["name"], row["schema_name"], row["table_name"])
+
+
+def _warn_of_namesakes(conn: psycopg.Connection, name: str, schema: str, table: str) -> None:
+    """Say so when the collection's name also has another table in this database: searches by
+    name alone must then say which schema they mean."""
+    others = conn.execute(
+        sql.SQL(
+            "SELECT schema_name || '.' || table_name FROM {} WHERE name = %s"
+            " AND (schema_name, table_name) <> (%s, %s)"
+            " AND to_regclass(format('%%I.%%I', schema_name, table_name)) IS NOT NULL"
+        ).format(_REGISTRY),
+        (name, schema, table),
+    ).fetchall()
+    if others:
+        log.warning(
+            "collection %r is also registered for %s in this database (another deployment sharing it?): "
+            "searches by name must now say which schema they mean (--schema, Searcher(schema=...))",
+            name,
+            ", ".join(row[0] for row in others),
+        )
 
 
 # How the embedding tasks ran, which embedding a query never uses: records written before these
@@ -284,16 +367,40 @@ _TASK_ONLY: dict[str, object] = {
 _EARLIER_SEARCH = SearchSettings(mode="vector", text_config="english", rrf_k=60, candidates=40)
 
 
-def lookup(conn: psycopg.Connection, name: str) -> CollectionRecord:
-    """The registered collection ``name``; :class:`CollectionNotRegistered` when there is none."""
+def lookup(conn: psycopg.Connection, name: str, schema: str | None = None) -> CollectionRecord:
+    """The registered collection ``name`` (in ``schema``, when given): :class:`CollectionNotRegistered`
+    when there is none, :class:`AmbiguousCollection` when the name has tables in several schemas.
+    Rows whose stable name no longer exists (a dropped collection) are not counted."""
     where = _describe(conn)
-    exists = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{REGISTRY_TABLE}",)).fetchone()
-    if not exists or exists[0] is None:
+    if not _registry_columns(conn):
         raise CollectionNotRegistered(name, where)
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(sql.SQL("SELECT * FROM {} WHERE name = %s").format(_REGISTRY), (name,)).fetchone()
-    if row is None:
-        raise CollectionNotRegistered(name, where)
+        rows = cur.execute(
+            sql.SQL(
+                "SELECT * FROM {} WHERE name = %s AND (%s::text IS NULL OR schema_name = %s)"
+                " AND to_regclass(format('%%I.%%I', schema_name, table_name)) IS NOT NULL"
+                " ORDER BY schema_name, table_name"
+            ).format(_REGISTRY),
+            (name, schema, schema),
+        ).fetchall()
+    if not rows:
+        raise CollectionNotRegistered(name, where if schema is None else f"schema {schema!r} of {where}")
+    if len(rows) > 1:
+        raise AmbiguousCollection(name, where, [_describe_row(row) for row in rows])
+    return _record(rows[0], where)
+
+
+def _describe_row(row: dict[str, Any]) -> str:
+    """``schema.table (provider model, validated <when>)``, to tell two registrations apart."""
+    return (
+        f"{row['schema_name']}.{row['table_name']} ({row['provider']} {row['model']}, validated "
+        f"{row['updated_at']:%Y-%m-%d %H:%M %Z})"
+    )
+
+
+def _record(row: dict[str, Any], where: str) -> CollectionRecord:
+    """The :class:`CollectionRecord` of a registry row."""
+    name = row["name"]
     fields = {field.name for field in dataclasses.fields(EmbeddingSettings)}
     stored = row["embedding_options"]
     if not fields - _TASK_ONLY.keys() <= set(stored):
@@ -344,19 +451,43 @@ def _registry_columns(conn: psycopg.Connection) -> set[str]:
     return {row[0] for row in rows}
 
 
-def registered_search(conn: psycopg.Connection, name: str) -> SearchSettings | None:
-    """The search settings the registry holds for collection ``name`` (``_EARLIER_SEARCH`` for a
-    row of an earlier release), or None when it has no row for it."""
-    columns = _registry_columns(conn)
-    if not columns:
+def registered_row(conn: psycopg.Connection, schema: str, table: str) -> CollectionRecord | None:
+    """What the registry holds for the collection at ``schema.table`` (read as a search would), or
+    None when nothing is registered there (or the row is of a release too old to search)."""
+    if not _registry_columns(conn):
         return None
-    column = sql.SQL("search_options" if "search_options" in columns else "NULL::jsonb")
-    row = conn.execute(
-        sql.SQL("SELECT {} FROM {} WHERE name = %s").format(column, _REGISTRY), (name,)
-    ).fetchone()
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE schema_name = %s AND table_name = %s").format(_REGISTRY),
+            (schema, table),
+        ).fetchone()
     if row is None:
         return None
-    return SearchSettings(**row[0]) if row[0] else _EARLIER_SEARCH
+    try:
+        return _record(row, _describe(conn))
+    except CollectionNotRegistered:
+        return None
+
+
+def check_table_owner(conn: psycopg.Connection, name: str, schema: str, table: str) -> None:
+    """Refuse (:class:`CollectionTableTaken`) to write collection ``name`` to ``schema.table`` when
+    that table is registered to a collection of another name whose table still exists."""
+    if not _registry_columns(conn):
+        return
+    row = conn.execute(
+        sql.SQL(
+            "SELECT name, updated_at FROM {} WHERE schema_name = %s AND table_name = %s AND name <> %s"
+            " AND to_regclass(format('%%I.%%I', schema_name, table_name)) IS NOT NULL"
+        ).format(_REGISTRY),
+        (schema, table, name),
+    ).fetchone()
+    if row is not None:
+        raise CollectionTableTaken(
+            f"collection {name!r} writes {schema}.{table}, which is collection {row[0]!r} in "
+            f"{_describe(conn)} (validated {row[1]:%Y-%m-%d %H:%M %Z}): one table holds one collection. "
+            f"Give {name!r} a table of its own (store.table or store.schema in its YAML file), or, if "
+            f"{row[0]!r} is gone for good, drop its view {schema}.{table} and its version tables first"
+        )
 
 
 def _describe(conn: psycopg.Connection) -> str:

@@ -587,12 +587,17 @@ class Searcher:
         with Searcher("documents", dsn=...) as searcher:
             hits = searcher.search("how do I handle exceptions", k=5, filter={"topic": "try"})
             hits = searcher.search("StopIteration", mode="keyword")
+
+    ``schema`` picks the collection's table where its name has tables in several schemas of the
+    database (two deployments sharing it); without it, such a name raises
+    :class:`capstone.registry.AmbiguousCollection`.
     """
 
     def __init__(
         self,
         collection: str,
         *,
+        schema: str | None = None,
         dsn: str | None = None,
         connection_id: str | None = None,
         pool_size: int = 4,
@@ -601,6 +606,7 @@ class Searcher:
         from psycopg_pool import ConnectionPool
 
         self.collection = collection
+        self.schema = schema
         self.session_settings = session_settings
         self.pool = ConnectionPool(
             resolve_dsn(dsn, connection_id),
@@ -613,7 +619,7 @@ class Searcher:
         )
         try:
             with self.pool.connection() as conn:
-                self.record = lookup(conn, collection)
+                self.record = lookup(conn, collection, schema)
             self.target = SearchTarget.of(self.record)
             self._embedder = self.record.embedder()
         except BaseException:
@@ -629,7 +635,7 @@ class Searcher:
         """Read the collection's registry record again, and load its model if that changed: after
         a run changed the collection's settings (its model, index or ``search`` section)."""
         with self.pool.connection() as conn:
-            record = lookup(conn, self.collection)
+            record = lookup(conn, self.collection, self.schema)
         if record.embedding != self.record.embedding:
             self._embedder = record.embedder()
         self.record, self.target = record, SearchTarget.of(record)
@@ -706,17 +712,20 @@ def search_collection(
     connection_id: str | None = None,
     search_filter: SearchFilter | Mapping[str, Any] | None = None,
     mode: SearchMode | None = None,
+    schema: str | None = None,
 ) -> list[Hit]:
-    """The ``k`` best chunks of ``collection`` for ``query`` in ``mode`` (default: the collection's),
-    that pass ``search_filter``, in the Postgres of ``dsn``, else of Airflow connection
-    ``connection_id`` (default ``vector_store_default``). One call, one connection and one model
-    lookup: a process that searches often holds a :class:`Searcher` instead.
+    """The ``k`` best chunks of ``collection`` (its table in ``schema``, where the name has several)
+    for ``query`` in ``mode`` (default: the collection's), that pass ``search_filter``, in the
+    Postgres of ``dsn``, else of Airflow connection ``connection_id`` (default
+    ``vector_store_default``). One call, one connection and one model lookup: a process that
+    searches often holds a :class:`Searcher` instead.
 
-    Raises :class:`capstone.registry.CollectionNotRegistered` when the collection was never validated there.
+    Raises :class:`capstone.registry.CollectionNotRegistered` when the collection was never validated
+    there, :class:`capstone.registry.AmbiguousCollection` when its name has several tables.
     """
     target_dsn = resolve_dsn(dsn, connection_id)
     with psycopg.connect(target_dsn, autocommit=True, application_name="capstone search") as conn:
-        record = lookup(conn, collection)
+        record = lookup(conn, collection, schema)
     return search_record(target_dsn, record, query, k, SearchFilter.of(search_filter), mode=mode)
 
 

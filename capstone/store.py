@@ -1,4 +1,5 @@
-"""The pgvector store: one table per collection, plus the staging tables runs pass data through.
+"""The pgvector store: a collection's version tables (one per embedding, behind the view
+consumers query, see :mod:`capstone.versions`), plus the staging tables runs pass data through.
 
 Bulk data never goes through XCom. A run, identified by its ``run_key``, gets its own UNLOGGED
 staging tables ``capstone."run_<run_key>_{chunks,documents,batches,vectors}"`` (see

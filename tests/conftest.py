@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -48,13 +49,17 @@ def airflow_db() -> Path:
 
 @pytest.fixture(scope="session")
 def pg_server() -> EmbeddedPostgres:
-    """The embedded PostgreSQL 18 + pgvector server, started once (left running for the next run)."""
-    return default_server().start()
+    """The embedded PostgreSQL 18 + pgvector server, started once (left running for the next run),
+    its database the tests' own (``capstone_test``): never ``vectors``, where the demo's and a
+    user's collections live."""
+    from tests.support.stacks import TEST_DATABASE
+
+    return dataclasses.replace(default_server(), database=TEST_DATABASE).start()
 
 
 @pytest.fixture(scope="session")
 def pg_dsn(pg_server: EmbeddedPostgres) -> Iterator[str]:
-    """DSN of the embedded server; also exported as the ``vector_store_default`` Airflow connection."""
+    """DSN of the tests' database; also exported as the ``vector_store_default`` Airflow connection."""
     dsn = pg_server.uri()
     previous = os.environ.get("AIRFLOW_CONN_VECTOR_STORE_DEFAULT")
     os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = dsn

@@ -72,6 +72,10 @@ class AirflowStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     executor: str = "local"
     metadata_db: str = "airflow"
+    # The database of the embedded server the collections are written to (the tasks'
+    # vector_store_default): the demo's `vectors` unless told otherwise. Tests and benchmarks name
+    # databases of their own, so that they never touch what a user's demo and searches read.
+    vector_db: str = "vectors"
     workers: tuple[str, ...] = WORKERS
     worker_concurrency: int = 2
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -197,12 +201,15 @@ class AirflowStack:
     # -- set-up -----------------------------------------------------------------------------
 
     def postgres(self) -> EmbeddedPostgres:
-        """The embedded Postgres this stack uses (``$CAPSTONE_PG_PORT``, data under ``data_dir``)."""
+        """The embedded Postgres this stack uses (``$CAPSTONE_PG_PORT``, data under ``data_dir``),
+        its database the one collections are written to (``vector_db``)."""
         from capstone.local.embedded_pg import EmbeddedPostgres
 
-        return EmbeddedPostgres(root=self.data_dir, port=int(os.environ.get("CAPSTONE_PG_PORT", 55432)))
+        port = int(os.environ.get("CAPSTONE_PG_PORT", 55432))
+        return EmbeddedPostgres(root=self.data_dir, port=port, database=self.vector_db)
 
     def postgres_uri(self) -> str:
+        """URI of the database the stack's tasks write collections to (its ``vector_store_default``)."""
         return self.postgres().start().uri()
 
     def metadata_uri(self) -> str:

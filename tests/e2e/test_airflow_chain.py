@@ -7,7 +7,6 @@ embedding tasks respect their pool, and whose last task publishes ``documents.in
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 from dag_factory.local.api import AirflowApi
 from dag_factory.local.stack import AirflowStack
 from tests.support.stack_runs import assert_deferred_to_triggerer, follow_downstream_run, max_overlap
+from tests.support.stacks import e2e_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +29,11 @@ CHUNKS = 733 * COPIES
 
 @pytest.fixture(scope="module")
 def stack(pg_dsn: str) -> Iterator[AirflowStack]:
-    home = HERE.parents[1] / ".data" / "airflow-e2e"
-    shutil.rmtree(home, ignore_errors=True)
+    stack = e2e_stack()
+    assert stack.postgres_uri() == pg_dsn  # the tests' database, never the demo's
+    shutil.rmtree(stack.home, ignore_errors=True)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS e2e CASCADE")
-    port = int(os.environ.get("E2E_API_PORT", 28081))
-    stack = AirflowStack(home=home, api_port=port, configs=HERE / "configs", metadata_db="airflow_e2e")
     stack.drop_metadata_db()
     with stack as running:
         yield running

@@ -28,41 +28,35 @@ import yaml
 from dag_factory.local.api import AirflowApi
 from dag_factory.local.stack import AirflowStack
 from tests.support.stack_runs import assert_deferred_to_triggerer, follow_downstream_run, max_overlap
+from tests.support.stacks import (
+    DISTRIBUTED_SCHEMA,
+    DISTRIBUTED_WORKERS,
+    distributed_configs,
+    distributed_stack,
+)
 
 pytestmark = pytest.mark.distributed
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).resolve().parent
 COPIES = 30  # ~22k chunks in 15 mapped embedding tasks of 1500
 CHUNKS = 733 * COPIES
-SCHEMA = "distributed"
-WORKERS = ("worker-a", "worker-b")
+SCHEMA = DISTRIBUTED_SCHEMA
+WORKERS = DISTRIBUTED_WORKERS
 VICTIM = "worker-b"
 POOL_SLOTS = 2
 
 
 @pytest.fixture(scope="module")
 def stack(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowStack]:
-    # The e2e collection, in a schema of its own.
-    spec = yaml.safe_load((HERE / "configs" / "documents.yaml").read_text())
-    spec["store"]["schema"] = SCHEMA
-    configs = tmp_path_factory.mktemp("distributed-configs")
-    (configs / "documents.yaml").write_text(yaml.safe_dump(spec))
+    configs = distributed_configs(tmp_path_factory.mktemp("distributed-configs"))
+    spec = yaml.safe_load((configs / "documents.yaml").read_text())
     assert spec["embedding"]["pool_slots"] == POOL_SLOTS
-
-    home = HERE.parents[1] / ".data" / "airflow-distributed"
-    shutil.rmtree(home, ignore_errors=True)
+    stack = distributed_stack(configs)
+    assert stack.postgres_uri() == pg_dsn  # the tests' database, never the demo's
+    shutil.rmtree(stack.home, ignore_errors=True)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-    stack = AirflowStack(
-        home=home,
-        api_port=int(os.environ.get("DISTRIBUTED_API_PORT", 28082)),
-        configs=configs,
-        executor="celery",
-        metadata_db="airflow_distributed",
-        workers=WORKERS,
-    )
     stack.drop_metadata_db()
     started = time.monotonic()
     with stack as running:

@@ -288,7 +288,8 @@ def test_an_unchanged_run_still_rebuilds_a_missing_index_and_registers_new_searc
     assert _keyword_state(pg_dsn, pg_schema, "ref_heal")[1] == [(keyword_index, True)]
     assert task_states("ref_heal", changed.run_id)["validate_index_health"] == ["success"]
     with psycopg.connect(pg_dsn) as conn:
-        assert registry.registered_search(conn, "ref_heal") == replace(_default_search(), rrf_k=10)
+        record = registry.registered_row(conn, pg_schema, "ref_heal")
+        assert record is not None and record.search == replace(_default_search(), rrf_k=10)
     assert task_states("ref_heal", unchanged.run_id)["prepare_chunks"] == ["skipped"]  # nothing left to do
 
 
