@@ -3,10 +3,12 @@ switch the versions of a collection (one per embedding model, see :mod:`capstone
 
 python -m capstone db start|stop|status|uri
 python -m capstone search --collection documents "how do I handle exceptions" [-k 5]
-    [--mode vector|keyword|hybrid] [--filter key=value ...] [--json]
+    [--mode vector|keyword|hybrid] [--filter key=value ...] [--json] [--schema SCHEMA]
     [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
-python -m capstone versions --collection documents [--dsn ... | --connection ...]
-python -m capstone rollback --collection documents [--to N] [--dsn ... | --connection ...]
+python -m capstone versions --collection documents [--schema SCHEMA] [--dsn ... | --connection ...]
+python -m capstone rollback --collection documents [--to N] [--schema SCHEMA] [--dsn ... | --connection ...]
+
+--schema is needed only where the collection's name has tables in several schemas of the database.
 """
 
 from __future__ import annotations

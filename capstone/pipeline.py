@@ -4,9 +4,11 @@ The DAG factory wraps these in Airflow tasks; they take and return small JSON-ab
 (descriptors and counts) while the bulk data goes through the staging tables of
 :mod:`capstone.store`. Every function can be re-run for the same run: it replaces what it wrote.
 
-A run writes to one version of the collection (:mod:`capstone.versions`): ``load_documents``
+A run writes to one version of the collection (:mod:`capstone.versions`): ``prepare_chunks``
 resolves it from the spec's embedding fingerprint (the live version, or a new one being built
-beside it) and the tasks pass it on (``version`` in their results); the store, the index build and
+beside it; creating or adopting its table, once the table is known to be this collection's),
+``load_documents`` only reads the hash key of its chunks, and later tasks pass it on (``version``
+in their results); the store, the index build and
 validation then work on that version's table, never on the stable name consumers read.
 """
 

@@ -1,7 +1,8 @@
 """The collection registry: what ``search`` needs to know about a collection, kept in Postgres.
 
-``capstone`` never reads the YAML files (that is ``dag_factory``'s job). Instead, every run of a
-collection's ``validate_index_health`` task records the collection in ``capstone.collections``,
+``capstone`` never reads the YAML files (that is ``dag_factory``'s job). Instead, every validation
+of a collection's live version (and every switch to a new one) records the collection in
+``capstone.collections``,
 in the collection's own database: its table, embedding provider and model, metric, index and the
 query-time settings (``ef_search`` / ``probes``), and how it is searched by default (mode, text
 search configuration, hybrid ranking). ``python -m capstone search`` reads that row to embed a
@@ -111,7 +112,8 @@ class AmbiguousCollection(LookupError):
     def __init__(self, name: str, where: str, tables: list[str]) -> None:
         super().__init__(
             f"collection {name!r} has {len(tables)} tables in {where}: {'; '.join(tables)}. Say which "
-            "one: --schema SCHEMA on the command line, Searcher(name, schema=...) in Python"
+            "one: --schema SCHEMA on the command line, Searcher(name, schema=...) in Python (two tables "
+            "in one schema: drop the one no longer used, its view and its version tables)"
         )
 
 

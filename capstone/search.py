@@ -6,7 +6,7 @@ Modes (``SearchMode``; a collection's default is its spec's ``search.mode``):
 - ``vector``: the chunks whose embeddings are nearest the query's, through the ANN index.
 - ``keyword``: the chunks matching ``websearch_to_tsquery(<text_config>, query)`` (words, "quoted
   phrases", ``or``, ``-excluded``), ranked by ``ts_rank_cd``; no model is involved.
-- ``hybrid``: reciprocal rank fusion of the two lists: the top ``search.candidates`` of each, a
+- ``hybrid``: reciprocal rank fusion of the two lists: the top ``max(k, search.candidates)`` of each, a
   chunk scoring ``1 / (search.rrf_k + rank)`` for each list it is in. One statement, one round trip.
 
 ANN search runs inside :func:`ann_session`, a transaction that sets the index's query-time knob

@@ -215,7 +215,7 @@ class SearchSettings:
     ``text_config`` is the Postgres text search configuration of the table's generated
     ``content_tsv`` column (what the GIN index holds and keyword queries are parsed with);
     ``rrf_k`` and ``candidates`` shape hybrid ranking (reciprocal rank fusion of the top
-    ``candidates`` of each list, each hit scoring ``1 / (rrf_k + rank)`` per list it is in).
+    ``max(k, candidates)`` of each list, each hit scoring ``1 / (rrf_k + rank)`` per list it is in).
     """
 
     mode: SearchMode

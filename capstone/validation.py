@@ -27,9 +27,10 @@ collection whose source has not changed is not stale, so no limit applies.
 
 Each check passes, fails, or is skipped (nothing to measure); a failing check whose family is
 listed in the spec's ``fail_on`` fails the task (:class:`IndexHealthError`, so no
-``<collection>.indexed`` event is published), any other failing check only warns. The collection
+``<collection>.indexed`` event is published), any other failing check only warns. A live version
 is recorded in the registry (:mod:`capstone.registry`) with the summary either way, so that
-``capstone search`` knows it.
+``capstone search`` knows it; a version being built is recorded there only when it is switched
+to (a failed validation stays in the version catalog).
 """
 
 from __future__ import annotations

@@ -376,7 +376,8 @@ class SearchSpec(_Model):
         default=40,
         ge=1,
         le=HNSW_EF_SEARCH[1],
-        description="Hybrid: how many of each list's best hits are fused (also the least ef_search).",
+        description="Hybrid: how many of each list's best hits are fused (k, when k is larger; also the "
+        "least ef_search).",
     )
 
     @field_validator("text_config")

@@ -15,7 +15,9 @@ Two executors:
 Set-up is idempotent: the embedded Postgres is started, the metadata DB (a database of its own in
 that server, ``airflow`` unless told otherwise) created and migrated, the pools the collection
 files declare created (the scheduler never schedules a task whose pool does not exist) and the
-``vector_store_default`` connection written (``aws_default`` too, with Celery). Services log to
+``vector_store_default`` connection written, to the database ``vector_db`` of that server
+(``vectors`` unless told otherwise: tests and benchmarks name their own), and ``aws_default`` too,
+with Celery. Services log to
 ``$AIRFLOW_HOME/logs/services/<name>.log`` and run in their own process groups, so stopping the
 stack stops every process a service started.
 """
@@ -150,7 +152,8 @@ class AirflowStack:
                 "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self._passwords_file),
-                # Quiet, fast local settings (see DESIGN.md, "Facts measured").
+                # Quiet, fast local settings (measured on Airflow 3.3.2: a fast-resuming deferred
+                # task was sometimes marked failed without MIN_HEARTBEAT_INTERVAL=1).
                 "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
