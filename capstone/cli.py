@@ -224,7 +224,8 @@ def _search_dsn(dsn: str | None, connection_id: str | None) -> str:
             ) from None
         print(
             f"note: Airflow connection {undefined.connection_id!r} is not defined: searching the project's "
-            f"embedded Postgres on {server.host}:{server.port} (data in {server.root})",
+            f"embedded Postgres on {server.host}:{server.port}, database {server.database!r} (data in "
+            f"{server.root})",
             file=sys.stderr,
         )
         return server.uri()

@@ -34,6 +34,7 @@ __all__ = [
     "EmbeddedPostgres",
     "ServerTls",
     "default_data_dir",
+    "default_database",
     "default_server",
     "project_root",
     "wheel_install",
@@ -69,10 +70,16 @@ def default_data_dir() -> Path:
     return root / ".data"
 
 
+def default_database() -> str:
+    """The database the local commands use: ``$CAPSTONE_PG_DATABASE``, else ``vectors``."""
+    return os.environ.get("CAPSTONE_PG_DATABASE") or DEFAULT_DATABASE
+
+
 def default_server() -> EmbeddedPostgres:
-    """The embedded server as configured by ``CAPSTONE_DATA_DIR`` and ``CAPSTONE_PG_PORT``."""
+    """The embedded server as configured by ``CAPSTONE_DATA_DIR``, ``CAPSTONE_PG_PORT`` and
+    ``CAPSTONE_PG_DATABASE``."""
     port = int(os.environ.get("CAPSTONE_PG_PORT", DEFAULT_PORT))
-    return EmbeddedPostgres(root=default_data_dir(), port=port)
+    return EmbeddedPostgres(root=default_data_dir(), port=port, database=default_database())
 
 
 def wheel_install() -> Path:
@@ -157,7 +164,7 @@ class EmbeddedPostgres:
             port = int((root / "postgres" / "postmaster.pid").read_text().splitlines()[3])
         except (OSError, ValueError, IndexError):
             return None
-        server = cls(root=root, port=port)
+        server = cls(root=root, port=port, database=default_database())
         return server if server.is_running() else None
 
     @property

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from capstone.local.embedded_pg import default_database
 from capstone.settings import DEFAULT_CONNECTION_ID
 from dag_factory.loader import configs_dir, load_collections
 from dag_factory.local.services import S3_BUCKET, RedisBroker, S3Server
@@ -75,9 +76,9 @@ class AirflowStack:
     executor: str = "local"
     metadata_db: str = "airflow"
     # The database of the embedded server the collections are written to (the tasks'
-    # vector_store_default): the demo's `vectors` unless told otherwise. Tests and benchmarks name
+    # vector_store_default): $CAPSTONE_PG_DATABASE, else `vectors`. Tests and benchmarks name
     # databases of their own, so that they never touch what a user's demo and searches read.
-    vector_db: str = "vectors"
+    vector_db: str = field(default_factory=default_database)
     workers: tuple[str, ...] = WORKERS
     worker_concurrency: int = 2
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)

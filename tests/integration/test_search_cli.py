@@ -19,6 +19,7 @@ from psycopg import sql
 from capstone.local.corpus import reference_documents, write_jsonl_batch
 from capstone.search import search_collection
 from tests.support.airflow import asset_events, run_collection, task_states, write_collection, xcom_value
+from tests.support.stacks import TEST_DATABASE
 from tests.support.versions import live_table
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -198,6 +199,7 @@ def test_search_with_no_connection_defined_reads_the_running_embedded_postgres_a
     indexed: IndexedRun,
 ) -> None:
     env = {key: value for key, value in os.environ.items() if key != "AIRFLOW_CONN_VECTOR_STORE_DEFAULT"}
+    env["CAPSTONE_PG_DATABASE"] = TEST_DATABASE  # where the tests index; the user's default is vectors
 
     completed = search("--collection", COLLECTION, KNOWN_QUERY, env=env)
 
