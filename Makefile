@@ -56,7 +56,10 @@ down: $(VENV)/.installed-dev
 	$(PY) -m dag_factory.local.stack down
 
 BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality version_switch
-.PHONY: bench bench-embed-stage $(addprefix bench-,$(BENCHMARKS))
+# Not part of make bench, each with a target of its own: quantization (~12 minutes at its default
+# size) and embed_stage_gpu (needs a CUDA device; skips where there is none).
+BENCH_EXTRA := quantization embed_stage_gpu
+.PHONY: bench bench-smoke bench-embed-stage bench-quantization $(addprefix bench-,$(BENCHMARKS) embed_stage_gpu)
 
 $(VENV)/.installed-bench: $(VENV)/.installed-local
 	$(PY) -m pip install -q -e '.[dev,local,bench]'
@@ -65,9 +68,19 @@ $(VENV)/.installed-bench: $(VENV)/.installed-local
 ## make bench: every benchmark in turn (each under 10 minutes on 2 cores); see benchmarks/RESULTS.md
 bench: $(addprefix bench-,$(BENCHMARKS))
 
-## make bench-<name>: one of them, e.g. make bench-peers
-$(addprefix bench-,$(BENCHMARKS)): bench-%: $(VENV)/.installed-bench
+## make bench-<name>: one of them, e.g. make bench-peers (and make bench-embed_stage_gpu)
+$(addprefix bench-,$(BENCHMARKS) embed_stage_gpu): bench-%: $(VENV)/.installed-bench
 	$(PY) benchmarks/$*.py
+
+## make bench-smoke: every benchmark (those of make bench, quantization, embed_stage_gpu) with --smoke,
+## at a tiny size, one after the other, stopping at the first failure: a few minutes to check that they
+## all still run to their end (their numbers mean nothing)
+bench-smoke: $(VENV)/.installed-bench
+	@for name in $(BENCHMARKS) $(BENCH_EXTRA); do \
+	  echo "== bench-smoke: $$name"; started=$$(date +%s); \
+	  $(PY) benchmarks/$$name.py --smoke || { echo "== bench-smoke: $$name FAILED"; exit 1; }; \
+	  echo "== bench-smoke: $$name ok in $$(( $$(date +%s) - started ))s"; \
+	done
 
 ## make bench-embed-stage: the embedding stage on real Airflow services vs a bare encode (~15 min)
 bench-embed-stage: bench-embed_stage
@@ -75,7 +88,6 @@ bench-embed-stage: bench-embed_stage
 ## make bench-quantization: vector vs halfvec vs binary HNSW at 100k x 1536 (~12 minutes on 2 cores;
 ## not part of make bench). QUANTIZATION_ROWS=20000 takes 3 minutes.
 QUANTIZATION_ROWS ?= 100000
-.PHONY: bench-quantization
 bench-quantization: $(VENV)/.installed-bench
 	$(PY) benchmarks/quantization.py --rows $(QUANTIZATION_ROWS)
 

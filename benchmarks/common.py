@@ -11,6 +11,7 @@ itself under another virtualenv (LangChain's), which has numpy but not this proj
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,14 +19,18 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from capstone.contracts import BatchDescriptor, EmbeddingTotals, Manifest, PrepareSummary
+    import psycopg
+
+    from capstone.contracts import BatchDescriptor, EmbeddingTotals, Manifest, PrepareSummary, VersionRef
+    from capstone.settings import CollectionSettings
+    from capstone.versions import Version
 
 __all__ = [
     "BENCH_DATA",
@@ -36,14 +41,18 @@ __all__ = [
     "collection_documents",
     "copy_collection_rows",
     "dag_test_collection",
+    "drop_collection",
     "drop_schema",
     "failed_tasks",
     "machine_summary",
+    "parse_with_smoke",
     "peak_rss_mb",
     "prepare_airflow",
+    "resolve_version",
     "run_facts",
     "run_worker",
     "start_execution_api",
+    "totals_of_staged",
     "unit_vectors",
     "write_collection_spec",
     "write_result",
@@ -87,6 +96,40 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def parse_with_smoke(
+    parser: argparse.ArgumentParser, smoke: Mapping[str, Any], argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """Parse the command line, adding ``--smoke``: the same run at the tiny sizes ``smoke`` gives
+    (option destination -> value), to check in seconds that the benchmark still runs to its end.
+
+    ``--smoke`` only changes the options' defaults, so everything else runs as in a full run (and an
+    option given on the command line still wins). A smoke run's numbers are not judged.
+    """
+    tiny = " ".join(f"--{key.replace('_', '-')} {_shown(value)}" for key, value in smoke.items())
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a tiny run that checks the benchmark still works end to end, numbers not judged ({tiny})",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        unknown = sorted(set(smoke) - set(vars(args)))
+        if unknown:
+            raise ValueError(f"smoke sizes for options the parser does not have: {unknown}")
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+        print(f"smoke run ({tiny}): checks that it runs to its end; numbers not judged", flush=True)
+    return args
+
+
+def _shown(value: Any) -> str:
+    """An option's value as it would be typed (lists as separate words)."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -176,9 +219,13 @@ def copy_collection_rows(conn: Any, table: Any, rows: Iterable[tuple[Any, ...]])
             copy.write_row(row)
 
 
-def totals_of_staged(run_key: str, batches: list[BatchDescriptor]) -> EmbeddingTotals:
+def totals_of_staged(
+    run_key: str, batches: list[BatchDescriptor], version: VersionRef | None = None
+) -> EmbeddingTotals:
     """What ``aggregate_embeddings`` returns once every batch's vectors are staged (precomputed
-    vectors, no embedding step), for the benchmarks that time the write path."""
+    vectors, no embedding step), for the benchmarks that time the write path. ``version`` is the
+    collection version ``prepare_chunks`` resolved (:func:`resolve_version`), as a DAG run passes it
+    on, so that the store stage does not resolve it again."""
     from capstone.pipeline import aggregate_manifests
 
     to_embed = sum(batch["chunks"] for batch in batches)
@@ -189,6 +236,8 @@ def totals_of_staged(run_key: str, batches: list[BatchDescriptor]) -> EmbeddingT
         "unchanged": 0,
         "to_delete": 0,
     }
+    if version is not None:
+        summary["version"] = version
     manifests: list[Manifest] = [
         {
             "batch_no": batch["batch_no"],
@@ -203,29 +252,109 @@ def totals_of_staged(run_key: str, batches: list[BatchDescriptor]) -> EmbeddingT
 
 
 def bench_dsn() -> str:
-    """URI of the benchmarks' own database on the embedded server (started and created if needed)."""
+    """URI of the benchmarks' own database on the embedded server (started and created if needed;
+    the server's default database, where the demo's collections are, is never touched)."""
+    import dataclasses
+
     import psycopg
-    from psycopg import sql
 
     from capstone.local.embedded_pg import default_server
 
     os.environ.setdefault("CAPSTONE_DATA_DIR", str(PROJECT_ROOT / ".data"))
-    server = default_server().start()
-    with psycopg.connect(server.uri("postgres"), autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DATABASE,)).fetchone():
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BENCH_DATABASE)))
+    server = dataclasses.replace(default_server(), database=BENCH_DATABASE).start()
     with psycopg.connect(server.uri(BENCH_DATABASE), autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     return server.uri(BENCH_DATABASE)
 
 
+def resolve_version(conn: psycopg.Connection, settings: CollectionSettings) -> Version:
+    """The collection version a run with ``settings`` writes to, created where missing (the view at
+    the stable name over ``<table>__v<N>``, and its catalog row), as ``prepare_chunks`` resolves it
+    before anything is embedded: set-up, outside the timed part of the write path benchmarks."""
+    from capstone import versions
+
+    return versions.resolve(conn, settings)
+
+
+def drop_collection(conn: psycopg.Connection, schema: str, table: str) -> None:
+    """Drop the collection whose stable name is ``schema.table`` completely, as collections now
+    exist: the view at the stable name (or a plain table there: an earlier release's, or a
+    benchmark's floor table), its version tables ``<table>__v<N>`` (those the catalog lists, and any
+    the catalog lost), and its rows in ``capstone.collection_versions`` and ``capstone.collections``.
+
+    ``conn`` is in autocommit mode; all of it happens in one transaction. Nothing there is fine.
+    """
+    from psycopg import sql
+
+    with conn.transaction():
+        version_tables: set[str] = set()
+        if _relation_exists(conn, "capstone.collection_versions"):
+            version_tables.update(
+                row[0]
+                for row in conn.execute(
+                    "DELETE FROM capstone.collection_versions WHERE schema_name = %s AND stable_name = %s"
+                    " RETURNING table_name",
+                    (schema, table),
+                )
+            )
+        version_tables.update(
+            row[0]
+            for row in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND starts_with(c.relname, %s)"
+                " AND substr(c.relname, char_length(%s) + 1) ~ '^[0-9]+$'",
+                (schema, f"{table}__v", f"{table}__v"),
+            )
+        )
+        if _relation_exists(conn, "capstone.collections"):
+            conn.execute(
+                "DELETE FROM capstone.collections WHERE schema_name = %s AND table_name = %s", (schema, table)
+            )
+        row = conn.execute(
+            "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            (schema, table),
+        ).fetchone()
+        kind = row[0] if row else None
+        if kind == "v":
+            conn.execute(sql.SQL("DROP VIEW {}").format(sql.Identifier(schema, table)))
+        elif kind in ("r", "p"):
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, table)))
+        elif kind is not None:
+            raise RuntimeError(f"{schema}.{table} is neither a view nor a table (relkind {kind!r})")
+        for name in sorted(version_tables - {table}):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, name)))
+
+
+def _relation_exists(conn: psycopg.Connection, qualified: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified,)).fetchone()
+    return bool(row and row[0])
+
+
 def drop_schema(dsn: str, schema: str) -> None:
-    """Drop a benchmark's schema and its tables once the numbers are in (100k rows + index each)."""
+    """Drop a benchmark's schema once the numbers are in (100k rows + index each): every collection
+    in it (:func:`drop_collection`: its catalog and registry rows too), then the schema."""
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in _collections_in(conn, schema):
+            drop_collection(conn, schema, table)
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _collections_in(conn: psycopg.Connection, schema: str) -> list[str]:
+    """The stable names of the collections the version catalog or the registry has in ``schema``."""
+    from psycopg import sql
+
+    names: set[str] = set()
+    for catalog, column in (("collection_versions", "stable_name"), ("collections", "table_name")):
+        if _relation_exists(conn, f"capstone.{catalog}"):
+            query = sql.SQL("SELECT DISTINCT {} FROM {} WHERE schema_name = %s").format(
+                sql.Identifier(column), sql.Identifier("capstone", catalog)
+            )
+            names.update(row[0] for row in conn.execute(query, (schema,)))
+    return sorted(names)
 
 
 def prepare_airflow(configs: Path, dsn: str, dags_folder: Path = PROJECT_ROOT / "dags") -> None:

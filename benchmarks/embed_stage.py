@@ -10,10 +10,12 @@ sentence-transformers, loads the model once and encodes the same chunk texts, ti
 exit. Each line prints stage / bare; the last line is the worst ratio (target <= 1.15).
 
     .venv/bin/python benchmarks/embed_stage.py [--copies 1 5] [--batch-sizes 64 512] [--rounds 1]
-        [--device cpu|cuda|mps] [--request-batch-size 64]
+        [--device cpu|cuda|mps] [--request-batch-size 64] [--documents N] [--smoke]
 
 Needs the [local] extra. Takes about 10-15 minutes on 2 cores. ``embed_stage_gpu.py`` runs it on
-a CUDA device (and skips where there is none).
+a CUDA device (and skips where there is none). The stack's tasks write the collections to the
+benchmarks' own database (the stack's ``vector_db``, which its ``vector_store_default`` connection
+names), in schema ``bench_embed_stage``, dropped at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
-from common import BENCH_DATA, machine_summary
+from common import BENCH_DATA, BENCH_DATABASE, bench_dsn, drop_schema, machine_summary, parse_with_smoke
 
 from capstone.local.corpus import reference_documents, write_jsonl_batch
 from dag_factory.local.api import AirflowApi
@@ -78,12 +80,13 @@ def write_collection(
     (configs / f"{name}.yaml").write_text(yaml.safe_dump(spec))
 
 
-def write_corpus(folder: Path, copies: int) -> tuple[Path, Path, int]:
-    """The batch file the run reads, and the texts file the bare process encodes."""
+def write_corpus(folder: Path, copies: int, topics: int | None) -> tuple[Path, Path, int]:
+    """The batch file the run reads, and the texts file the bare process encodes: ``copies`` copies
+    of the language reference (its first ``topics`` topics, all without)."""
     documents = [
         {**doc, "id": doc["id"] if copy == 0 else f"{doc['id']}~{copy}"}
         for copy in range(copies)
-        for doc in reference_documents()
+        for doc in reference_documents()[:topics]
     ]
     texts = [chunk for doc in documents for chunk in doc["chunks"]]
     batch = write_jsonl_batch(documents, folder / f"corpus_x{copies}.jsonl")
@@ -124,12 +127,14 @@ def stage_seconds(api: AirflowApi, dag_id: str, batch: Path, timeout: float = 18
     return (last - first).total_seconds(), len(tis)
 
 
-def drop_tables(stack: AirflowStack) -> None:
+def drop_tables(dsn: str) -> None:
+    """Drop the collections a run wrote (views, version tables, catalog and registry rows)."""
     import psycopg
+    from psycopg import sql
 
-    with psycopg.connect(stack.postgres_uri(), autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+    drop_schema(dsn, SCHEMA)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,8 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each configuration")
     parser.add_argument("--device", default="cpu", help="embedding.device for the stage and the bare process")
     parser.add_argument("--request-batch-size", type=int, default=64, help="texts per forward pass, both")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--documents", type=int, default=None, help="the reference's first N topics only (default all 79)"
+    )
+    args = parse_with_smoke(parser, {"copies": [1], "batch_sizes": [16], "documents": 4}, argv)
     print(machine_summary(), f"device {args.device}", flush=True)
+    dsn = bench_dsn()
 
     work = BENCH_DATA / "embed_stage"
     work.mkdir(parents=True, exist_ok=True)
@@ -155,18 +164,19 @@ def main(argv: list[str] | None = None) -> None:
         api_port=int(os.environ.get("BENCH_API_PORT", 28087)),
         configs=configs,
         metadata_db="airflow_bench_embed_stage",
+        vector_db=BENCH_DATABASE,  # the tasks' vector_store_default: never the demo's `vectors`
     )
     stack.drop_metadata_db()
     ratios: list[tuple[float, str]] = []
     with stack:
         api = AirflowApi(stack.api_url, "admin", stack.password)
         for copies in args.copies:
-            batch, texts_file, chunks = write_corpus(work, copies)
+            batch, texts_file, chunks = write_corpus(work, copies, args.documents)
             for batch_size in args.batch_sizes:
                 dag_id = collection_name(copies, batch_size)
                 api.wait_for_dag(dag_id, timeout=300)
                 for round_no in range(args.rounds):
-                    drop_tables(stack)
+                    drop_tables(dsn)
                     if round_no % 2 == 0:
                         bare = bare_seconds(texts_file, args.device, args.request_batch_size)
                         stage, tasks = stage_seconds(api, dag_id, batch)
@@ -180,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{bare:.1f}s, ratio {stage / bare:.2f}",
                         flush=True,
                     )
+    drop_schema(dsn, SCHEMA)
     worst, label = max(ratios)
     print(f"worst stage/bare ratio ({label}; target <= 1.15): {worst:.2f}")
 

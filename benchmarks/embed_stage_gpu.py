@@ -4,7 +4,7 @@ Skips cleanly (exit 0, one line saying why) where torch sees no CUDA device. On 
 forward passes are cheap and the per-task costs (process start, import, model load and copy to the
 device) weigh more, so the stage runs with a larger forward-pass batch (256).
 
-    .venv/bin/python benchmarks/embed_stage_gpu.py [embed_stage.py options]
+    .venv/bin/python benchmarks/embed_stage_gpu.py [embed_stage.py options, --smoke among them]
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Re-indexing after a small change: a re-run over a batch with 1% of its documents edited.
 
     .venv/bin/python benchmarks/incremental.py [--documents 10000] [--changed-percent 1] [--rounds 1]
+        [--smoke]
 
 A collection of ``--documents`` documents (10 chunks each, ``hash`` provider, HNSW) is indexed
 from one JSONL batch with ``dag.test()``. The same batch file is then rewritten with every chunk
@@ -35,6 +36,7 @@ from common import (
     drop_schema,
     failed_tasks,
     machine_summary,
+    parse_with_smoke,
     prepare_airflow,
     run_worker,
     write_collection_spec,
@@ -61,12 +63,13 @@ def edit_documents(documents: list[dict[str, Any]], percent: float) -> int:
 
 
 def fresh_table(dsn: str) -> None:
-    """Drop the collection table so that the full run starts from nothing."""
+    """Drop the collection (view, version tables, catalog and registry rows) so that the full run
+    starts from nothing."""
     import psycopg
     from psycopg import sql
 
+    drop_schema(dsn, SCHEMA)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
         conn.execute("CHECKPOINT")
 
@@ -113,7 +116,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parse_with_smoke(parser, {"documents": 50, "batch_size": 100, "upsert_batch_size": 200})
 
 
 def main() -> None:

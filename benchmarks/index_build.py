@@ -1,6 +1,7 @@
 """Benchmark: the trigger-driven index build against the same ``CREATE INDEX`` run plainly.
 
     python benchmarks/index_build.py [--rows 50000] [--dim 384] [--m 16] [--ef-construction 64] [--rounds 2]
+        [--smoke]
 
 Loads one collection table of random unit vectors into a database of its own on the embedded
 Postgres (or into ``--dsn``) and, in one run, builds the same HNSW index on it, dropping it between
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from common import bench_dsn
+from common import bench_dsn, drop_schema, parse_with_smoke
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
@@ -56,8 +57,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ef-construction", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of trigger vs plain builds")
     parser.add_argument("--poll-interval", type=float, default=5.0, help="trigger progress poll, seconds")
-    parser.add_argument("--dsn", help="Postgres URI; default: the embedded server")
-    return parser.parse_args()
+    parser.add_argument(
+        "--dsn", help="Postgres URI; default: the benchmarks' database on the embedded server"
+    )
+    return parse_with_smoke(parser, {"rows": 2000, "rounds": 1, "poll_interval": 0.2})
 
 
 def vector_batches(rows: int, dim: int, batch: int = 10_000) -> Iterator[np.ndarray]:
@@ -71,9 +74,9 @@ def vector_batches(rows: int, dim: int, batch: int = 10_000) -> Iterator[np.ndar
 def create_table(dsn: str, name: str, rows: int, dim: int) -> None:
     """The collection table as the pipeline creates it, filled by binary COPY, then VACUUM ANALYZE."""
     first = sql.Identifier(SCHEMA, name)
+    drop_schema(dsn, SCHEMA)
     with psycopg.connect(dsn, autocommit=True) as conn:
         register_vector(conn)
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
         store.ensure_collection_table(conn, store.CollectionTable(SCHEMA, name, dim, "english", "vector"))
         copy = sql.SQL(
             "COPY {} (id, document_id, chunk_index, content, content_hash, embedding, embedding_model) "
@@ -164,8 +167,7 @@ def main() -> None:
     print(f"index: hnsw {params.with_options()}, cosine; auto maintenance_work_mem = {memory}", flush=True)
     times = timed_builds(dsn, params, args, memory)
     default_s = time_plain(dsn, params, SERVER_DEFAULT_MEMORY)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(SCHEMA)))
+    drop_schema(dsn, SCHEMA)
 
     plain_s, trigger_s = statistics.mean(times["plain"]), statistics.mean(times["trigger"])
     print(f"plain CREATE INDEX via psycopg, maintenance_work_mem={memory}: mean {plain_s:.1f}s")

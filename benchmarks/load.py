@@ -1,12 +1,14 @@
 """Store-stage throughput vs the physical floor: raw binary COPY into an identical table.
 
-    python benchmarks/load.py [--rows 100000] [--dim 384] [--repeats 2] [--upsert-parallelism 2]
+    python benchmarks/load.py [--rows 100000] [--dim 384] [--repeats 2] [--upsert-parallelism 2] [--smoke]
 
 Both sides start from the same chunks and vectors in memory and end with the same rows in a
-collection table of the same definition (primary key, document_id index, vector column):
+collection table of the same definition (primary key, document_id index, vector column), in the
+benchmarks' own database on the embedded Postgres:
 
 * floor: one ``COPY ... FROM STDIN (FORMAT BINARY)`` of the final rows;
-* ours, split by the task that does the work:
+* ours, split by the task that does the work, into version 1 of a collection (the table
+  ``ours__v1`` behind the view ``ours``, created beforehand as ``prepare_chunks`` resolves it):
   - ``load_enriched_documents``: COPY of the chunk texts (with their hashes) into staging;
   - ``generate_embedding``: binary COPY of each batch's vectors into staging;
   - ``batch_upsert_vectors`` (the store stage): ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``
@@ -36,11 +38,18 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import copy_collection_rows, totals_of_staged
+from common import (
+    bench_dsn,
+    copy_collection_rows,
+    drop_collection,
+    drop_schema,
+    parse_with_smoke,
+    resolve_version,
+    totals_of_staged,
+)
 
-from capstone import store
+from capstone import store, versions
 from capstone.documents import EnrichedDocument
-from capstone.local.embedded_pg import default_server
 from capstone.pipeline import upsert_vectors
 from dag_factory.runtime import settings_from_mapping
 from dag_factory.spec import CollectionSpec
@@ -68,8 +77,9 @@ def _vectors(rows: int, dim: int) -> np.ndarray:
 
 
 def _fresh_table(conn: psycopg.Connection, name: str, dim: int) -> store.CollectionTable:
+    """A plain collection table (the floor's), dropped first with whatever an earlier run left."""
     table = store.CollectionTable(SCHEMA, name, dim, "english", "vector")
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table.ident))
+    drop_collection(conn, SCHEMA, name)
     store.ensure_collection_table(conn, table)
     return table
 
@@ -105,19 +115,21 @@ def ours(
     parallelism: int,
 ) -> tuple[float, float, float]:
     """The pipeline's writes; returns seconds of (chunk staging, vector staging, store stage)."""
-    table = _fresh_table(conn, "ours", dim)
     settings = settings_from_mapping(
         {
             "collection": "bench_load",
-            "store": {"schema": SCHEMA, "table": table.table},
+            "store": {"schema": SCHEMA, "table": "ours"},
             "embedding": {"model": "m", "dimension": dim},
             "upsert_batch_size": 5000,
             "upsert_parallelism": parallelism,
         }
     )
+    drop_collection(conn, SCHEMA, settings.store.table)
+    version = resolve_version(conn, settings)  # a fresh collection: version 1, live, empty
+    table = versions.version_settings(settings, version.ref).store_table
     run_key = f"bench-{time.time_ns()}"
     started = time.perf_counter()
-    store.stage_documents(conn, run_key, settings.collection, docs, "m")
+    store.stage_documents(conn, run_key, settings.collection, docs, version.hash_key)
     batches = store.assign_batches(conn, run_key, table, batch, max_batches=1024)
     staged = time.perf_counter() - started
 
@@ -130,7 +142,7 @@ def ours(
         store.record_batch_embedded(conn, run_key, descriptor["batch_no"])
     vectors_staged = time.perf_counter() - started
     started = time.perf_counter()
-    result = upsert_vectors(settings, totals_of_staged(run_key, batches))
+    result = upsert_vectors(settings, totals_of_staged(run_key, batches, version.ref))
     stored = time.perf_counter() - started
     assert result["expected_count"] == len(vectors), result
     return staged, vectors_staged, stored
@@ -150,18 +162,19 @@ def main() -> None:
         default=CollectionSpec.model_fields["upsert_parallelism"].default,
         help="connections merging at once (default: the pipeline's default)",
     )
-    args = parser.parse_args()
+    args = parse_with_smoke(parser, {"rows": 2000, "repeats": 1})
 
-    server = default_server().start()
-    os.environ.setdefault("AIRFLOW_CONN_VECTOR_STORE_DEFAULT", server.uri())
+    dsn = bench_dsn()
+    os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = dsn
     # The store stage resolves its connection through Airflow: import Airflow before the clock.
     from capstone.connections import postgres_dsn
 
     postgres_dsn()
     docs, vectors = _documents(args.rows), _vectors(args.rows, args.dim)
     floor_times, staging_times, vector_times, store_times = [], [], [], []
-    with psycopg.connect(server.uri(), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+    drop_schema(dsn, SCHEMA)  # whatever an interrupted run left
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
         store.ensure_staging(conn)
         for attempt in range(1, args.repeats + 1):
             conn.execute("CHECKPOINT")
@@ -178,7 +191,7 @@ def main() -> None:
                 f"vector staging {vectors_staged:.2f}s, store stage {stored:.2f}s",
                 flush=True,
             )
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(SCHEMA)))
+    drop_schema(dsn, SCHEMA)
     floor, staging = min(floor_times), min(staging_times)
     vectors_staged, stored = min(vector_times), min(store_times)
     whole = staging + vectors_staged + stored

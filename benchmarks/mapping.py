@@ -1,6 +1,6 @@
 """Why we map over batches: one mapped task per chunk against one per batch, under ``dag.test()``.
 
-    .venv/bin/python benchmarks/mapping.py [--chunks 1000] [--batch-size 512] [--rounds 1]
+    .venv/bin/python benchmarks/mapping.py [--chunks 1000] [--batch-size 512] [--rounds 1] [--smoke]
 
 Two small DAGs of the same shape, prepare -> embed.expand(...) -> aggregate, embed the same
 ``--chunks`` chunk texts with the ``hash`` provider:
@@ -34,6 +34,7 @@ from common import (
     collection_documents,
     failed_tasks,
     machine_summary,
+    parse_with_smoke,
     prepare_airflow,
     run_facts,
     run_worker,
@@ -133,7 +134,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dag-id", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parse_with_smoke(parser, {"chunks": 20, "batch_size": 8})
 
 
 def main() -> None:

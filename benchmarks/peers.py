@@ -1,12 +1,14 @@
 """Loading precomputed vectors: our write path against the libraries users would pick instead.
 
-    .venv/bin/python benchmarks/peers.py [--rows 100000] [--dim 384] [--rounds 2]
+    .venv/bin/python benchmarks/peers.py [--rows 100000] [--dim 384] [--rounds 2] [--smoke]
 
 The same rows (id, short text, metadata, precomputed 384-d vector) go into an empty table of the
 benchmarks' own database on the embedded Postgres, three ways, each timed from the vectors in
 memory to the rows committed:
 
-* **ours**, the pipeline's write path: ``store.stage_documents`` (chunk texts + hashes, COPY),
+* **ours**, the pipeline's write path into version 1 of a collection (``ours__v1`` behind the view
+  ``ours``, created before the clock starts, as ``prepare_chunks`` resolves it):
+  ``store.stage_documents`` (chunk texts + hashes, COPY),
   ``store.assign_batches``, per embedding batch ``pending_batch_texts`` + ``write_batch_vectors``
   (binary COPY), then ``pipeline.upsert_vectors`` (``INSERT ... SELECT ... ON CONFLICT`` from
   staging in transactions of ``upsert_batch_size``);
@@ -51,8 +53,11 @@ from common import (
     alternate,
     bench_dsn,
     collection_documents,
+    drop_collection,
     drop_schema,
     machine_summary,
+    parse_with_smoke,
+    resolve_version,
     totals_of_staged,
     unit_vectors,
 )
@@ -98,9 +103,8 @@ def read_dataset() -> tuple[list[dict[str, Any]], np.ndarray]:
 def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> float:
     """Seconds of the pipeline's write path for the dataset, into a fresh collection table."""
     import psycopg
-    from psycopg import sql
 
-    from capstone import store
+    from capstone import store, versions
     from capstone.documents import EnrichedDocument
     from capstone.pipeline import upsert_vectors
     from dag_factory.runtime import settings_from_mapping
@@ -116,15 +120,15 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
             "upsert_batch_size": upsert_batch_size,
         }
     )
-    table = settings.store_table
     run_key = f"bench-peers-{time.time_ns()}"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table.ident))
+        drop_collection(conn, SCHEMA, settings.store.table)
         store.ensure_staging(conn)
-        store.ensure_collection_table(conn, table)
+        version = resolve_version(conn, settings)  # a fresh collection: version 1, live, empty
+        table = versions.version_settings(settings, version.ref).store_table
         conn.execute("CHECKPOINT")
         started = time.perf_counter()
-        store.stage_documents(conn, run_key, settings.collection, enriched, settings.embedding.model)
+        store.stage_documents(conn, run_key, settings.collection, enriched, version.hash_key)
         batches = store.assign_batches(conn, run_key, table, batch_size, max_batches=1024)
         offset = 0
         for batch in batches:
@@ -132,7 +136,7 @@ def time_ours(dsn: str, dim: int, batch_size: int, upsert_batch_size: int) -> fl
                 store.write_batch_vectors(conn, run_key, ids, vectors[offset : offset + len(ids)])
                 offset += len(ids)
             store.record_batch_embedded(conn, run_key, batch["batch_no"])
-        result = upsert_vectors(settings, totals_of_staged(run_key, batches))
+        result = upsert_vectors(settings, totals_of_staged(run_key, batches, version.ref))
         seconds = time.perf_counter() - started
     if result["expected_count"] != len(rows):
         raise SystemExit(f"ours stored {result['expected_count']} of {len(rows)} rows")
@@ -303,7 +307,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--langchain-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--format-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parse_with_smoke(
+        parser, {"rows": 1000, "rounds": 1, "langchain_batch": 500, "upsert_batch_size": 500}
+    )
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """A whole collection DAG under ``dag.test()`` against the physical floor of the same work.
 
-    .venv/bin/python benchmarks/pipeline.py [--sizes 10000 100000] [--batch-size 512] [--rounds 1]
+    .venv/bin/python benchmarks/pipeline.py [--sizes 10000 100000] [--batch-size 512] [--rounds 1] [--smoke]
 
 For each size N, N chunks of made-up text (documents of 10 chunks, one JSONL batch) are indexed
 two ways into identical tables of the benchmarks' own database on the embedded Postgres:
@@ -41,9 +41,11 @@ from common import (
     collection_documents,
     copy_collection_rows,
     dag_test_collection,
+    drop_collection,
     drop_schema,
     failed_tasks,
     machine_summary,
+    parse_with_smoke,
     prepare_airflow,
     run_worker,
     write_collection_spec,
@@ -73,13 +75,14 @@ def write_batch(chunks: int) -> list[dict[str, Any]]:
 
 
 def drop_table(dsn: str, table: str) -> None:
-    """Drop ``SCHEMA.table`` (and its indexes) so that a run starts from nothing."""
+    """Drop ``SCHEMA.table`` so that a run starts from nothing: the floor's plain table, or ours, a
+    collection (its view, version tables and catalog and registry rows)."""
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, table)))
+        drop_collection(conn, SCHEMA, table)
         conn.execute("CHECKPOINT")
 
 
@@ -218,7 +221,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--chunks", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parse_with_smoke(parser, {"sizes": [200, 500], "batch_size": 100, "upsert_batch_size": 200})
 
 
 def main() -> None:
@@ -231,6 +234,7 @@ def main() -> None:
     dsn = bench_dsn()
     os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = dsn
     prepare_airflow(CONFIGS, dsn)  # migrate once here, not inside a timed worker
+    drop_schema(dsn, SCHEMA)  # whatever an interrupted run left
     results = [compare(dsn, chunks, args) for chunks in sorted(args.sizes)]
     drop_schema(dsn, SCHEMA)
     print(f"\nbest of {args.rounds} round(s); embedding.batch_size {args.batch_size}")

@@ -19,7 +19,7 @@ maintenance_work_mem (2GB) and parallel workers; timed is the `CREATE INDEX` alo
 Printed per variant: build seconds, table + index size, recall@10, query p50; then the ratios to
 `vector` (build time, total size, index size), the binary variant's last.
 
-    .venv/bin/python benchmarks/quantization.py [--rows 100000] [--queries 200] [--rerank 200]
+    .venv/bin/python benchmarks/quantization.py [--rows 100000] [--queries 200] [--rerank 200] [--smoke]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from common import bench_dsn, drop_schema, machine_summary
+from common import bench_dsn, drop_schema, machine_summary, parse_with_smoke
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--rerank", type=int, default=200, help="binary: Hamming candidates re-ranked")
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, {"rows": 2000, "queries": 20, "rerank": 50}, argv)
     print(machine_summary(), flush=True)
     dsn = bench_dsn()
     vectors = low_rank_vectors(args.rows, seed=1)

@@ -5,14 +5,16 @@ The collection is the Python language reference copied to 100,000 chunks (each c
 tagged with their copy number, so that no two vectors are equal), hash-embedded (384-d: the
 query's embedding costs microseconds, so what is compared is the API's own cost: pool, session
 settings, statement, hits), under an HNSW index (m=16, ef_construction=64) and the GIN keyword
-index. The queries are the 48 held-out queries of ``search_queries.yaml``, in turn.
+index. It is laid out as collections now are: version 1's table ``bench_search__v1`` behind the
+view ``bench_search``, registered with that version, so that searches read the version's table. The
+queries are the 48 held-out queries of ``search_queries.yaml``, in turn.
 
 "Bare SQL" is what a hand-written client does at best: one connection whose session already has
 the index settings, the statement the API sends (same text, same parameters, the query's vector
 computed beforehand), one round trip per search. The API and the bare client alternate search by
 search; p50 and p95 per mode, and the ratio of the p50s, are printed, vector mode's last.
 
-    .venv/bin/python benchmarks/search.py [--rows 100000] [--searches 300] [--keep]
+    .venv/bin/python benchmarks/search.py [--rows 100000] [--searches 300] [--keep] [--smoke]
 
 ``--keep`` leaves the collection in place for the next run (it is reused when its size matches).
 """
@@ -28,12 +30,19 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from common import bench_dsn, copy_collection_rows, drop_schema, machine_summary
+from common import (
+    bench_dsn,
+    copy_collection_rows,
+    drop_schema,
+    machine_summary,
+    parse_with_smoke,
+    resolve_version,
+)
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from search_quality import load_queries
 
-from capstone import registry, store
+from capstone import registry, store, versions
 from capstone.embeddings import create_embedder
 from capstone.index_build import IndexParams, KeywordIndexParams, build_memory
 from capstone.local.corpus import reference_documents
@@ -64,15 +73,15 @@ def _settings() -> CollectionSettings:
     )
 
 
-def build(dsn: str, rows: int) -> CollectionSettings:
-    """The collection of ``rows`` chunks, indexed and registered (reused if it is already there)."""
+def build(dsn: str, rows: int) -> CollectionRecord:
+    """The collection of ``rows`` chunks, indexed and registered (reused if it is already there);
+    returns its registry record (which names the version's table searches read)."""
     settings = _settings()
-    table = settings.store_table
     with psycopg.connect(dsn, autocommit=True) as conn:
-        found = conn.execute("SELECT to_regclass(%s)", (table.qualified,)).fetchone()
-        if found and found[0] and _count(conn, table) == rows:
-            print(f"reusing {table.qualified} ({rows} rows)", flush=True)
-            return settings
+        found = registry.registered_row(conn, SCHEMA, COLLECTION)
+        if found is not None and found.version_table and _count(conn, found.store_table) == rows:
+            print(f"reusing {settings.store_table.qualified} ({rows} rows)", flush=True)
+            return found
     drop_schema(dsn, SCHEMA)
     started = time.perf_counter()
     chunks = [
@@ -92,7 +101,9 @@ def build(dsn: str, rows: int) -> CollectionSettings:
     matrix = np.ascontiguousarray(vectors, dtype=">f4")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
-        store.ensure_collection_table(conn, table)
+        version = resolve_version(conn, settings)  # version 1: its table behind the view
+        at_version = versions.version_settings(settings, version.ref)
+        table = at_version.store_table
         copy_collection_rows(
             conn,
             table.ident,
@@ -114,15 +125,17 @@ def build(dsn: str, rows: int) -> CollectionSettings:
         )
         memory = build_memory(rows, vectors.shape[1], "hnsw")
         conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (memory,))
-        conn.execute(KeywordIndexParams.of(settings).create_sql().replace(" CONCURRENTLY", ""))
-        conn.execute(IndexParams.of(settings).create_sql().replace(" CONCURRENTLY", ""))
+        conn.execute(KeywordIndexParams.of(at_version).create_sql().replace(" CONCURRENTLY", ""))
+        conn.execute(IndexParams.of(at_version).create_sql().replace(" CONCURRENTLY", ""))
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table.ident))
-        registry.register(conn, CollectionRecord.from_settings(settings))
+        record = CollectionRecord.from_settings(settings, version.ref)
+        registry.register(conn, record)
     print(
-        f"built {table.qualified}: {rows} rows, both indexes, in {time.perf_counter() - started:.0f}s",
+        f"built {settings.store_table.qualified} ({table.qualified}): {rows} rows, both indexes, "
+        f"in {time.perf_counter() - started:.0f}s",
         flush=True,
     )
-    return settings
+    return record
 
 
 def _count(conn: psycopg.Connection, table: store.CollectionTable) -> int:
@@ -131,12 +144,11 @@ def _count(conn: psycopg.Connection, table: store.CollectionTable) -> int:
 
 
 def bare_client(
-    conn: psycopg.Connection, settings: CollectionSettings, mode: SearchMode
+    conn: psycopg.Connection, record: CollectionRecord, mode: SearchMode
 ) -> Callable[[str, np.ndarray], int]:
     """A search function over ``conn``, whose session gets the index settings: one statement per
-    search, the vector given."""
+    search (on the table the registry names, as the API's), the vector given."""
     register_vector(conn)
-    record = CollectionRecord.from_settings(settings)
     target, options = SearchTarget.of(record), record.search
     depth = K if mode == "vector" else max(K, options.candidates)
     ef_search = max(target.ef_search, depth)
@@ -162,16 +174,16 @@ def bare_client(
 
 
 def measure(
-    dsn: str, settings: CollectionSettings, queries: list[str], searches: int
+    dsn: str, record: CollectionRecord, queries: list[str], searches: int
 ) -> dict[str, dict[str, list[float]]]:
     """Seconds per search, per mode, of the API and of the bare client, alternating."""
-    embedder = create_embedder(settings.embedding)
+    embedder = create_embedder(record.embedding)
     vectors = {text: embedder.embed([text])[0] for text in queries}
     times: dict[str, dict[str, list[float]]] = {}
     with Searcher(COLLECTION, dsn=dsn, pool_size=1) as searcher, contextlib.ExitStack() as stack:
         for mode in SEARCH_MODES:
             conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
-            bare = bare_client(conn, settings, mode)
+            bare = bare_client(conn, record, mode)
             api_times: list[float] = []
             bare_times: list[float] = []
             for n in range(searches + 20):  # the first 20 warm up (plans, prepared statements, caches)
@@ -198,18 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--searches", type=int, default=300, help="timed searches per mode and client")
     parser.add_argument("--keep", action="store_true", help="keep the collection for the next run")
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, {"rows": 2000, "searches": 20}, argv)
     print(machine_summary(), flush=True)
     dsn = bench_dsn()
-    settings = build(dsn, args.rows)
+    record = build(dsn, args.rows)
     queries = [item["query"] for item in load_queries()]
     try:
-        times = measure(dsn, settings, queries, args.searches)
+        times = measure(dsn, record, queries, args.searches)
     finally:
         if not args.keep:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("DELETE FROM capstone.collections WHERE name = %s", (COLLECTION,))
-            drop_schema(dsn, SCHEMA)
+            drop_schema(dsn, SCHEMA)  # the collection: view, version table, catalog and registry rows
     print(f"\n{args.rows} rows, k={K}, {args.searches} searches per mode and client (ms)")
     print(
         f"{'mode':8} {'api p50':>8} {'api p95':>8} {'bare p50':>9} {'bare p95':>9} "

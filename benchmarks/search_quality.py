@@ -6,12 +6,13 @@ the benchmarks' database. The queries are ``search_queries.yaml``: written befor
 tuned, half asked in words, half naming an identifier. A query's hit is any of its expected
 documents; ranks count distinct documents (the best chunk of each).
 
-    .venv/bin/python benchmarks/search_quality.py
+    .venv/bin/python benchmarks/search_quality.py [--queries N] [--documents N] [--keep] [--smoke]
 
 Every mode is measured (``vector``, ``keyword``, ``hybrid``), keyword and hybrid with the
 ``english`` text search configuration (the default) and again with ``simple`` (the table's
 ``content_tsv`` re-generated, as a change of ``search.text_config`` does). The last line is the
-best mode's MRR@10. Needs the [local] extra.
+best mode's MRR@10. Needs the [local] extra. ``--queries`` and ``--documents`` make a smaller run
+(the first N queries; N topics, those the queries expect first): its numbers are not comparable.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any
 
 import psycopg
 import yaml
-from common import bench_dsn, drop_schema, machine_summary
+from common import bench_dsn, drop_schema, machine_summary, parse_with_smoke
 from psycopg import sql
 
-from capstone import registry
+from capstone import registry, versions
+from capstone.contracts import VersionRef
 from capstone.documents import BatchLocation
 from capstone.index_build import IndexParams, KeywordIndexParams
 from capstone.local.corpus import reference_documents, write_jsonl_batch
@@ -59,35 +61,55 @@ def _settings(text_config: str) -> CollectionSettings:
     )
 
 
-def reconfigure(dsn: str, text_config: str) -> None:
-    """Re-generate the keyword column in ``text_config`` (as the next run after a change of
-    ``search.text_config`` does), rebuild the keyword index and register the collection anew."""
+def reconfigure(dsn: str, text_config: str, version: VersionRef) -> None:
+    """Re-generate the keyword column of the version's table in ``text_config`` as the next run
+    after a change of ``search.text_config`` does (the ANN index is dropped before that rewrite),
+    build the indexes that are missing then, as that run's indexing step does, and register the
+    collection anew."""
     settings = _settings(text_config)
+    at_version = versions.version_settings(settings, version)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ensure_collection_table(conn, settings.store_table)
-        conn.execute(KeywordIndexParams.of(settings).create_sql())
-        registry.register(conn, CollectionRecord.from_settings(settings))
+        ensure_collection_table(conn, at_version.store_table)
+        conn.execute(IndexParams.of(at_version).create_sql())
+        conn.execute(KeywordIndexParams.of(at_version).create_sql())
+        registry.register(conn, CollectionRecord.from_settings(settings, version))
 
 
-def index_reference(dsn: str) -> CollectionSettings:
-    """The language reference, embedded with the local model, indexed (ANN and keyword) and registered."""
+def reference_subset(queries: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """The language reference's topics to index: all of them, or ``limit`` of them, those that
+    ``queries`` expect first (at least those), then the others in order."""
+    documents = reference_documents()
+    if limit is None:
+        return documents
+    expected = {document for item in queries for document in item["expected"]}
+    chosen = [document for document in documents if document["id"] in expected]
+    others = [document for document in documents if document["id"] not in expected]
+    return chosen + others[: max(0, limit - len(chosen))]
+
+
+def index_reference(dsn: str, documents: list[dict[str, Any]]) -> VersionRef:
+    """The topics, embedded with the local model through the pipeline's functions (into version 1
+    of the collection, behind its view), indexed (ANN and keyword) and registered as validation
+    registers a collection; returns the version."""
     os.environ["AIRFLOW_CONN_VECTOR_STORE_DEFAULT"] = dsn
     settings = _settings("english")
     drop_schema(dsn, SCHEMA)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
     with tempfile.TemporaryDirectory() as folder:
-        batch = write_jsonl_batch(reference_documents(), Path(folder) / "reference.jsonl")
+        batch = write_jsonl_batch(documents, Path(folder) / "reference.jsonl")
         run_key = "search-quality"
         load_documents(settings, run_key, [BatchLocation.from_extra({"format": "jsonl", "path": str(batch)})])
         prepared = prepare_chunks(settings, run_key, max_batches=1024)
         manifests = [embed_batch(settings, run_key, share) for share in prepared["batches"]]
-        upsert_vectors(settings, aggregate_manifests(prepared["summary"], manifests))
+        upserted = upsert_vectors(settings, aggregate_manifests(prepared["summary"], manifests))
+    version = upserted["version"]
+    at_version = versions.version_settings(settings, version)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(IndexParams.of(settings).create_sql())
-        conn.execute(KeywordIndexParams.of(settings).create_sql())
-        registry.register(conn, CollectionRecord.from_settings(settings))
-    return settings
+        conn.execute(IndexParams.of(at_version).create_sql())
+        conn.execute(KeywordIndexParams.of(at_version).create_sql())
+        registry.register(conn, CollectionRecord.from_settings(settings, version))
+    return version
 
 
 def quality(
@@ -110,16 +132,25 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep", action="store_true", help="keep the indexed collection afterwards")
-    args = parser.parse_args(argv)
+    parser.add_argument("--queries", type=int, default=None, help="only the first N held-out queries")
+    parser.add_argument(
+        "--documents",
+        type=int,
+        default=None,
+        help="index N topics (those the queries expect first) instead of all 79",
+    )
+    args = parse_with_smoke(parser, {"queries": 4, "documents": 8}, argv)
     print(machine_summary(), flush=True)
     dsn = bench_dsn()
-    queries = load_queries()
-    index_reference(dsn)
+    queries = load_queries()[: args.queries]
+    documents = reference_subset(queries, args.documents)
+    print(f"{len(documents)} topics, {sum(len(d['chunks']) for d in documents)} chunks", flush=True)
+    version = index_reference(dsn, documents)
     results: dict[str, tuple[float, float, list[str]]] = {}
     try:
         for text_config in ("english", "simple"):
             if text_config != "english":
-                reconfigure(dsn, text_config)
+                reconfigure(dsn, text_config, version)
             with Searcher(COLLECTION, dsn=dsn) as searcher:
                 for mode in SEARCH_MODES:
                     if mode == "vector" and text_config != "english":
@@ -128,9 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                     results[label] = quality(searcher, queries, mode)
     finally:
         if not args.keep:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("DELETE FROM capstone.collections WHERE name = %s", (COLLECTION,))
-            drop_schema(dsn, SCHEMA)
+            drop_schema(dsn, SCHEMA)  # the collection: view, version table, catalog and registry rows
     for label, (_, _, missed) in results.items():
         print(f"{len(queries)} held-out queries; missed at 5 by {label}:")
         for line in missed:

@@ -10,7 +10,7 @@ version is live. Two phases of ``--seconds`` each, alternating (baseline, switch
 ``CREATE OR REPLACE VIEW`` to its commit, which includes waiting for the queries running at that
 moment), and the readers' p50, p99 and worst latency in both phases, as ratios switching/baseline.
 
-    .venv/bin/python benchmarks/version_switch.py [--rows 20000] [--readers 2] [--seconds 10]
+    .venv/bin/python benchmarks/version_switch.py [--rows 20000] [--readers 2] [--seconds 10] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from common import bench_dsn, drop_schema, machine_summary
+from common import bench_dsn, drop_schema, machine_summary, parse_with_smoke
 from psycopg import sql
 
 from capstone import store, versions
@@ -76,14 +76,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--every", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_with_smoke(parser, {"rows": 500, "seconds": 1.0, "every": 0.2, "rounds": 1})
     print(machine_summary())
     dsn = bench_dsn()
-    drop_schema(dsn, SCHEMA)
+    drop_schema(dsn, SCHEMA)  # the collection (view, versions, catalog rows) an earlier run left
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
         versions.ensure_catalog(conn)
-        conn.execute("DELETE FROM capstone.collection_versions WHERE schema_name = %s", (SCHEMA,))
         one = versions.resolve(conn, _settings(384))
         _fill(conn, one.table, args.rows, 384)
         two = versions.resolve(conn, _settings(256))
@@ -114,8 +113,6 @@ def main() -> None:
     for reader in readers:
         reader.join()
     drop_schema(dsn, SCHEMA)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DELETE FROM capstone.collection_versions WHERE schema_name = %s", (SCHEMA,))
     _report(args, locks, latencies)
 
 

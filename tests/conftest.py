@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import psycopg
@@ -23,10 +24,12 @@ from dag_factory.local.services import S3Server
 pytest.register_assert_rewrite("tests.support")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+AIRFLOW_MINOR = "_".join(version("apache-airflow").split(".")[:2])
 os.environ.setdefault("CAPSTONE_DATA_DIR", str(PROJECT_ROOT / ".data"))
 # Airflow reads its configuration when first imported: point it at a project-local test home
-# (SQLite metadata) before any test module imports airflow.
-os.environ.setdefault("AIRFLOW_HOME", str(PROJECT_ROOT / ".data" / "airflow-test"))
+# (SQLite metadata) before any test module imports airflow; one per Airflow minor, since each
+# migrates its metadata DB to its own schema (the compatibility lane runs an older Airflow).
+os.environ.setdefault("AIRFLOW_HOME", str(PROJECT_ROOT / ".data" / f"airflow-test-{AIRFLOW_MINOR}"))
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")

@@ -6,6 +6,7 @@ database of the user's demo and searches)."""
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -28,15 +29,18 @@ ROOT = Path(__file__).resolve().parents[2]
 E2E_CONFIGS = ROOT / "tests" / "e2e" / "configs"
 DISTRIBUTED_SCHEMA = "distributed"
 DISTRIBUTED_WORKERS = ("worker-a", "worker-b")
+# Each Airflow minor migrates a metadata DB to its own schema: the compatibility lane, on an older
+# Airflow, gets homes and metadata DBs of its own.
+AIRFLOW_MINOR = "_".join(version("apache-airflow").split(".")[:2])
 
 
 def e2e_stack() -> AirflowStack:
     """The e2e suite's stack (``E2E_API_PORT``, default 28081): the collection of ``E2E_CONFIGS``."""
     return AirflowStack(
-        home=ROOT / ".data" / "airflow-e2e",
+        home=ROOT / ".data" / f"airflow-e2e-{AIRFLOW_MINOR}",
         api_port=int(os.environ.get("E2E_API_PORT", 28081)),
         configs=E2E_CONFIGS,
-        metadata_db="airflow_e2e",
+        metadata_db=f"airflow_e2e_{AIRFLOW_MINOR}",
         vector_db=TEST_DATABASE,
     )
 
@@ -53,11 +57,11 @@ def distributed_stack(configs: Path) -> AirflowStack:
     """The distributed suite's stack (``DISTRIBUTED_API_PORT``, default 28082): CeleryExecutor, two
     workers, the collections of ``configs``."""
     return AirflowStack(
-        home=ROOT / ".data" / "airflow-distributed",
+        home=ROOT / ".data" / f"airflow-distributed-{AIRFLOW_MINOR}",
         api_port=int(os.environ.get("DISTRIBUTED_API_PORT", 28082)),
         configs=configs,
         executor="celery",
-        metadata_db="airflow_distributed",
+        metadata_db=f"airflow_distributed_{AIRFLOW_MINOR}",
         workers=DISTRIBUTED_WORKERS,
         vector_db=TEST_DATABASE,
     )
