@@ -10,15 +10,26 @@ export EXECUTOR
 
 .PHONY: test test-distributed test-fast lint typecheck demo up down validate schema clean db-stop
 
-$(VENV)/.installed-dev: pyproject.toml
+# pyproject.toml declares ranges (the package installs into a team's own Airflow); our own installs
+# take the exact versions of constraints.txt, so that every machine and CI run the same set.
+CONSTRAINTS := constraints.txt
+PIP_INSTALL := $(PY) -m pip install -q -c $(CONSTRAINTS)
+
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 $(VENV)/.installed-local: $(VENV)/.installed-dev
-	$(PY) -m pip install -q -e '.[dev,local]'
+	$(PIP_INSTALL) -e '.[dev,local]'
 	touch $@
+
+## make constraints: write constraints.txt from the virtualenv as it is (after changing a pin)
+.PHONY: constraints
+constraints: $(VENV)/.installed-bench
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 lint: $(VENV)/.installed-local
 	$(VENV)/bin/ruff check .
@@ -62,7 +73,7 @@ BENCH_EXTRA := quantization embed_stage_gpu
 .PHONY: bench bench-smoke bench-embed-stage bench-quantization $(addprefix bench-,$(BENCHMARKS) embed_stage_gpu)
 
 $(VENV)/.installed-bench: $(VENV)/.installed-local
-	$(PY) -m pip install -q -e '.[dev,local,bench]'
+	$(PIP_INSTALL) -e '.[dev,local,bench]'
 	touch $@
 
 ## make bench: every benchmark in turn (each under 10 minutes on 2 cores); see benchmarks/RESULTS.md

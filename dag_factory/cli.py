@@ -3,6 +3,7 @@
     dag-factory validate [PATHS...] [--json]   exit 0 when every file is valid, 1 otherwise
     dag-factory schema [--output PATH]         the JSON Schema editors use to check the YAML
     dag-factory render NAME [--configs DIR]    the task graph the collection's DAG gets
+    dag-factory dag-files DIR [--configs DIR]  write the two DAG files into an Airflow DAGs folder
 
 Any unexpected failure is printed as one error line with exit code 2, never as a traceback.
 """
@@ -58,7 +59,28 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("name", metavar="NAME", help="the collection name")
     render.add_argument("--configs", type=Path, metavar="DIR", help="folder of collection files")
     render.set_defaults(command=_render)
+
+    dag_files = commands.add_parser(
+        "dag-files", help="write the two DAG files (collections, config errors) into a DAGs folder"
+    )
+    dag_files.add_argument("folder", type=Path, metavar="DIR", help="Airflow's DAGs folder")
+    dag_files.add_argument(
+        "--configs",
+        type=Path,
+        metavar="DIR",
+        help="the collection files' folder, written into the files (default: read $DAG_FACTORY_CONFIGS "
+        "when Airflow parses them)",
+    )
+    dag_files.set_defaults(command=_dag_files)
     return parser
+
+
+def _dag_files(args: argparse.Namespace) -> int:
+    from dag_factory.dag_files import write_dag_files
+
+    for path in write_dag_files(args.folder, args.configs):
+        print(f"wrote {path}")
+    return EXIT_OK
 
 
 # --- validate ------------------------------------------------------------------------------------

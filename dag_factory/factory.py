@@ -1,6 +1,7 @@
 """Build every collection's DAG from a folder of YAML files, one bad file costing only its own DAG.
 
-The DAGs folder holds two thin files that call this module:
+The DAGs folder holds two thin files that call this module (``dag-factory dag-files DIR`` writes
+them, see :mod:`dag_factory.dag_files`):
 
 * ``dags/collection_dags.py`` registers one DAG per valid collection file;
 * ``dags/collection_config_errors.py`` raises one import error that lists every broken file

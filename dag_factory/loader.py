@@ -298,7 +298,9 @@ def _files_in(path: Path) -> list[Path]:
     if path.is_dir():
         return [file for file in path.iterdir() if file.suffix in CONFIG_SUFFIXES and file.is_file()]
     if not path.exists():
-        raise FileNotFoundError(2, "no such file or folder: check the path")
+        raise FileNotFoundError(
+            2, "no such file or folder: check the path (the DAG files read $DAG_FACTORY_CONFIGS)"
+        )
     return [path]
 
 

@@ -1,7 +1,7 @@
-"""Airflow DAGs generated from the collection files in configs/ (read by the airflow dag-processor).
+"""One Airflow DAG per collection file in $DAG_FACTORY_CONFIGS.
 
-The folder is $DAG_FACTORY_CONFIGS, or configs/ in the repository. A broken file is left out
-here and reported by collection_config_errors.py, so the other collections keep running.
+Read by the dag-processor. A broken file is left out here and reported by
+collection_config_errors.py, so the other collections keep running. Written by `dag-factory dag-files`.
 """
 
 from dag_factory.factory import generate_dags

