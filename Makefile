@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 EXECUTOR ?= local
 export EXECUTOR
 
-.PHONY: test test-distributed test-fast lint typecheck demo up down validate schema clean db-stop
+.PHONY: test test-distributed test-package test-lowest test-fast lint typecheck demo up down validate schema clean db-stop
 
 # pyproject.toml declares ranges (the package installs into a team's own Airflow); our own installs
 # take the exact versions of constraints.txt, so that every machine and CI run the same set.
@@ -41,7 +41,28 @@ typecheck: $(VENV)/.installed-local
 ## make test: lint, type-check and run the whole suite: unit, integration (real Postgres + pgvector,
 ## the local model), e2e (real Airflow services). It starts the embedded Postgres itself.
 test: lint typecheck
-	$(PY) -m pytest -q -m "not distributed"
+	$(PY) -m pytest -q -m "not distributed and not package"
+
+## make test-package: the wheel as a team installs it: into a clean virtualenv of each supported
+## Airflow minor (which it must leave in place), and on the lowest, `airflow dags test` of a
+## collection of its own against the embedded Postgres (~5 min)
+test-package: $(VENV)/.installed-local
+	$(PY) -m pytest -q -m package tests/package
+
+## make test-lowest: the compatibility lane: the lowest supported Airflow with the lowest version of
+## every dependency (constraints-lowest.txt), in a virtualenv of its own: the fast lane and one
+## end-to-end run of the asset chain on real services (~6 min)
+LOWEST_VENV := .data/venv-lowest
+LOWEST_PY := $(LOWEST_VENV)/bin/python
+$(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
+	test -x $(LOWEST_PY) || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_PY) -m pip install -q --upgrade pip
+	$(LOWEST_PY) -m pip install -q -c constraints-lowest.txt -e '.[dev,local]'
+	touch $@
+
+test-lowest: $(LOWEST_VENV)/.installed
+	$(LOWEST_PY) -m pytest -q tests/unit tests/integration -m "not slow and not e2e"
+	$(LOWEST_PY) -m pytest -q tests/e2e/test_airflow_chain.py
 
 ## make test-distributed: the asset chain on the CeleryExecutor stack: a Redis broker, two workers
 ## as two hosts, batches through a local S3-protocol server, one worker killed mid-run (~4 min)

@@ -328,8 +328,18 @@ async def apostgres_params(connection_id: str = DEFAULT_CONNECTION_ID) -> Postgr
             if attempt < LOOKUP_ATTEMPTS:
                 await asyncio.sleep(LOOKUP_PAUSE_SECONDS)
             continue
-        return PostgresParams.from_connection(conn, connection_id, await conn.aextra_dejson())
+        return PostgresParams.from_connection(conn, connection_id, await _aextra(conn))
     raise ConnectionNotDefined(connection_id)
+
+
+async def _aextra(conn: Any) -> dict[str, Any]:
+    """A connection's extras from async code. Airflow 3.3 added ``aextra_dejson`` (its sync twin
+    masks secrets in a way that raises inside the triggerer's event loop); Airflow 3.2 has only
+    ``extra_dejson``, whose masking is safe there."""
+    aextra_dejson = getattr(conn, "aextra_dejson", None)
+    if aextra_dejson is None:  # Airflow 3.2
+        return dict(conn.extra_dejson or {})
+    return dict(await aextra_dejson() or {})
 
 
 def postgres_dsn(connection_id: str = DEFAULT_CONNECTION_ID, attempts: int = LOOKUP_ATTEMPTS) -> str:

@@ -67,6 +67,7 @@ __all__ = [
     "stage_documents",
     "staged_vector_ids",
     "stored_text_config",
+    "stored_vector",
     "stored_vector_type",
     "write_batch_vectors",
 ]
@@ -945,3 +946,17 @@ def count_vectors(conn: psycopg.Connection, table: CollectionTable) -> int:
         sql.SQL("SELECT count(*) FROM {} WHERE embedding IS NOT NULL").format(table.ident)
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def stored_vector(value: object) -> np.ndarray:
+    """A ``vector`` or ``halfvec`` value read with pgvector's types registered, as float32.
+
+    pgvector-python reads ``vector`` as a numpy array before 0.5 and as ``pgvector.Vector`` from
+    0.5 on (``halfvec`` as ``HalfVector`` in both); the package supports both (``pgvector>=0.4``).
+    """
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float32, copy=False)
+    to_numpy = getattr(value, "to_numpy", None)
+    if to_numpy is None:
+        raise TypeError(f"not a pgvector value: {type(value).__name__}")
+    return np.asarray(to_numpy(), dtype=np.float32)

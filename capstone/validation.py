@@ -503,7 +503,7 @@ def sample_vectors(conn: psycopg.Connection, target: SearchTarget, size: int) ->
             ).format(target.table.ident),
             (size,),
         ).fetchall()
-    return [(chunk_id, np.asarray(embedding.to_numpy(), dtype=np.float32)) for chunk_id, embedding in rows]
+    return [(chunk_id, store.stored_vector(embedding)) for chunk_id, embedding in rows]
 
 
 def _others(hits: list[Hit], own_id: str, k: int) -> list[Hit]:
@@ -618,7 +618,7 @@ def _newest_row(conn: psycopg.Connection, target: SearchTarget) -> tuple[str, np
             " FROM {} WHERE embedding IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT 1"
         ).format(target.table.ident)
     ).fetchone()
-    return None if row is None else (row[0], np.asarray(row[1].to_numpy(), dtype=np.float32), float(row[2]))
+    return None if row is None else (row[0], store.stored_vector(row[1]), float(row[2]))
 
 
 def _returned_for_itself(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 import uuid
@@ -34,6 +35,9 @@ os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 os.environ.setdefault("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "1")
+# Airflow 3.2's dag.test() starts the task execution API in-process with a JWT validator, which
+# needs [api_auth] jwt_secret (3.3 stubs the validator out): a secret of this test run's own.
+os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(32))
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +84,11 @@ def pg_schema(pg_dsn: str) -> Iterator[str]:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
     yield name
+    from tests.support.tables import drop_test_schema
+
+    drop_test_schema(pg_dsn, name)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(f"reader_{name}")))  # a test's
-        if conn.execute("SELECT to_regclass('capstone.collections')").fetchone() != (None,):
-            conn.execute("DELETE FROM capstone.collections WHERE schema_name = %s", (name,))
-        if conn.execute("SELECT to_regclass('capstone.collection_versions')").fetchone() != (None,):
-            conn.execute("DELETE FROM capstone.collection_versions WHERE schema_name = %s", (name,))
 
 
 @pytest.fixture

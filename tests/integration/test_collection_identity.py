@@ -17,6 +17,7 @@ from capstone.local.embedded_pg import EmbeddedPostgres
 from capstone.registry import AmbiguousCollection, ensure_registry, lookup
 from capstone.search import search_collection
 from tests.support.airflow import run_collection, task_states, try_numbers, write_collection, xcom_value
+from tests.support.tables import drop_test_schema
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -39,10 +40,7 @@ def other_schema(pg_dsn: str) -> Iterator[str]:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
     yield name
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-        conn.execute("DELETE FROM capstone.collections WHERE schema_name = %s", (name,))
-        conn.execute("DELETE FROM capstone.collection_versions WHERE schema_name = %s", (name,))
+    drop_test_schema(pg_dsn, name)
 
 
 def _batch(tmp_path: Path, name: str, count: int) -> list[dict[str, str]]:

@@ -278,7 +278,7 @@ def test_exact_search_returns_the_nearest_rows_with_their_own_details(
         ).fetchall()
     details = {row[0]: row[1:4] for row in rows}
     ids = [row[0] for row in rows]
-    matrix = np.stack([row[4].to_numpy() for row in rows]).astype(np.float64)
+    matrix = np.stack([store.stored_vector(row[4]) for row in rows]).astype(np.float64)
     queries = [matrix[7], matrix[300] * 0.5 + matrix[301] * 0.5, np.linspace(-1, 1, DIM)]
 
     with exact_connection(reference.dsn) as exact:

@@ -14,8 +14,16 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from capstone.embeddings.hashing import HashEmbedder
+from capstone.store import stored_vector
 
-__all__ = ["StoredChunk", "assert_table_holds_exactly", "expected_chunks", "jsonl_batch", "stored_chunks"]
+__all__ = [
+    "StoredChunk",
+    "assert_table_holds_exactly",
+    "drop_test_schema",
+    "expected_chunks",
+    "jsonl_batch",
+    "stored_chunks",
+]
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ def stored_chunks(dsn: str, schema: str, table: str) -> tuple[dict[str, StoredCh
         ).fetchall()
     chunks = {row[0]: StoredChunk(*row[1:6]) for row in rows}
     assert len(chunks) == len(rows), "duplicate ids in the collection table"
-    vectors = {row[0]: np.asarray(row[6].to_numpy(), dtype=np.float32) for row in rows if row[6] is not None}
+    vectors = {row[0]: stored_vector(row[6]) for row in rows if row[6] is not None}
     return chunks, vectors
 
 
@@ -88,3 +96,18 @@ def jsonl_batch(path: Path, lines: Sequence[bytes | dict[str, Any]]) -> dict[str
             data = line if isinstance(line, bytes) else json.dumps(line, ensure_ascii=False).encode()
             handle.write(data + b"\n")
     return {"format": "jsonl", "path": str(path)}
+
+
+def drop_test_schema(dsn: str, schema: str) -> None:
+    """Drop a test's schema with everything in it, and its rows in the registry and the version
+    catalog (where those exist: a test that failed early may never have created them)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        for catalog in ("capstone.collections", "capstone.collection_versions"):
+            if conn.execute("SELECT to_regclass(%s)", (catalog,)).fetchone() != (None,):
+                conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE schema_name = %s").format(
+                        sql.Identifier(*catalog.split("."))
+                    ),
+                    (schema,),
+                )
