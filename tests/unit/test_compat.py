@@ -8,24 +8,32 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
-from tests.support.compat import LOWEST_AIRFLOW, LOWEST_CONSTRAINTS, ROOT, SUPPORTED_AIRFLOW, lower_bounds
+from tests.support.compat import (
+    LOWEST_AIRFLOW,
+    LOWEST_CONSTRAINTS,
+    NEWEST_AIRFLOW,
+    ROOT,
+    SUPPORTED_AIRFLOW,
+    lower_bounds,
+)
 
 
 def _pins(path: Path) -> dict[str, str]:
+    """``{canonical name: version}`` of a constraints file's ``name==version`` lines."""
     pins = {}
     for line in path.read_text().splitlines():
         match = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", line.strip())
         if match:
-            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+            pins[canonicalize_name(match.group(1))] = match.group(2)
     return pins
 
 
 def _same_version(pinned: str, bound: str) -> bool:
-    release = lambda v: [int(part) for part in v.split("+")[0].split(".")]  # noqa: E731
-    a, b = release(pinned), release(bound)
-    width = max(len(a), len(b))
-    return a + [0] * (width - len(a)) == b + [0] * (width - len(b))
+    """``2.13.0+cpu`` pins ``2.13.0``; ``1.26`` and ``1.26.0`` are one version."""
+    return Version(Version(pinned).public) == Version(bound)
 
 
 def test_the_lowest_lock_pins_every_lower_bound_exactly() -> None:
@@ -45,9 +53,7 @@ def test_the_declared_airflow_range_starts_at_the_lowest_tested_minor() -> None:
     (airflow,) = [Requirement(d) for d in project["dependencies"] if d.startswith("apache-airflow")]
     assert str(airflow.specifier) in (f"<4,>={LOWEST_AIRFLOW}", f">={LOWEST_AIRFLOW},<4")
     assert all(airflow.specifier.contains(version) for version in SUPPORTED_AIRFLOW)
-    assert _pins(ROOT / "constraints.txt")["apache-airflow"] == max(
-        SUPPORTED_AIRFLOW, key=lambda v: tuple(map(int, v.split(".")))
-    )
+    assert _pins(ROOT / "constraints.txt")["apache-airflow"] == NEWEST_AIRFLOW
 
 
 def test_every_runtime_dependency_is_a_range_not_a_pin() -> None:
