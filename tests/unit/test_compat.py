@@ -23,7 +23,7 @@ from tests.support.compat import (
 
 def _pins(path: Path) -> dict[str, str]:
     """``{canonical name: version}`` of a constraints file's ``name==version`` lines."""
-    pins = {}
+    pins: dict[str, str] = {}
     for line in path.read_text().splitlines():
         match = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", line.strip())
         if match:
