@@ -45,13 +45,13 @@ test: lint typecheck
 
 ## make test-package: the wheel as a team installs it: into a clean virtualenv of each supported
 ## Airflow minor (which it must leave in place), and on the lowest, `airflow dags test` of a
-## collection of its own against the embedded Postgres (~5 min)
+## collection of its own against the embedded Postgres (~2 min)
 test-package: $(VENV)/.installed-local
 	$(PY) -m pytest -q -m package tests/package
 
 ## make test-lowest: the compatibility lane: the lowest supported Airflow with the lowest version of
 ## every dependency (constraints-lowest.txt), in a virtualenv of its own: the fast lane and one
-## end-to-end run of the asset chain on real services (~6 min)
+## end-to-end run of the asset chain on real services (~20 min: Airflow 3.2's dag.test() is slow)
 LOWEST_VENV := .data/venv-lowest
 LOWEST_PY := $(LOWEST_VENV)/bin/python
 $(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
