@@ -7,6 +7,7 @@ side by side, and the caller decides what to do with each.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ _SYNTAX_HINTS = {
     "could not find expected ':'": "each line in a mapping needs `key: value`; check quotes and indentation",
     "expected a single document": "a collection file holds one YAML document: remove the extra `---`",
     "could not determine a constructor": "remove the custom `!tag`; plain YAML values only",
+    "exceeded maximum nesting depth": "nested too deeply to read: flatten the structure",
 }
 
 
@@ -62,15 +64,24 @@ def load_collection(path: Path) -> CollectionSpec:
     return spec
 
 
-def load_collections(paths: Iterable[Path]) -> LoadResult:
+def load_collections(paths: Iterable[Path], *, only: str | None = None) -> LoadResult:
     """Load every collection file under ``paths`` (files, or folders of ``*.yaml``/``*.yml``).
 
     A file that reuses the collection name (the DAG id) or the table of an earlier file, by path,
     is an error naming that file; every other valid file still loads.
+
+    ``only`` names one collection: when every file declares its collection on a plain
+    ``collection: <name>`` line and exactly one declares ``only``, that file alone is read and
+    validated (a task process, which runs one DAG, then pays for one file however many there
+    are). Otherwise every file is loaded, and the result may hold other collections too.
     """
     result = LoadResult()
     files, result.errors = _collect_files(paths)
     result.files = files
+    if only is not None:
+        declared = [_declared_collection(path) for path in files]
+        if None not in declared and declared.count(only) == 1:
+            files = [files[declared.index(only)]]
     loaded: list[tuple[Path, CollectionSpec, Node]] = []
     for path in files:
         try:
@@ -84,6 +95,21 @@ def load_collections(paths: Iterable[Path]) -> LoadResult:
     clashing = {issue.path for issue in clashes}
     result.specs = [(path, spec) for path, spec, _ in loaded if path not in clashing]
     return result
+
+
+# A top-level `collection: name` line, the name optionally quoted, optionally followed by a comment.
+_COLLECTION_LINE = re.compile(
+    r"""^collection:[ \t]*(["']?)([A-Za-z0-9_.-]+)\1[ \t]*(?:#.*)?$""", re.MULTILINE
+)
+
+
+def _declared_collection(path: Path) -> str | None:
+    """The collection a file names on a plain top-level line, read without parsing the YAML."""
+    try:
+        found = _COLLECTION_LINE.findall(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    return found[0][1] if len(found) == 1 else None
 
 
 # --- one file ------------------------------------------------------------------------------------
@@ -116,7 +142,12 @@ def _read(path: Path) -> str:
     raise InvalidCollectionConfig([ConfigIssue(path, None, "", message)])
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser composes the nodes (with their line numbers) ~10x faster than PyYAML's own, which
+# the dag-processor would otherwise pay on every parse of every collection file.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
     """A SafeLoader that remembers the node it is constructing, to place construction errors."""
 
     current: Node | None = None

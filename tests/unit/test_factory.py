@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from airflow.sdk import Asset
 from airflow.sdk.definitions.mappedoperator import MappedOperator
 
 from dag_factory.builder import TASK_IDS, build_collection_dag
+from dag_factory.factory import build_dags
 from dag_factory.loader import load_collection
 from tests.support.airflow import configs_env
 
@@ -31,13 +35,13 @@ PIPELINE = [
 ]
 
 
-def _dagbag(configs: Path) -> tuple[Any, list[warnings.WarningMessage]]:
+def _dagbag(configs: Path, dags: Path = DAGS) -> tuple[Any, list[warnings.WarningMessage]]:
     from airflow.dag_processing.dagbag import DagBag
 
     known_pools = {"default_pool", "embedding", "embedding_cheap"}
     with configs_env(configs), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bag = DagBag(dag_folder=str(DAGS), known_pools=known_pools)
+        bag = DagBag(dag_folder=str(dags), known_pools=known_pools)
     return bag, caught
 
 
@@ -61,6 +65,48 @@ def test_a_broken_config_costs_only_its_own_dag(tmp_path: Path) -> None:
     ((error_file, message),) = bag.import_errors.items()
     assert error_file.endswith("collection_config_errors.py")
     assert "broken.yaml:4 index.m" in message
+
+
+def test_a_task_process_reads_and_builds_only_the_dag_it_runs(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    # Broken beyond validation, but plainly named: a task of another DAG must never read it.
+    (configs / "broken.yaml").write_text("collection: broken\nindex:\n  type: hnsw\n  m: 0\n")
+
+    with _parsing_context("release_notes"):
+        bag, _ = _dagbag(configs, DAGS / "collection_dags.py")  # the one file a task parses
+        only = build_dags(configs, only="release_notes")
+
+    assert set(bag.dag_ids) == {"release_notes"}
+    assert bag.import_errors == {}
+    assert set(only.dags) == {"release_notes"} and only.errors == []
+    assert [issue.path.name for issue in build_dags(configs).errors] == ["broken.yaml"]
+
+
+def test_a_file_not_read_plainly_makes_a_task_process_load_every_file(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    # The same name as release_notes.yaml, declared in a way the quick scan does not read: the
+    # clash must be found as the dag-processor finds it, so every file is loaded.
+    text = (CONFIGS / "release_notes.yaml").read_text()
+    text = text.replace("collection: release_notes", '"collection": release_notes')
+    (configs / "another.yaml").write_text(text)
+
+    result = build_dags(configs, only="release_notes")
+
+    assert set(result.dags) == {"release_notes"}
+    assert "`another.yaml`" in (result.dags["release_notes"].doc_md or "")  # the first file by path wins
+    assert [issue.path.name for issue in result.errors] == ["release_notes.yaml"]
+
+
+@contextmanager
+def _parsing_context(dag_id: str) -> Iterator[None]:
+    """What Airflow's task runner sets before it parses the DAG file of the task it runs."""
+    os.environ["_AIRFLOW_PARSING_CONTEXT_DAG_ID"] = dag_id
+    try:
+        yield
+    finally:
+        os.environ.pop("_AIRFLOW_PARSING_CONTEXT_DAG_ID", None)
 
 
 @pytest.mark.parametrize("name", ["documents", "release_notes"])
