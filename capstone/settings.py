@@ -47,6 +47,7 @@ __all__ = [
     "Metric",
     "Provider",
     "Quantization",
+    "QueryChecksPolicy",
     "SampleQuery",
     "SearchMode",
     "SearchSettings",
@@ -66,6 +67,7 @@ VectorType = Literal["vector", "halfvec"]
 Quantization = Literal["none", "binary"]
 Check = Literal["vector_count", "query_relevance", "recall", "freshness"]
 SearchMode = Literal["vector", "keyword", "hybrid"]
+QueryChecksPolicy = Literal["always", "when_changed"]
 PROVIDERS: tuple[Provider, ...] = get_args(Provider)
 INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
 METRICS: tuple[Metric, ...] = get_args(Metric)
@@ -244,6 +246,9 @@ class ValidationSettings:
     recall_threshold: float
     freshness_limit_seconds: float
     fail_on: tuple[Check, ...]
+    query_checks: QueryChecksPolicy = "when_changed"
+    query_checks_every: int = 10
+    query_checks_changed_fraction: float = 0.05
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ to (a failed validation stays in the version catalog).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +70,7 @@ from capstone.settings import CollectionSettings, SampleQuery, SearchMode, Valid
 __all__ = [
     "Check",
     "IndexHealthError",
+    "QueryChecksPlan",
     "check_freshness",
     "check_query_relevance",
     "check_recall",
@@ -76,6 +79,7 @@ __all__ = [
     "format_report",
     "index_facts",
     "measure_recall",
+    "plan_query_checks",
     "sample_vectors",
     "suggest_knob",
     "validate_collection",
@@ -161,8 +165,9 @@ def validate_collection(
         )
         register_vector(conn)
         facts = index_facts(conn, record, target)
-        checks = _run_checks(conn, record, target, facts, options, upserted, indexed)
-        report = _report(record, target, facts, checks, options.fail_on)
+        plan = plan_query_checks(options, record, upserted, indexed, _previous_summary(conn, record))
+        checks = _run_checks(conn, record, target, facts, options, upserted, indexed, plan)
+        report = _report(record, target, facts, checks, options.fail_on, plan)
         summary = report["summary"]
         failed = summary["failed"]
         live = _settle_version(conn, settings, record, ref, summary, bool(failed))
@@ -278,9 +283,17 @@ def _run_checks(
     options: ValidationSettings,
     upserted: UpsertResult,
     indexed: IndexEvent,
+    plan: QueryChecksPlan,
 ) -> dict[str, Check]:
     checks = {"vector_count": check_vector_count(conn, target, int(upserted["expected_count"]))}
-    checks |= check_query_relevance(conn, record, target, options.sample_queries, options.top_k)
+    if plan.run:
+        checks |= check_query_relevance(conn, record, target, options.sample_queries, options.top_k)
+    else:
+        log.info("sample queries not run (the embedding model is not loaded): %s", plan.reason)
+        checks |= {
+            f"query_relevance_{query.id}": Check(None, "not run", f"not run this time: {plan.reason}")
+            for query in options.sample_queries
+        }
     checks["recall_at_k"] = check_recall(
         conn, target, facts, options.recall_k, options.recall_sample_size, options.recall_threshold
     )
@@ -383,6 +396,109 @@ def check_vector_count(conn: psycopg.Connection, target: SearchTarget, expected:
     if found < expected:
         detail += f" ({expected - found} missing: deleted since the upsert, or a concurrent write)"
     return Check(found >= expected, f"{found}/{expected}", detail, {"found": found, "expected": expected})
+
+
+# -- when the sample queries run ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryChecksPlan:
+    """Whether this validation runs the sample queries, and why (``validation.query_checks``)."""
+
+    run: bool
+    reason: str
+    runs_since: int  # validations since the queries last ran: 0 when they run now
+    fingerprint: str  # of what the queries' answers depend on besides the rows
+
+    def summary(self, passed_now: bool) -> dict[str, Any]:
+        """What the report and the registry keep for the next validation to decide on; ``passed``
+        is of the last time the queries ran (they are skipped only after they all passed)."""
+        return {
+            "ran": self.run,
+            "reason": self.reason,
+            "runs_since": self.runs_since,
+            "fingerprint": self.fingerprint,
+            "passed": passed_now if self.run else True,
+        }
+
+
+def plan_query_checks(
+    options: ValidationSettings,
+    record: CollectionRecord,
+    upserted: UpsertResult,
+    indexed: IndexEvent,
+    previous: dict[str, Any] | None,
+) -> QueryChecksPlan:
+    """Run the sample queries (which load the embedding model) only when their answers may have
+    changed, and at least every ``query_checks_every`` validations; ``previous`` is the summary of
+    the last validation registered for the collection."""
+    fingerprint = _queries_fingerprint(options, record)
+    reason = _why_queries_run(options, record, upserted, indexed, previous, fingerprint)
+    if reason is not None:
+        return QueryChecksPlan(True, reason, 0, fingerprint)
+    runs_since = int(previous["query_checks"]["runs_since"]) + 1 if previous else 1
+    changed, total = _rows_changed(upserted)
+    reason = (
+        f"{changed} of {total} rows changed (under validation.query_checks_changed_fraction "
+        f"{options.query_checks_changed_fraction:g}), same version, index and queries; they last ran "
+        f"{runs_since} validation{'s' if runs_since != 1 else ''} ago and passed"
+    )
+    return QueryChecksPlan(False, reason, runs_since, fingerprint)
+
+
+def _why_queries_run(
+    options: ValidationSettings,
+    record: CollectionRecord,
+    upserted: UpsertResult,
+    indexed: IndexEvent,
+    previous: dict[str, Any] | None,
+    fingerprint: str,
+) -> str | None:
+    """The reason the sample queries run this time, or None when nothing calls for them."""
+    if options.query_checks == "always":
+        return "validation.query_checks is always"
+    last = (previous or {}).get("query_checks")
+    if previous is None or not isinstance(last, dict):
+        return "first validation"
+    if previous.get("version") != record.version:
+        return f"version {record.version} was not validated before"
+    if last.get("fingerprint") != fingerprint:
+        return "the sample queries, the search settings or the model changed"
+    if int(indexed.get("builds_started", 0)) > 0:
+        return "the index was built"
+    if not last.get("passed", False):
+        return "a sample query did not pass the last time they ran"
+    changed, total = _rows_changed(upserted)
+    if changed >= options.query_checks_changed_fraction * total:
+        return f"{changed} of {total} rows changed"
+    if int(last.get("runs_since", 0)) + 1 >= options.query_checks_every:
+        return f"every {options.query_checks_every} validations (validation.query_checks_every)"
+    return None
+
+
+def _rows_changed(upserted: UpsertResult) -> tuple[int, int]:
+    """Rows the run upserted or deleted, and the rows the table holds after it."""
+    changed = int(upserted.get("upserted", 0)) + int(upserted.get("deleted", 0))
+    return changed, max(int(upserted.get("expected_count", 0)), changed)
+
+
+def _queries_fingerprint(options: ValidationSettings, record: CollectionRecord) -> str:
+    described = json.dumps(
+        {
+            "queries": [[q.id, q.query, q.expected_document_id] for q in options.sample_queries],
+            "top_k": options.top_k,
+            "search": repr(record.search),
+            "model": [record.provider, record.model, record.dimension],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def _previous_summary(conn: psycopg.Connection, record: CollectionRecord) -> dict[str, Any] | None:
+    """The summary of the last validation the registry holds for the collection's stable name."""
+    registered = registry.registered_row(conn, record.schema, record.table)
+    return registered.last_validation if registered is not None else None
 
 
 # -- query_relevance --------------------------------------------------------------------------
@@ -643,8 +759,10 @@ def _report(
     facts: dict[str, Any],
     checks: dict[str, Check],
     fail_on: Sequence[str],
+    plan: QueryChecksPlan,
 ) -> ValidationReport:
     statuses = {name: check.status(family_of(name), fail_on) for name, check in checks.items()}
+    queries = [status for name, status in statuses.items() if name.startswith("query_relevance_")]
     knob_name, knob = target.knob
     recall = checks["recall_at_k"].facts.get("recall")
     return {
@@ -664,6 +782,7 @@ def _report(
             "search_mode": record.search.mode,
             "failed": [name for name, status in statuses.items() if status == "fail"],
             "warned": [name for name, status in statuses.items() if status == "warn"],
+            "query_checks": plan.summary(all(status == "pass" for status in queries)),
         },
     }
 

@@ -82,6 +82,9 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             recall_threshold=validation.recall_threshold,
             freshness_limit_seconds=validation.freshness_limit_seconds,
             fail_on=tuple(validation.fail_on),
+            query_checks=validation.query_checks,
+            query_checks_every=validation.query_checks_every,
+            query_checks_changed_fraction=validation.query_checks_changed_fraction,
         ),
         search=SearchSettings(**spec.search.model_dump()),
     )

@@ -29,6 +29,7 @@ from capstone.settings import (
     Metric,
     Provider,
     Quantization,
+    QueryChecksPolicy,
     SearchMode,
     VectorType,
     vector_type_for,
@@ -409,6 +410,27 @@ class ValidationSpec(_Model):
     recall_threshold: float = Field(default=0.9, ge=0, le=1)
     freshness_limit_seconds: float = Field(default=3600.0, gt=0)
     fail_on: list[Check] = Field(default_factory=lambda: list[Check](["vector_count"]))
+    query_checks: QueryChecksPolicy = Field(
+        default="when_changed",
+        description=(
+            "When the sample queries run (they load the embedding model): `always`, or `when_changed`: "
+            "on the first validation, a new version, a rebuilt index, changed sample queries or search "
+            "settings, a share of rows changed of at least query_checks_changed_fraction, after a query "
+            "check that did not pass, and every query_checks_every-th validation."
+        ),
+    )
+    query_checks_every: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="With `when_changed`: run the sample queries at least every N validations.",
+    )
+    query_checks_changed_fraction: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="With `when_changed`: the share of rows upserted or deleted that makes the queries run.",
+    )
 
     @field_validator("sample_queries")
     @classmethod

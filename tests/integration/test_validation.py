@@ -236,6 +236,53 @@ def _keyword_documents(collection: Collection, query: str) -> list[str]:
     return list(dict.fromkeys(row[0] for row in rows))
 
 
+def test_sample_queries_run_only_when_their_answers_may_have_changed(reference: Collection) -> None:
+    steady: IndexEvent = {**reference.indexed, "builds_started": 0}  # the index was there already
+
+    def validate(**options: Any) -> ValidationReport:
+        return reference.validate(**{"indexed": steady, **options})
+
+    def plan(report: ValidationReport) -> tuple[bool, str]:
+        queries = report["summary"]["query_checks"]
+        return queries["ran"], queries["reason"]
+
+    full = validate()  # every row written: the queries run
+    assert plan(full)[0] and full["summary"]["query_relevance_try"] == "pass"
+
+    small = validate(upserted=3)  # 3 of 733 rows: same version, index and queries
+    ran, reason = plan(small)
+    assert not ran and "3 of 733 rows changed" in reason, reason
+    assert small["summary"]["query_relevance_try"] == "skip"
+    assert small["checks"]["query_relevance_try"]["detail"].startswith("not run this time")
+    assert small["summary"]["query_checks"]["runs_since"] == 1
+    assert small["summary"]["recall_at_k"] == "pass"  # recall needs no model: it still runs
+
+    assert plan(validate(upserted=3, query_checks_every=2)) == (
+        True,
+        "every 2 validations (validation.query_checks_every)",
+    )
+    assert plan(validate(upserted=3, query_checks="always"))[0]
+    assert plan(validate(upserted=40, query_checks_changed_fraction=0.05)) == (
+        True,
+        "40 of 733 rows changed",
+    )
+    assert plan(validate(upserted=3, indexed={**reference.indexed, "builds_started": 1})) == (
+        True,
+        "the index was built",
+    )
+    assert not plan(validate(upserted=3))[0]
+
+    with_ghost = [*QUERIES, GHOST]  # a changed query list, and a query that cannot pass
+    assert plan(validate(upserted=3, sample_queries=with_ghost)) == (
+        True,
+        "the sample queries, the search settings or the model changed",
+    )
+    assert plan(validate(upserted=3, sample_queries=with_ghost)) == (
+        True,
+        "a sample query did not pass the last time they ran",
+    )
+
+
 def test_the_recall_sample_is_the_same_on_every_run(reference: Collection) -> None:
     target = SearchTarget(reference.settings.store_table, "cosine", "hnsw", ef_search=100, probes=10)
     with psycopg.connect(reference.dsn, autocommit=True) as conn:
