@@ -17,6 +17,13 @@ and returns a small report (the task's XCom: counts, ranks and ids, never vector
 - ``index_freshness``: the newest row (by ``updated_at``) must come back through the index when its
   own vector is the query.
 
+The sample queries are the only checks that load the embedding model. With
+``validation.query_checks: when_changed`` (the default) they run only when their answers may have
+changed (:func:`plan_query_checks`: first validation, another version, a built index, changed
+queries, search settings or model, ``query_checks_changed_fraction`` of the rows written or
+deleted, a query that did not pass last time, or every ``query_checks_every`` validations);
+otherwise each shows as skipped, and the summary's ``query_checks`` says why.
+
 What "fresh" means. pgvector updates its index in the writing transaction, so once the index is
 valid a committed row is searchable. The limit (``freshness_limit_seconds``) therefore bounds the
 *lag* of a run that wrote rows: how long after its newest write the index was confirmed to serve
