@@ -7,6 +7,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # hosts, batches through a local S3-protocol server)
 EXECUTOR ?= local
 export EXECUTOR
+# Where the local model's ONNX export is kept (python -m capstone export-model writes it once; the
+# workers of the local stack and the tests read it): inside the project, like its other data.
+CAPSTONE_MODEL_CACHE ?= $(CURDIR)/.data/models
+export CAPSTONE_MODEL_CACHE
 
 .PHONY: test test-distributed test-package test-lowest test-fast lint typecheck demo up down validate schema clean db-stop
 
@@ -23,6 +27,7 @@ $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS)
 
 $(VENV)/.installed-local: $(VENV)/.installed-dev
 	$(PIP_INSTALL) -e '.[dev,local]'
+	$(PY) -m capstone export-model
 	touch $@
 
 ## make constraints: write constraints.txt from the virtualenv as it is (after changing a pin)

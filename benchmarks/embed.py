@@ -1,4 +1,7 @@
-"""Overhead of the sentence-transformers provider over a bare ``SentenceTransformer.encode``.
+"""Overhead of the sentence-transformers provider on torch over a bare ``SentenceTransformer.encode``.
+
+(ONNX Runtime, the default backend on the CPU, is measured against a bare process of its own by
+``embed_stage.py``.)
 
 Both embed the same texts (the Python language reference topics shipped with CPython, in
 ~800-character chunks) with the same loaded model and batch size. They take turns batch by batch
@@ -83,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     texts = topic_chunks()[: args.limit]
     print(f"{len(texts)} chunks of pydoc topics, {sum(map(len, texts)) / len(texts):.0f} chars on average")
     started = time.perf_counter()
-    embedding = {"provider": "sentence-transformers", "request_batch_size": args.batch_size}
+    embedding = {"provider": "sentence-transformers", "backend": "torch", "request_batch_size": args.batch_size}
     embedder = create_embedder(
         settings_from_mapping({"collection": "embed", "embedding": embedding}).embedding
     )

@@ -7,6 +7,7 @@ python -m capstone search --collection documents "how do I handle exceptions" [-
     [--dsn postgresql://... | --connection AIRFLOW_CONNECTION_ID]
 python -m capstone versions --collection documents [--schema SCHEMA] [--dsn ... | --connection ...]
 python -m capstone rollback --collection documents [--to N] [--schema SCHEMA] [--dsn ... | --connection ...]
+python -m capstone export-model [--model all-MiniLM-L6-v2]
 
 --schema is needed only where the collection's name has tables in several schemas of the database.
 """
@@ -310,7 +311,29 @@ def _parser() -> argparse.ArgumentParser:
         "--to", type=int, metavar="N", help="the version to switch to (default: the previous)"
     )
     _where(rollback)
+    export = commands.add_parser(
+        "export-model",
+        help="export a local model to ONNX on this host (once; what embedding.backend onnx runs)",
+        description="Export the Transformer of a local sentence-transformers model to ONNX, verified "
+        "against torch's vectors, into the model cache ($CAPSTONE_MODEL_CACHE, default "
+        "~/.cache/capstone/models), and print its path. Run it where a worker image is built; a task "
+        "that finds no export makes one itself (needs torch: the [local] extra).",
+    )
+    export.add_argument(
+        "--model", default=None, help="the model name or directory (default: the bundled all-MiniLM-L6-v2)"
+    )
     return parser
+
+
+def _export_model(model: str | None) -> int:
+    import logging
+
+    from capstone.embeddings.model_files import BUNDLED_MODEL
+    from capstone.embeddings.onnx_export import exported_onnx
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(exported_onnx(model or BUNDLED_MODEL))
+    return 0
 
 
 def _where(command: argparse.ArgumentParser) -> None:
@@ -343,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return _db(args.action)
     if args.command in ("search", "versions", "rollback"):
         return _search_command(args)
+    if args.command == "export-model":
+        return _export_model(args.model)
     return 2
 
 

@@ -210,8 +210,9 @@ class CollectionRecord:
         """The embedder the collection's chunks were embedded with, for embedding queries."""
         from capstone.embeddings import embedder_for
 
-        # Where the workers' model ran (a GPU, say) is not where searches run: pick what this host has.
-        return embedder_for(dataclasses.replace(self.embedding, device="auto", threads=None))
+        # Where and on what the workers' model ran (a GPU, say) is not where searches run: pick what
+        # this host has (torch and ONNX Runtime give the same vectors).
+        return embedder_for(dataclasses.replace(self.embedding, device="auto", threads=None, backend="auto"))
 
 
 def ensure_registry(conn: psycopg.Connection) -> None:
@@ -361,6 +362,7 @@ _TASK_ONLY: dict[str, object] = {
     "pool_slots": 1,
     "device": "auto",
     "threads": None,
+    "backend": "auto",
     "max_concurrent_requests": 1,
     "max_tokens_per_request": 300_000,
 }

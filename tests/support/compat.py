@@ -36,7 +36,7 @@ NEWEST_AIRFLOW = max(SUPPORTED_AIRFLOW, key=Version)
 LOWEST_CONSTRAINTS = ROOT / "constraints-lowest.txt"
 # The extras a team installs on its hosts; their lower bounds are tested too. (dev, stack and bench
 # are our own tooling and take constraints.txt's versions.)
-LOWER_BOUND_EXTRAS = ("local", "s3", "celery")
+LOWER_BOUND_EXTRAS = ("local", "onnx", "s3", "celery")
 
 
 def lower_bounds(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:

@@ -167,6 +167,7 @@ def test_embedding_tasks_default_to_the_pools_slots(minimal: CollectionSpec) -> 
     embedding = collection_settings(minimal).embedding
     assert (embedding.parallel_tasks, embedding.concurrent_tasks) == (2, 2)
     assert (embedding.device, embedding.threads, embedding.max_concurrent_requests) == ("auto", None, 4)
+    assert embedding.backend == "auto"
 
 
 def test_more_tasks_than_slots_run_only_as_many_at_once_as_the_pool_allows() -> None:
@@ -183,6 +184,7 @@ def test_more_tasks_than_slots_run_only_as_many_at_once_as_the_pool_allows() -> 
     [
         ("hash", "device", "cuda", "sentence-transformers"),
         ("openai", "threads", 2, "sentence-transformers"),
+        ("openai", "backend", "onnx", "sentence-transformers"),
         ("sentence-transformers", "max_concurrent_requests", 8, "openai"),
         ("hash", "max_tokens_per_request", 100_000, "openai"),
     ],
