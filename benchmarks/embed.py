@@ -86,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     texts = topic_chunks()[: args.limit]
     print(f"{len(texts)} chunks of pydoc topics, {sum(map(len, texts)) / len(texts):.0f} chars on average")
     started = time.perf_counter()
-    embedding = {"provider": "sentence-transformers", "backend": "torch", "request_batch_size": args.batch_size}
+    embedding = {
+        "provider": "sentence-transformers",
+        "backend": "torch",
+        "request_batch_size": args.batch_size,
+    }
     embedder = create_embedder(
         settings_from_mapping({"collection": "embed", "embedding": embedding}).embedding
     )
