@@ -311,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
         "--to", type=int, metavar="N", help="the version to switch to (default: the previous)"
     )
     _where(rollback)
+    _export_parser(commands)
+    return parser
+
+
+def _export_parser(commands: Any) -> None:
     export = commands.add_parser(
         "export-model",
         help="export a local model to ONNX on this host (once; what embedding.backend onnx runs)",
@@ -322,7 +327,6 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--model", default=None, help="the model name or directory (default: the bundled all-MiniLM-L6-v2)"
     )
-    return parser
 
 
 def _export_model(model: str | None) -> int:

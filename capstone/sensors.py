@@ -3,7 +3,10 @@
 It checks synchronously first (a valid index matching the spec that holds every upserted vector,
 and a valid keyword index, mean there is nothing to wait for), otherwise defers to
 ``VectorStoreIndexingTrigger``, which builds the indexes in the triggerer. With
-``deferrable=False`` it runs the same build coroutine in the worker instead.
+``deferrable=False``, or over at most ``in_worker_max_rows`` rows, it runs the same build coroutine
+in the worker instead: a small index builds in less time than the deferral's round trip (the
+task's exit, the triggerer picking the trigger up, the scheduler queueing the task again and a new
+task process starting) takes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
     :param poll_interval: seconds between progress checks of the build.
     :param timeout: seconds the build may take before it is cancelled and the task fails.
     :param deferrable: build in the triggerer (True) or in this worker (False).
+    :param in_worker_max_rows: build in this worker anyway when the index covers at most this many
+        rows (0: never).
     :param table: the table to index instead of the one ``index`` names (templated: the upsert task
         says which version of the collection the run wrote to); None keeps ``index``'s.
 
@@ -64,6 +69,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         poll_interval: float,
         timeout: float,
         deferrable: bool = True,
+        in_worker_max_rows: int = 0,
         keyword_index: KeywordIndexParams | None = None,
         table: str | Any | None = None,
         **kwargs: Any,
@@ -74,6 +80,7 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
         self.connection_id = connection_id
         self.poll_interval = float(poll_interval)
         self.deferrable = deferrable
+        self.in_worker_max_rows = in_worker_max_rows
         self.index_params = index
         self.keyword_params = keyword_index
         self.table = table  # resolved at run time: may be an XComArg or a string
@@ -96,7 +103,15 @@ class VectorStoreIndexingSensor(BaseSensorOperator):
                 "collection %s: index already valid over %d vectors", self.collection_name, expected
             )
             return ready
-        if not self.deferrable:
+        if not self.deferrable or expected <= self.in_worker_max_rows:
+            if self.deferrable:
+                self.log.info(
+                    "collection %s: building the index over %d rows in this task (index.in_worker_max_rows "
+                    "is %d: a deferral would take longer)",
+                    self.collection_name,
+                    expected,
+                    self.in_worker_max_rows,
+                )
             event = asyncio.run(
                 build_index(
                     target,

@@ -213,6 +213,8 @@ class IndexSettings:
     rerank_candidates: int
     build_timeout_seconds: float
     poll_interval_seconds: float
+    # Builds over at most this many rows run in the wait_for_indexing task, not the triggerer.
+    in_worker_max_rows: int
     maintenance_work_mem: str
 
 

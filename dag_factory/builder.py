@@ -244,6 +244,7 @@ def _wait_task(settings: CollectionSettings, upserted: Any) -> Any:
         poll_interval=settings.index.poll_interval_seconds,
         timeout=settings.index.build_timeout_seconds,
         deferrable=True,
+        in_worker_max_rows=settings.index.in_worker_max_rows,
     )
 
 

@@ -334,6 +334,14 @@ class IndexSpec(_Model):
     )
     build_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     poll_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
+    in_worker_max_rows: int = Field(
+        default=10_000,
+        ge=0,
+        le=10_000_000,
+        description="An index over at most this many rows is built by the wait_for_indexing task itself "
+        "(a few seconds of the worker's time) instead of being deferred to the triggerer, which costs "
+        "a round trip of several seconds; 0 defers every build.",
+    )
     maintenance_work_mem: str = Field(
         default="auto",
         description="'auto' sizes it from the data (capped at 1GB), or a Postgres size like '512MB'.",

@@ -49,7 +49,7 @@ def resolve_backend(embedding: EmbeddingSettings) -> Literal["torch", "onnx"]:
     torch; install ``onnxruntime-gpu`` and set ``backend: onnx`` to run ONNX on CUDA)."""
     if embedding.backend != "auto":
         return embedding.backend
-    if embedding.device not in ("auto", "cpu") or importlib.util.find_spec("onnxruntime") is None:
+    if embedding.device not in ("auto", "cpu") or not _onnxruntime_installed():
         return "torch"
     if embedding.device == "auto" and (sys.platform == "darwin" or Path("/dev/nvidia0").exists()):
         return "torch"
@@ -58,6 +58,13 @@ def resolve_backend(embedding: EmbeddingSettings) -> Literal["torch", "onnx"]:
         log.info("model %r runs on torch: ONNX Runtime cannot run it (%s)", embedding.model, layout.why_not)
         return "torch"
     return "onnx"
+
+
+def _onnxruntime_installed() -> bool:
+    """Whether ``import onnxruntime`` would work, without importing it."""
+    if "onnxruntime" in sys.modules:  # imported, or blocked with None
+        return sys.modules["onnxruntime"] is not None
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 class OnnxEmbedder:

@@ -221,7 +221,7 @@ def test_one_searcher_answers_100_searches_on_its_pooled_connections(
     reason="needs the [local] extra: pip install '.[local]'",
 )
 def test_the_model_is_loaded_once_for_100_searches(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
-    from capstone.embeddings import local_model
+    from capstone.embeddings import local_model, onnx_model
 
     settings = collection_settings("local_search", pg_schema, embedding={"provider": "sentence-transformers"})
     documents = [
@@ -234,31 +234,35 @@ def test_the_model_is_loaded_once_for_100_searches(pg_dsn: str, pg_schema: str, 
         conn.execute(IndexParams.of(version_settings(settings, version)).create_sql())
         registry.register(conn, CollectionRecord.from_settings(settings, version))
     local_model._MODELS.clear()  # as in a new process
+    onnx_model._SESSIONS.clear()
     loads = _LoadLog()
-    logger = logging.getLogger(local_model.__name__)
-    logger.addHandler(loads)  # on the logger itself: Airflow may reconfigure the root's handlers
-    level, logger.level = logger.level, logging.INFO
+    loggers = [logging.getLogger(module.__name__) for module in (local_model, onnx_model)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(loads)  # on the logger itself: Airflow may reconfigure the root's handlers
+        logger.setLevel(logging.INFO)
     try:
         with Searcher("local_search", dsn=pg_dsn) as searcher:
             results = [searcher.search(f"topic {n % 5}", k=3) for n in range(100)]
     finally:
-        logger.removeHandler(loads)
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(loads)
+            logger.setLevel(level)
 
     assert all(len(hits) == 3 for hits in results)
     assert len(loads.messages) == 1, loads.messages
-    assert len(local_model._MODELS) == 1
+    assert len(local_model._MODELS) + len(onnx_model._SESSIONS) == 1
 
 
 class _LoadLog(logging.Handler):
-    """Collects the local model's "loaded ... model" log lines."""
+    """Collects the local model's "loaded ..." log lines (torch's or ONNX Runtime's)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("loaded sentence-transformers model"):
+        if record.getMessage().startswith("loaded "):
             self.messages.append(record.getMessage())
 
 

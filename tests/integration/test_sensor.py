@@ -69,6 +69,19 @@ def test_not_deferrable_builds_in_the_worker(
     assert indexes_on(pg_conn, pg_schema, "docs") == [IndexRow(sensor.index_params.index_name, "hnsw", True)]
 
 
+def test_a_small_index_is_built_in_the_worker_and_a_larger_one_deferred(
+    pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
+) -> None:
+    create_collection(pg_conn, pg_schema, "docs", 1_500)
+
+    with pytest.raises(TaskDeferred):
+        _sensor(pg_schema, 1_500, in_worker_max_rows=1_499).execute(NO_CONTEXT)
+    result = _sensor(pg_schema, 1_500, in_worker_max_rows=1_500).execute(NO_CONTEXT)
+
+    assert result["status"] == "success" and result["builds_started"] == 1
+    assert result["indexed_count"] == 1_500
+
+
 def test_ready_index_returns_without_deferring(
     pg_dsn: str, pg_conn: psycopg.Connection, pg_schema: str
 ) -> None:

@@ -172,13 +172,26 @@ def test_openai_without_any_key_says_where_to_put_one(monkeypatch: pytest.Monkey
         create_embedder(_openai("text-embedding-3-small", 1536))
 
 
-def test_missing_local_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A None entry in sys.modules makes `import sentence_transformers` raise ImportError.
-    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+@pytest.mark.parametrize(
+    ("backend", "missing"), [("torch", "sentence_transformers"), ("onnx", "onnxruntime")]
+)
+def test_missing_local_extra_says_how_to_install_it(
+    backend: str, missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A None entry in sys.modules makes the import raise ImportError.
+    monkeypatch.setitem(sys.modules, missing, None)
     monkeypatch.setattr(local_model_module, "_MODELS", {})
 
     with pytest.raises(MissingExtraError, match=r"pip install '\.\[local\]'"):
-        create_embedder(embedding_settings("sentence-transformers"))
+        create_embedder(embedding_settings("sentence-transformers", backend=backend))
+
+
+def test_without_onnxruntime_auto_runs_the_model_on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capstone.embeddings.onnx_model import resolve_backend
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+
+    assert resolve_backend(embedding_settings("sentence-transformers")) == "torch"
 
 
 def test_an_unknown_provider_lists_the_known_ones() -> None:

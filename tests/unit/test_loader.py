@@ -85,7 +85,8 @@ def test_issues_come_in_line_order_and_name_the_fix(tmp_path: Path) -> None:
         f"{path}:4 index.m: must be between 2 and 100, got 0",
         f"{path}:5 index.efconstruction: unknown field 'efconstruction'; did you mean 'ef_construction'? "
         "allowed: type, metric, m, ef_construction, ef_search, lists, probes, quantization, "
-        "rerank_candidates, build_timeout_seconds, poll_interval_seconds, maintenance_work_mem",
+        "rerank_candidates, build_timeout_seconds, poll_interval_seconds, in_worker_max_rows, "
+        "maintenance_work_mem",
         f"{path}:7 embedding.dimension: must be an integer, got 'abc'",
     ]
 
