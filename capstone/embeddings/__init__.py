@@ -1,7 +1,8 @@
 """Chunk texts to vectors behind one interface: ``embedder_for(settings.embedding).embed(texts)``.
 
 Providers: ``hash`` (deterministic and offline, for tests and demos), ``sentence-transformers``
-(a local model, offline; the ``[local]`` extra) and ``openai`` (the official client; ``base_url``
+(a local model, offline; the ``[local]`` extra; run by ONNX Runtime or torch, ``embedding.backend``:
+see :mod:`capstone.embeddings.onnx_model`) and ``openai`` (the official client; ``base_url``
 points it at any OpenAI-compatible server).
 """
 

@@ -114,7 +114,7 @@ def test_a_new_model_is_built_beside_the_live_version_and_switched_to_once_it_va
 
     again = run_collection(spec, [jsonl_batch(tmp_path / "b2.jsonl", [NEW_DOCUMENT])])  # unchanged
 
-    assert task_states(name, again.run_id)["prepare_chunks"] == ["skipped"]
+    assert task_states(name, again.run_id)["generate_embedding"] == ["skipped"]
     assert version_states(pg_dsn, pg_schema, name) == {1: "retired", 2: "live"}
 
 
@@ -229,7 +229,7 @@ def test_a_table_of_an_earlier_release_is_adopted_as_version_1_without_copying(
 
     run = run_collection(spec, [batch])
 
-    assert task_states(name, run.run_id)["prepare_chunks"] == ["skipped"]  # nothing re-embedded
+    assert task_states(name, run.run_id)["generate_embedding"] == ["skipped"]  # nothing re-embedded
     assert relation_kind(pg_dsn, pg_schema, name) == "v"
     assert _rows(pg_dsn, pg_schema, version_table_name(name, 1)) == before  # the same rows, not copied
     assert version_states(pg_dsn, pg_schema, name) == {1: "live"}
