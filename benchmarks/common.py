@@ -421,15 +421,28 @@ def write_result(path: Path, result: Mapping[str, Any]) -> None:
 
 
 def write_collection_spec(
-    configs: Path, collection: str, schema: str, table: str, batch_size: int, upsert_batch_size: int
+    configs: Path,
+    collection: str,
+    schema: str,
+    table: str,
+    batch_size: int,
+    upsert_batch_size: int,
+    provider: str = "hash",
+    threads: int | None = None,
 ) -> Path:
-    """Write a ``hash``-provider collection (384-d, HNSW m=16 ef_construction=64, cosine) into ``configs``."""
+    """Write a collection (384-d, HNSW m=16 ef_construction=64, cosine; the ``hash`` provider unless
+    ``provider`` says otherwise; ``threads`` for the local model) into ``configs``."""
     import yaml
 
     spec = {
         "collection": collection,
         "source": {"asset": f"{collection}.enriched"},
-        "embedding": {"provider": "hash", "dimension": 384, "batch_size": batch_size},
+        "embedding": {
+            "provider": provider,
+            "dimension": 384,
+            "batch_size": batch_size,
+            **({"threads": threads} if threads else {}),
+        },
         "store": {"schema": schema, "table": table},
         "index": {"type": "hnsw", "metric": "cosine", "m": 16, "ef_construction": 64},
         "upsert_batch_size": upsert_batch_size,
