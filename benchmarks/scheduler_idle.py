@@ -1,7 +1,7 @@
 """What a shorter ``[scheduler] scheduler_idle_sleep_time`` costs an idle scheduler.
 
 The local stack (one collection, no runs) is started once per value; after ``--settle`` seconds,
-the CPU time of the scheduler's process tree (``ps``) is read twice, ``--window`` seconds apart.
+the CPU time of the scheduler's process tree (``/proc``) is read twice, ``--window`` seconds apart.
 Printed: the share of one core each value costs, and the ratio to the first value (Airflow's
 default, 1 s). What the shorter sleep buys is measured by ``peer_sync.py --airflow-env``.
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +24,18 @@ WORK = BENCH_DATA / "scheduler_idle"
 
 
 def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system, whole seconds as ``ps`` gives them) of ``root`` and its descendants."""
-    listing = subprocess.run(
-        ["ps", "-e", "-o", "pid=,ppid=,cputimes="], capture_output=True, text=True, check=True
-    ).stdout
+    """CPU seconds (user + system, in clock ticks from ``/proc``) of ``root`` and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
     seconds: dict[int, float] = {}
-    for line in listing.splitlines():
-        pid, parent, cpu = (int(field) for field in line.split())
-        children.setdefault(parent, []).append(pid)
-        seconds[pid] = cpu
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     total, pending = 0.0, [root]
     while pending:
         pid = pending.pop()
