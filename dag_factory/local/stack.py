@@ -57,6 +57,17 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+# What the README recommends for runs that follow changes closely (measured on Airflow 3.3.2).
+LOW_LATENCY = {
+    # A fast-resuming deferred task was sometimes marked failed without it.
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+    "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+    # An idle scheduler loop sleeps 1 s by default, and each task waits for the next loop to be
+    # queued: 0.2 s cut the time between a run's tasks from ~0.5 s to ~0.15 s (benchmarks/peer_sync.py:
+    # a small change 12.1 -> 9.6 s), for 11% more of a core while idle (3.3% -> 14.4%).
+    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+}
 WORKERS = ("worker-a", "worker-b")
 # The Airflow connection of the object store batches travel through in the Celery mode.
 STORAGE_CONNECTION_ID = "aws_default"
@@ -153,18 +164,9 @@ class AirflowStack:
                 "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self._passwords_file),
-                # Quiet, fast local settings (measured on Airflow 3.3.2: a fast-resuming deferred
-                # task was sometimes marked failed without MIN_HEARTBEAT_INTERVAL=1).
-                "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
-                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-                # An idle scheduler loop sleeps 1 s by default, and each task waits for the next
-                # loop to be queued: 0.2 s cut the time between a run's tasks from ~0.5 s to ~0.15 s
-                # (benchmarks/peer_sync.py: a small change 12.1 -> 9.6 s), for 11% more of a core
-                # while idle (3.3% -> 14.4%).
-                "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+                **LOW_LATENCY,
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
                 "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
-                "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
                 "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
                 "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
                 # A broken collection file shows as the list of its problems, not as a traceback.
