@@ -27,7 +27,7 @@ import numpy as np
 
 from capstone.embeddings.base import no_vectors
 from capstone.embeddings.errors import EmbeddingDimensionError, MissingExtraError, ModelNotAvailableError
-from capstone.embeddings.model_files import BUNDLED_MODEL, model_path
+from capstone.embeddings.model_files import BUNDLED_MODEL, CHARS_PER_TOKEN, model_path
 
 __all__ = [
     "BUNDLED_MODEL",
@@ -40,10 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# WordPiece/BPE tokens of English prose average ~4 characters. Past max_seq_length the model
-# silently truncates, so a longer chunk would be embedded from its beginning only: the pipeline
-# sets such chunks aside instead. (Dense code tokenises shorter, so this errs on the long side.)
-_CHARS_PER_TOKEN = 4
 
 # Loaded models, per process, model name and device: mapped tasks that run in one worker process
 # share one copy instead of paying the load (seconds, and ~100 MB-1 GB of memory) for every batch.
@@ -164,7 +160,7 @@ class SentenceTransformerEmbedder:
         if actual != dimension:
             raise EmbeddingDimensionError(self.provider, model, actual=actual, configured=dimension)
         max_seq_length = getattr(self._model, "max_seq_length", None)
-        self.max_input_chars: int | None = max_seq_length * _CHARS_PER_TOKEN if max_seq_length else None
+        self.max_input_chars: int | None = max_seq_length * CHARS_PER_TOKEN if max_seq_length else None
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` in order, ``request_batch_size`` texts per forward pass."""

@@ -22,6 +22,7 @@ from capstone.settings import DEFAULT_MODELS
 
 __all__ = [
     "BUNDLED_MODEL",
+    "CHARS_PER_TOKEN",
     "MODEL_CACHE_ENV",
     "ModelLayout",
     "is_bundled",
@@ -34,6 +35,11 @@ __all__ = [
 BUNDLED_MODEL = DEFAULT_MODELS["sentence-transformers"][0]
 _BUNDLED_NAMES = frozenset({BUNDLED_MODEL, f"sentence-transformers/{BUNDLED_MODEL}"})
 MODEL_CACHE_ENV = "CAPSTONE_MODEL_CACHE"
+# WordPiece/BPE tokens of English prose average ~4 characters. Past max_seq_length the model
+# silently truncates, so a longer chunk would be embedded from its beginning only: the pipeline
+# sets such chunks aside instead (max_input_chars, whichever backend runs the model). Dense code
+# tokenises shorter, so this errs on the long side.
+CHARS_PER_TOKEN = 4
 # Bumped when the export changes (opset, inputs, outputs): older files are then not reused.
 EXPORT_FORMAT = "bert-last-hidden-state-opset17-v1"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

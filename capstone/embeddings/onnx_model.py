@@ -29,14 +29,13 @@ import numpy as np
 
 from capstone.embeddings.base import no_vectors
 from capstone.embeddings.errors import EmbeddingDimensionError, MissingExtraError, ModelNotAvailableError
-from capstone.embeddings.model_files import ModelLayout, model_path, onnx_file, read_layout
+from capstone.embeddings.model_files import CHARS_PER_TOKEN, ModelLayout, model_path, onnx_file, read_layout
 from capstone.settings import EmbeddingSettings
 
 __all__ = ["OnnxEmbedder", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 
-_CHARS_PER_TOKEN = 4  # as for torch: see capstone.embeddings.local_model
 # Loaded sessions per process: (file, threads, execution provider) -> session, tokenizer.
 _SESSIONS: dict[tuple[str, int, str], tuple[Any, Any]] = {}
 _SESSIONS_LOCK = threading.Lock()
@@ -104,7 +103,7 @@ class OnnxEmbedder:
         if isinstance(width, int) and width != dimension:
             raise EmbeddingDimensionError(self.provider, model, actual=width, configured=dimension)
         self._inputs = {node.name for node in self._session.get_inputs()}
-        self.max_input_chars: int | None = layout.max_seq_length * _CHARS_PER_TOKEN
+        self.max_input_chars: int | None = layout.max_seq_length * CHARS_PER_TOKEN
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` in order, ``request_batch_size`` texts of similar length per forward pass."""
