@@ -127,7 +127,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--upsert-batch-size", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=1, help="rounds of (full run, re-run)")
     parser.add_argument(
-        "--provider", default="hash", help="embedding.provider: hash or sentence-transformers"
+        "--provider",
+        default="sentence-transformers",
+        help="embedding.provider: sentence-transformers or hash",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
