@@ -92,7 +92,7 @@ up: $(VENV)/.installed-local
 down: $(VENV)/.installed-dev
 	$(PY) -m dag_factory.local.stack down
 
-BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality version_switch parse peer_sync onnx_backend scheduler_idle
+BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality version_switch parse peer_sync onnx_backend scheduler_idle chunking freshness
 # Not part of make bench, each with a target of its own: quantization (~12 minutes at its default
 # size) and embed_stage_gpu (needs a CUDA device; skips where there is none).
 BENCH_EXTRA := quantization embed_stage_gpu

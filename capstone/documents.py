@@ -14,7 +14,9 @@ where the batch is (a :class:`BatchLocation`):
   "connection_id": "vector_store_default"}`` - rows ``(batch_id, id, content, chunks jsonb,
   metadata jsonb)``.
 
-A document is ``{"id": str, "content": str, "chunks": [str, ...], "metadata": {...}}``. A bad
+A document is ``{"id": str, "content": str, "chunks": [str, ...], "metadata": {...}}``; without
+``chunks`` (or with ``null``), its ``content`` is chunked as the collection's ``chunking`` section
+says (:mod:`capstone.chunking`). A bad
 document is set aside with its reason; it never stops the others. ``{"id": str, "deleted": true}``
 is a tombstone: the document was deleted upstream, and every chunk of it leaves the collection
 (in a Postgres batch table, a boolean ``deleted`` column, when the table has one).
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -283,16 +285,22 @@ class _Unreadable:
 
 
 def validate_documents(
-    records: Iterable[tuple[str, Any]], *, max_chunk_chars: int, max_chunks: int
+    records: Iterable[tuple[str, Any]],
+    *,
+    max_chunk_chars: int,
+    max_chunks: int,
+    split: Callable[[str], list[str]] | None = None,
 ) -> Iterator[EnrichedDocument | RejectedDocument]:
     """Check each record; yield a document to index or a rejection with its reason.
 
-    A later record with an id seen before is rejected (the first one wins), so one batch never
-    writes two versions of a document.
+    A record without ``chunks`` (absent or null) has its ``content`` cut by ``split`` (the
+    collection's :class:`~capstone.chunking.Chunker`); without ``split`` it is rejected. A later
+    record with an id seen before is rejected (the first one wins), so one batch never writes two
+    versions of a document.
     """
     seen: set[str] = set()
     for where, raw in records:
-        result = _check(where, raw, max_chunk_chars=max_chunk_chars, max_chunks=max_chunks)
+        result = _check(where, raw, max_chunk_chars=max_chunk_chars, max_chunks=max_chunks, split=split)
         if isinstance(result, EnrichedDocument):
             if result.id in seen:
                 yield RejectedDocument(result.id, where, DUPLICATE_REASON)
@@ -302,7 +310,12 @@ def validate_documents(
 
 
 def _check(
-    where: str, raw: Any, *, max_chunk_chars: int, max_chunks: int
+    where: str,
+    raw: Any,
+    *,
+    max_chunk_chars: int,
+    max_chunks: int,
+    split: Callable[[str], list[str]] | None,
 ) -> EnrichedDocument | RejectedDocument:
     if isinstance(raw, _Unreadable):
         return RejectedDocument(None, where, raw.reason)
@@ -322,9 +335,14 @@ def _check(
         return RejectedDocument(doc_id, where, f"'deleted' must be true or false, got {deleted!r}")
     if deleted:
         return EnrichedDocument.tombstone(doc_id)
-    reason = _chunk_problem(raw.get("chunks"), max_chunk_chars, max_chunks)
+    content, chunks = raw.get("content"), raw.get("chunks")
+    reason = _content_problem(content)
+    if reason is None and chunks is None and split is not None:
+        chunks = split(str(content))
+        if not chunks:
+            reason = "'content' holds no text to chunk"
     if reason is None:
-        reason = _content_problem(raw.get("content"))
+        reason = _chunk_problem(chunks, max_chunk_chars, max_chunks)
     metadata = raw.get("metadata")
     if metadata is None:  # not `or {}`: metadata of [], "" or false is an error, not "no metadata"
         metadata = {}
@@ -334,7 +352,7 @@ def _check(
         reason = _metadata_problem(metadata)
     if reason is not None:
         return RejectedDocument(doc_id, where, reason)
-    return EnrichedDocument(id=doc_id, content=raw["content"], chunks=list(raw["chunks"]), metadata=metadata)
+    return EnrichedDocument(id=doc_id, content=str(content), chunks=list(chunks or ()), metadata=metadata)
 
 
 def _content_problem(content: Any) -> str | None:
@@ -349,7 +367,7 @@ def _content_problem(content: Any) -> str | None:
 
 def _chunk_problem(chunks: Any, max_chunk_chars: int, max_chunks: int) -> str | None:
     if not isinstance(chunks, list) or not chunks:
-        return "'chunks' must be a non-empty list of strings"
+        return "'chunks' must be a non-empty list of strings (or left out, to chunk 'content')"
     if len(chunks) > max_chunks:
         return f"{len(chunks)} chunks is more than chunking.max_chunks_per_document ({max_chunks})"
     for index, chunk in enumerate(chunks):
@@ -364,7 +382,8 @@ def _chunk_problem(chunks: Any, max_chunk_chars: int, max_chunks: int) -> str | 
         if len(chunk) > max_chunk_chars:
             return (
                 f"chunk {index} has {len(chunk)} characters, more than the limit of {max_chunk_chars} "
-                "(chunking.max_chunk_chars or the model's input limit): split it upstream"
+                "(chunking.max_chunk_chars or the model's input limit): split it upstream, or leave 'chunks' "
+                "out to have 'content' chunked"
             )
     return None
 

@@ -14,12 +14,14 @@ validation then work on that version's table, never on the stable name consumers
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +29,7 @@ import numpy as np
 import psycopg
 
 from capstone import store, versions
+from capstone.chunking import Chunker
 from capstone.connections import connect, postgres_params
 from capstone.contracts import (
     MAX_LISTED,
@@ -50,6 +53,7 @@ from capstone.documents import (
 from capstone.embeddings.base import Embedder
 from capstone.errors import TerminalError, is_terminal
 from capstone.settings import CollectionSettings
+from capstone.table_source import TableChanges, acknowledge
 
 __all__ = [
     "MassDeleteRefused",
@@ -126,7 +130,8 @@ def load_documents(
     Raises :class:`TooManyRejected` (and drops what it staged) when a batch rejects more than
     ``max_rejected_fraction`` of its documents.
     """
-    reader = _BatchReader(settings, locations)
+    followed = _table_changes(settings, run_key)
+    reader = _BatchReader(settings, locations, followed)
     with _connect(settings) as conn:
         store.ensure_staging(conn)
         stale = store.drop_stale_staging(conn, settings.collection)
@@ -143,17 +148,20 @@ def load_documents(
             store.drop_run_staging(conn, run_key)
             raise refusal
     documents, deleted, rejected = document_count - reader.deleted, reader.deleted, reader.rejected
+    sources = [location.describe() for location in locations]
+    if followed is not None:
+        sources.insert(0, followed.summary())
     log.info(
-        "staged %d documents (%d chunks) from %d batch(es); %d deleted upstream; %d set aside",
+        "staged %d documents (%d chunks) from %d source(s); %d deleted upstream; %d set aside",
         documents,
         chunk_count,
-        len(locations),
+        len(sources),
         deleted,
         len(rejected),
     )
     return {
         "run_key": run_key,
-        "sources": [location.describe() for location in locations],
+        "sources": sources,
         "documents": documents,
         "deleted_documents": deleted,
         "chunks": chunk_count,
@@ -161,6 +169,36 @@ def load_documents(
         "rejected": [item.as_dict() for item in rejected[:MAX_LISTED]],
         "hash_key": hash_key,
     }
+
+
+def _table_changes(settings: CollectionSettings, run_key: str) -> TableChanges | None:
+    """What the run reads of the table the collection follows, if it follows one."""
+    followed = settings.source.table
+    if followed is None:
+        return None
+
+    def indexed_ids() -> list[str]:
+        with _connect(settings) as conn:
+            return store.document_ids(conn, settings.store_table)
+
+    return TableChanges(settings.collection, followed, run_key, indexed_ids)
+
+
+def _acknowledge_table_changes(settings: CollectionSettings, run_key: str) -> None:
+    """The run's writes committed: the table changes it read leave the capture queue."""
+    if settings.source.table is not None:
+        acknowledge(settings.collection, settings.source.table, run_key)
+
+
+@contextlib.contextmanager
+def _acknowledged_when_nothing_to_index(settings: CollectionSettings, run_key: str) -> Iterator[None]:
+    """A run with nothing to write ends here: the table changes it read (none changed a chunk)
+    leave the capture queue all the same."""
+    try:
+        yield
+    except NothingToIndex:
+        _acknowledge_table_changes(settings, run_key)
+        raise
 
 
 def _resolve_version(conn: psycopg.Connection, settings: CollectionSettings) -> versions.Version:
@@ -199,10 +237,19 @@ class _BatchReader:
     """Streams the documents of a run's batches, counting per batch what was read and set aside,
     and saying how far it got every :data:`LOAD_PROGRESS_SECONDS`."""
 
-    def __init__(self, settings: CollectionSettings, locations: Sequence[BatchLocation]) -> None:
+    def __init__(
+        self,
+        settings: CollectionSettings,
+        locations: Sequence[BatchLocation],
+        followed: TableChanges | None = None,
+    ) -> None:
         self._settings = settings
-        self._locations = locations
-        self._tallies = [_BatchTally(location.describe()) for location in locations]
+        # The followed table's rows first: they are newer than any batch announced before the run.
+        self._sources: list[tuple[str, Callable[[], Iterator[tuple[str, Any]]]]] = [
+            *([(followed.describe(), followed.records)] if followed is not None else []),
+            *((location.describe(), functools.partial(read_batch, location)) for location in locations),
+        ]
+        self._tallies = [_BatchTally(name) for name, _ in self._sources]
         self._current = _BatchTally("")
         self.rejected: list[RejectedDocument] = []
         self.deleted = 0
@@ -213,6 +260,7 @@ class _BatchReader:
             self._records(),
             max_chunk_chars=_chunk_limit(self._settings),
             max_chunks=self._settings.chunking.max_chunks_per_document,
+            split=Chunker(self._settings.chunking, self._settings.embedding).split,
         )
         for result in checked:
             if isinstance(result, RejectedDocument):
@@ -231,10 +279,10 @@ class _BatchReader:
     def _records(self) -> Iterator[tuple[str, Any]]:
         started = last_report = time.monotonic()
         read = 0
-        for location, tally in zip(self._locations, self._tallies, strict=True):
-            log.info("reading batch %s", location.describe())
+        for (name, records), tally in zip(self._sources, self._tallies, strict=True):
+            log.info("reading %s", name)
             self._current = tally
-            for record in read_batch(location):
+            for record in records():
                 tally.documents += 1
                 yield record
                 read += 1
@@ -313,7 +361,8 @@ def prepare_chunks(
                 f"version {ref['number']} takes the rows of version {source.number if source else '?'}"
             )
     to_embed = sum(batch["chunks"] for batch in batches)
-    _say_what_to_do(staged, to_embed, lost, len(batches), unfinished)
+    with _acknowledged_when_nothing_to_index(settings, run_key):
+        _say_what_to_do(staged, to_embed, lost, len(batches), unfinished)
     summary: PrepareSummary = {
         "run_key": run_key,
         "staged_chunks": staged,
@@ -647,7 +696,8 @@ def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> 
     A failing batch rolls back alone and the others go on; the task then fails so that its retry
     redoes what is missing (the merge is an upsert, so redoing a batch changes nothing). Chunks
     that re-indexed documents no longer have are deleted, and the run's staging tables dropped,
-    only once every batch is in.
+    only once every batch is in; then the changes of a followed table that the run read leave its
+    capture queue (:func:`capstone.table_source.acknowledge`).
     """
     run_key = str(aggregate["run_key"])
     with _connect(settings) as conn:
@@ -679,6 +729,7 @@ def upsert_vectors(settings: CollectionSettings, aggregate: EmbeddingTotals) -> 
                 ref = {**ref, "seeded": True}
         store.drop_run_staging(conn, run_key)
         total = store.count_vectors(conn, table)
+    _acknowledge_table_changes(settings, run_key)
     log.info(
         "upserted %d rows, deleted %d lost chunks; %s now holds %d vectors",
         upserted,

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKS",
+    "DEFAULT_CHUNK_CHARS",
+    "DEFAULT_CHUNK_TOKENS",
     "DEFAULT_CONNECTION_ID",
     "DEFAULT_MODELS",
     "DEFAULT_SEARCH_MODE",
@@ -39,6 +41,8 @@ __all__ = [
     "TEXT_SEARCH_COLUMN",
     "Backend",
     "Check",
+    "ChunkFormat",
+    "ChunkUnit",
     "ChunkingSettings",
     "CollectionSettings",
     "Device",
@@ -54,6 +58,7 @@ __all__ = [
     "SearchSettings",
     "SourceSettings",
     "StoreSettings",
+    "TableSourceSettings",
     "ValidationSettings",
     "VectorType",
     "embedding_fingerprint",
@@ -65,6 +70,11 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 # What runs a local model: torch (sentence-transformers) or ONNX Runtime; auto picks (see
 # capstone.embeddings.local_backend). Both give the same vectors, so it is not in the fingerprint.
 Backend = Literal["auto", "torch", "onnx"]
+ChunkUnit = Literal["auto", "tokens", "characters"]
+ChunkFormat = Literal["text", "markdown"]
+# chunking.size when the spec leaves it out, by what it counts.
+DEFAULT_CHUNK_TOKENS = 200
+DEFAULT_CHUNK_CHARS = 1000
 IndexType = Literal["hnsw", "ivfflat"]
 Metric = Literal["cosine", "l2", "inner_product"]
 VectorType = Literal["vector", "halfvec"]
@@ -107,17 +117,43 @@ MEMORY_SIZE = r"([1-9][0-9]{0,6})(kB|MB|GB)"
 
 
 @dataclass(frozen=True)
+class TableSourceSettings:
+    """``source.table``: a Postgres table the collection follows, row by row (one document per row).
+
+    ``connection_id`` is resolved (the store's when the spec leaves it out).
+    """
+
+    schema: str
+    table: str
+    id_column: str
+    content_column: str
+    metadata_columns: tuple[str, ...]
+    connection_id: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(frozen=True)
 class SourceSettings:
-    """``source``: where a run's batches come from when no event names one, and the reject guard."""
+    """``source``: where a run's batches come from when no event names one, the table the collection
+    follows (if any), and the reject guard."""
 
     default_location: str | None
     max_rejected_fraction: float
+    table: TableSourceSettings | None = None
 
 
 @dataclass(frozen=True)
 class ChunkingSettings:
-    """``chunking``: limits on the chunks the upstream pipeline produced."""
+    """``chunking``: how a document without chunks is split (``size`` and ``overlap`` in ``unit``s,
+    ``auto`` resolved), and the limits on every chunk."""
 
+    size: int
+    overlap: int
+    unit: Literal["tokens", "characters"]
+    format: ChunkFormat
     max_chunk_chars: int
     max_chunks_per_document: int
 

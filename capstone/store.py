@@ -940,6 +940,14 @@ def delete_lost_chunks(conn: psycopg.Connection, run_key: str, table: Collection
         return cursor.rowcount
 
 
+def document_ids(conn: psycopg.Connection, table: CollectionTable) -> list[str]:
+    """The ids of the documents ``table`` (or the view at its name) holds; none if it does not exist."""
+    if conn.execute("SELECT to_regclass(%s)", (table.ident.as_string(conn),)).fetchone() == (None,):
+        return []
+    query = sql.SQL("SELECT DISTINCT document_id FROM {}").format(table.ident)
+    return [row[0] for row in conn.execute(query)]
+
+
 def count_vectors(conn: psycopg.Connection, table: CollectionTable) -> int:
     """Rows of the collection that have an embedding."""
     row = conn.execute(

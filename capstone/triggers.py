@@ -1,24 +1,32 @@
-"""``VectorStoreIndexingTrigger``: builds a collection's indexes (vector and keyword) in Airflow's
-triggerer.
+"""The triggers of a collection's DAG, run in Airflow's triggerer.
 
-The triggerer imports this class by its path, ``capstone.triggers.VectorStoreIndexingTrigger``,
-from the installed package (never from the DAGs folder). The build itself lives in
-:mod:`capstone.index_build`, shared with the sensor's non-deferrable mode.
+* ``VectorStoreIndexingTrigger`` builds a collection's indexes (vector and keyword); the build
+  itself lives in :mod:`capstone.index_build`, shared with the sensor's non-deferrable mode.
+* ``TableChangesTrigger`` is the ``AssetWatcher`` trigger of a collection that follows a table: it
+  fires the collection's DAG when the table changed (:mod:`capstone.table_watch` decides when).
+
+The triggerer imports them by their paths (``capstone.triggers.<name>``) from the installed
+package, never from the DAGs folder.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
 from capstone.connections import ConnectionNotDefined, apostgres_params
 from capstone.contracts import IndexEvent
 from capstone.index_build import IndexParams, KeywordIndexParams, build_index
+from capstone.table_watch import ChangeWatch, listening, next_notification, read_state, read_states
 
-__all__ = ["VectorStoreIndexingTrigger"]
+__all__ = ["TableChangesTrigger", "VectorStoreIndexingTrigger"]
+
+log = logging.getLogger(__name__)
 
 
 def _index_kwargs(params: IndexParams) -> dict[str, Any]:
@@ -121,3 +129,142 @@ class VectorStoreIndexingTrigger(BaseTrigger):
                 f"be read in the triggerer ({type(exc).__name__}: {exc})"
             )
         return {"status": "error", "message": message, "terminal": isinstance(exc, ConnectionNotDefined)}
+
+
+# Seconds between reconnection attempts of a watcher whose database went away.
+RECONNECT_SECONDS = 5.0
+
+
+class TableChangesTrigger(BaseEventTrigger):
+    """Fire when the table a collection follows changed (an ``AssetWatcher``'s trigger).
+
+    It never ends: each event is one asset event, which queues one run of the collection's DAG;
+    that run takes every change queued when it starts. Several collections on one database share
+    one listening connection where Airflow runs shared streams (3.3 and later); on older Airflow
+    each trigger listens on a connection of its own.
+
+    :param collection: the collection whose capture queue is watched.
+    :param connection_id: Airflow connection of the followed table's database.
+    :param capture: the capture the spec asks for (:func:`capstone.table_watch.capture_fingerprint`):
+        another one installed (or none) fires a run, which installs it.
+    :param min_interval: least seconds between two events: a burst of commits coalesces.
+    :param check_every: seconds between looks at the queue without a notification.
+    """
+
+    def __init__(
+        self,
+        *,
+        collection: str,
+        connection_id: str,
+        capture: str,
+        min_interval: float = 1.0,
+        check_every: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.collection = collection
+        self.connection_id = connection_id
+        self.capture = capture
+        self.min_interval = float(min_interval)
+        self.check_every = float(check_every)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Class path and the keyword arguments that re-create this trigger in the triggerer."""
+        return (
+            "capstone.triggers.TableChangesTrigger",
+            {
+                "collection": self.collection,
+                "connection_id": self.connection_id,
+                "capture": self.capture,
+                "min_interval": self.min_interval,
+                "check_every": self.check_every,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Listen on a connection of its own (Airflow without shared streams); fire when due."""
+        watch = ChangeWatch(self.collection, self.capture, self.min_interval, self.check_every)
+        self.log.info("collection %s: watching the capture queue of its table", self.collection)
+        while True:
+            try:
+                params = await apostgres_params(self.connection_id)
+                async with listening(params, f"capstone watch {self.collection}") as (conn, notifications):
+                    while True:
+                        payload = watch.due(await read_state(conn, self.collection))
+                        if payload is not None:
+                            yield self._fire(payload)
+                        await asyncio.sleep(watch.wait_seconds())
+                        await next_notification(notifications, self.check_every)
+            except Exception as exc:  # the database or the connection's definition: try again, never end
+                self.log.warning(
+                    "collection %s: watching the capture queue failed (%s: %s); again in %gs",
+                    self.collection,
+                    type(exc).__name__,
+                    exc,
+                    RECONNECT_SECONDS,
+                )
+                await asyncio.sleep(RECONNECT_SECONDS)
+
+    def shared_stream_key(self) -> Hashable | None:
+        """Triggers of one database share its listening connection (Airflow 3.3 and later)."""
+        return ("capstone-table-changes", self.connection_id, self.check_every)
+
+    @classmethod
+    async def open_shared_stream(cls, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        """Listen once for every watched collection of the database. Yields ``(everyone, states)``:
+        the states of the collections notified (``everyone`` False), or of all collections every
+        ``check_every`` seconds and after each (re)connection (``everyone`` True: a collection
+        absent from it has no capture installed)."""
+        connection_id, check_every = kwargs["connection_id"], float(kwargs.get("check_every", 60.0))
+        while True:
+            try:
+                params = await apostgres_params(connection_id)
+                async with listening(params, "capstone watch") as (conn, notifications):
+                    log.info(
+                        "listening for table changes on %s (connection %s)", params.describe(), connection_id
+                    )
+                    yield True, await read_states(conn)
+                    while True:
+                        notified = await next_notification(notifications, check_every)
+                        log.info("table changes of %s", sorted(notified) or "(a regular look)")
+                        if notified:
+                            yield False, await read_states(conn, sorted(notified))
+                        else:
+                            yield True, await read_states(conn)
+            except Exception as exc:  # reconnect; the subscribers re-read every state when it is back
+                log.warning(
+                    "listening for table changes (connection %s) failed (%s: %s); again in %gs",
+                    connection_id,
+                    type(exc).__name__,
+                    exc,
+                    RECONNECT_SECONDS,
+                )
+                await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
+        """This collection's events, from the states the shared connection reads; it looks on its
+        own once first (a group it joins may not read every state for ``check_every`` seconds)."""
+        from capstone.table_watch import CaptureState
+
+        watch = ChangeWatch(self.collection, self.capture, self.min_interval, self.check_every)
+        self.log.info("collection %s: watching the capture queue of its table (shared)", self.collection)
+        try:
+            params = await apostgres_params(self.connection_id)
+            async with listening(params, f"capstone watch {self.collection}") as (conn, _):
+                first = await read_state(conn, self.collection)
+        except Exception as exc:  # the shared connection's readings follow
+            self.log.warning("collection %s: first look failed (%s)", self.collection, exc)
+        else:
+            if (payload := watch.due(first)) is not None:
+                yield self._fire(payload)
+        async for everyone, states in shared_stream:
+            self.log.debug("collection %s: states %s (everyone: %s)", self.collection, states, everyone)
+            if self.collection not in states and not everyone:
+                continue
+            payload = watch.due(states.get(self.collection, CaptureState(None, None, 0)))
+            if payload is not None:
+                yield self._fire(payload)
+                await asyncio.sleep(watch.wait_seconds())
+
+    def _fire(self, payload: dict[str, Any]) -> TriggerEvent:
+        self.log.info("collection %s: %s, a run is due", self.collection, payload["reason"])
+        return TriggerEvent(payload)

@@ -3,7 +3,8 @@
 One small function per task; the task bodies live in :mod:`capstone.pipeline` and
 :mod:`capstone.validation`, which know nothing of YAML or of this module.
 
-    Asset(<source>) -> load_enriched_documents -> prepare_chunks
+    Asset(<source>) [| Asset(<collection>.table_changes), watched by TableChangesTrigger]
+      -> load_enriched_documents -> prepare_chunks
       -> generate_embedding.expand(batch=...)   (pool, retries, exponential backoff)
       -> aggregate_embeddings -> batch_upsert_vectors -> wait_for_indexing (deferrable)
       -> validate_index_health -> publish_indexed_asset (outlet Asset(<collection>.indexed))
@@ -35,7 +36,7 @@ from capstone.settings import CollectionSettings
 from dag_factory.runtime import collection_settings
 from dag_factory.spec import CollectionSpec
 
-__all__ = ["TASK_IDS", "build_collection_dag"]
+__all__ = ["TASK_IDS", "build_collection_dag", "table_changes_asset"]
 
 # The tasks of every collection's DAG, in pipeline order.
 TASK_IDS = (
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 def build_collection_dag(spec: CollectionSpec, source_file: Path) -> DAG:
     """Build the collection's DAG; ``source_file`` is the YAML it came from (shown in the docs)."""
     settings = collection_settings(spec)
-    source, output = Asset(spec.source_asset), Asset(spec.output_asset_name)
+    output = Asset(spec.output_asset_name)
     default_args: dict[str, Any] = {
         "owner": spec.dag.owner,
         "retries": spec.dag.retries,
@@ -65,7 +66,7 @@ def build_collection_dag(spec: CollectionSpec, source_file: Path) -> DAG:
     with DAG(
         dag_id=spec.collection,
         description=spec.description or f"Index {spec.source_asset} into {settings.store_table.qualified}",
-        schedule=source,
+        schedule=_schedule(spec, settings),
         catchup=False,
         max_active_runs=spec.dag.max_active_runs,
         tags=sorted({*spec.dag.tags, "capstone"}),
@@ -86,6 +87,32 @@ def build_collection_dag(spec: CollectionSpec, source_file: Path) -> DAG:
     return dag
 
 
+def _schedule(spec: CollectionSpec, settings: CollectionSettings) -> Any:
+    """The upstream asset; or'd, for a collection that follows a table, with an asset whose
+    ``AssetWatcher`` fires when the table changed (``<collection>.table_changes``)."""
+    upstream = Asset(spec.source_asset)
+    followed = settings.source.table
+    if followed is None:
+        return upstream
+    from airflow.sdk import AssetWatcher
+
+    from capstone.table_watch import capture_fingerprint
+    from capstone.triggers import TableChangesTrigger
+
+    trigger = TableChangesTrigger(
+        collection=spec.collection,
+        connection_id=followed.connection_id,
+        capture=capture_fingerprint(followed),
+    )
+    watcher = AssetWatcher(name=f"{spec.collection}_table_changes", trigger=trigger)
+    return upstream | Asset(table_changes_asset(spec.collection), watchers=[watcher])
+
+
+def table_changes_asset(collection: str) -> str:
+    """The asset a followed table's changes are events of."""
+    return f"{collection}.table_changes"
+
+
 def _doc(spec: CollectionSpec, source_file: Path) -> str:
     return (
         f"Generated from `{source_file.name}` by dag_factory.\n\n"
@@ -103,16 +130,23 @@ def _run_key() -> str:
 
 
 def _batch_locations(settings: CollectionSettings) -> list[Any]:
-    """Batches named by the triggering asset events (newest first), a manual run's conf, or the default."""
+    """Batches named by the triggering asset events (newest first), a manual run's conf, or the default
+    (none for a collection that follows a table: the run reads the table's changes)."""
     from capstone.documents import BatchLocation
 
     context = get_current_context()
-    events = [event for group in context["triggering_asset_events"].values() for event in group]
+    changes = table_changes_asset(settings.collection)  # its events name no batch: the run reads the table
+    events = [
+        event
+        for group in context["triggering_asset_events"].values()
+        for event in group
+        if event.asset.name != changes
+    ]
     events.sort(key=lambda event: event.timestamp, reverse=True)
     extras: list[dict[str, Any]] = [dict(event.extra or {}) for event in events]
     conf = context["dag_run"].conf or {}
     extras += list(conf.get("batches", []))
-    if not extras and settings.source.default_location:
+    if not extras and settings.source.default_location and settings.source.table is None:
         extras.append({"format": "jsonl", "path": settings.source.default_location})
     return [BatchLocation.from_extra(extra) for extra in extras]
 

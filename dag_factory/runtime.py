@@ -2,15 +2,18 @@
 
 Every default and bound lives in :mod:`dag_factory.spec`; this only resolves what the spec leaves
 implicit (the provider's default model and dimension, the table's default name, normalisation
-from the metric) and copies each section into its frozen :mod:`capstone.settings` twin.
+from the metric, what chunk sizes count) and copies each section into its frozen
+:mod:`capstone.settings` twin.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from capstone.settings import (
+    DEFAULT_CHUNK_CHARS,
+    DEFAULT_CHUNK_TOKENS,
     ChunkingSettings,
     CollectionSettings,
     EmbeddingSettings,
@@ -19,6 +22,7 @@ from capstone.settings import (
     SearchSettings,
     SourceSettings,
     StoreSettings,
+    TableSourceSettings,
     ValidationSettings,
 )
 from dag_factory.spec import CollectionSpec
@@ -40,11 +44,9 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
         source=SourceSettings(
             default_location=spec.source.default_location,
             max_rejected_fraction=spec.source.max_rejected_fraction,
+            table=_table_source(spec),
         ),
-        chunking=ChunkingSettings(
-            max_chunk_chars=spec.chunking.max_chunk_chars,
-            max_chunks_per_document=spec.chunking.max_chunks_per_document,
-        ),
+        chunking=_chunking(spec),
         embedding=EmbeddingSettings(
             provider=embedding.provider,
             model=embedding.model_name,
@@ -88,4 +90,39 @@ def collection_settings(spec: CollectionSpec) -> CollectionSettings:
             query_checks_changed_fraction=validation.query_checks_changed_fraction,
         ),
         search=SearchSettings(**spec.search.model_dump()),
+    )
+
+
+def _chunking(spec: CollectionSpec) -> ChunkingSettings:
+    """``chunking`` with ``unit: auto`` and the default ``size`` resolved: tokens of the embedding
+    model, characters for the ``hash`` provider (it has no tokenizer)."""
+    chunking = spec.chunking
+    unit: Literal["tokens", "characters"]
+    if chunking.unit == "auto":
+        unit = "characters" if spec.embedding.provider == "hash" else "tokens"
+    else:
+        unit = chunking.unit
+    default_size = DEFAULT_CHUNK_TOKENS if unit == "tokens" else DEFAULT_CHUNK_CHARS
+    return ChunkingSettings(
+        size=chunking.size or default_size,
+        overlap=chunking.overlap,
+        unit=unit,
+        format=chunking.format,
+        max_chunk_chars=chunking.max_chunk_chars,
+        max_chunks_per_document=chunking.max_chunks_per_document,
+    )
+
+
+def _table_source(spec: CollectionSpec) -> TableSourceSettings | None:
+    followed = spec.source.table
+    if followed is None:
+        return None
+    schema, table = followed.schema_and_table
+    return TableSourceSettings(
+        schema=schema,
+        table=table,
+        id_column=followed.id,
+        content_column=followed.content,
+        metadata_columns=tuple(followed.metadata),
+        connection_id=followed.connection_id or spec.store.connection_id,
     )

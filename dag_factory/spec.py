@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from capstone.settings import (
+    DEFAULT_CHUNK_CHARS,
+    DEFAULT_CHUNK_TOKENS,
     DEFAULT_CONNECTION_ID,
     DEFAULT_MODELS,
     DEFAULT_SEARCH_MODE,
@@ -25,6 +27,8 @@ from capstone.settings import (
     MEMORY_SIZE,
     Backend,
     Check,
+    ChunkFormat,
+    ChunkUnit,
     Device,
     IndexType,
     Metric,
@@ -85,8 +89,54 @@ def _asset(value: str | None) -> str | None:
     return value
 
 
+class TableSourceSpec(_Model):
+    """A Postgres table the collection follows: one document per row, every insert, update and
+    delete captured by triggers the first run installs (see capstone.table_source)."""
+
+    name: str = Field(description="The table, as 'schema.table' (or 'table', in public).")
+    id: str = Field(default="id", description="Column whose value is the document id (a key).")
+    content: str = Field(default="content", description="Text column chunked into the document's chunks.")
+    metadata: list[str] = Field(
+        default_factory=list, description="Columns stored as the chunks' metadata (JSON), by name."
+    )
+    connection_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=250,
+        description="Airflow connection of the table's database; default: store.connection_id.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _table_name(cls, value: str) -> str:
+        for part in value.split(".", 1):
+            _identifier(part)
+        return value
+
+    @field_validator("id", "content")
+    @classmethod
+    def _column(cls, value: str) -> str:
+        return _identifier(value)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_columns(cls, value: list[str]) -> list[str]:
+        for column in value:
+            _identifier(column)
+        repeated = sorted({column for column in value if value.count(column) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(repeated)} more than once")
+        return value
+
+    @property
+    def schema_and_table(self) -> tuple[str, str]:
+        schema, _, table = self.name.rpartition(".")
+        return schema or "public", table
+
+
 class SourceSpec(_Model):
-    """Where the collection's enriched documents come from."""
+    """Where the collection's enriched documents come from: batches an upstream pipeline announces
+    through its asset, and (or) a table the collection follows."""
 
     asset: str | None = Field(
         default=None,
@@ -95,6 +145,10 @@ class SourceSpec(_Model):
     default_location: str | None = Field(
         default=None,
         description="JSONL file read when a run has no triggering asset event (e.g. a manual run).",
+    )
+    table: TableSourceSpec | None = Field(
+        default=None,
+        description="A Postgres table to follow: its changes reach the collection within seconds.",
     )
     max_rejected_fraction: float = Field(
         default=0.5,
@@ -111,8 +165,32 @@ class SourceSpec(_Model):
 
 
 class ChunkingSpec(_Model):
-    """Limits applied to the chunks the upstream pipeline produced."""
+    """How a document that arrives without ``chunks`` is split from its ``content``, and the limits
+    every chunk (given or split) must keep."""
 
+    size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Largest chunk, in `unit`s; default 200 tokens (all-MiniLM-L6-v2 reads 256) or 1000 "
+        "characters.",
+    )
+    overlap: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="`unit`s a chunk repeats from the end of the one before it; less than `size`.",
+    )
+    unit: ChunkUnit = Field(
+        default="auto",
+        description="What `size` counts: the embedding model's tokens (the local model's own tokenizer, "
+        "tiktoken's for OpenAI models) or characters; auto: tokens, characters for the hash provider.",
+    )
+    format: ChunkFormat = Field(
+        default="text",
+        description="text: split at paragraphs, then lines, sentences, words; markdown: at headings and "
+        "blocks first.",
+    )
     max_chunk_chars: int = Field(
         default=8000,
         ge=1,
@@ -120,6 +198,13 @@ class ChunkingSpec(_Model):
         description="A chunk longer than this is set aside with a reason instead of being embedded.",
     )
     max_chunks_per_document: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingSpec:
+        size = self.size or (DEFAULT_CHUNK_CHARS if self.unit == "characters" else DEFAULT_CHUNK_TOKENS)
+        if self.overlap >= size:
+            raise InvalidField("overlap", f"must be less than size ({size}), got {self.overlap}")
+        return self
 
 
 # Embedding options that mean something to one provider only: set for another, they are an error.
@@ -527,6 +612,12 @@ class CollectionSpec(_Model):
                 "store.vector_type",
                 f"pgvector indexes 'vector' columns of at most {MAX_INDEXED_DIMENSION} dimensions and "
                 f"embedding.dimension is {dimension}: use 'halfvec' (or 'auto', which picks it)",
+            )
+        if self.chunking.unit == "tokens" and self.embedding.provider == "hash":
+            raise InvalidField(
+                "chunking.unit",
+                "the hash provider has no tokenizer to count tokens with: use `unit: characters` "
+                "(or leave `unit` out)",
             )
         if self.source_asset == self.output_asset_name:
             raise InvalidField(

@@ -324,10 +324,7 @@ class AirflowStack:
         self.service_logs.mkdir(parents=True, exist_ok=True)
         env = self.environment()
         for name in SERVICES:
-            args = [sys.executable, "-m", "airflow", name]
-            if name == "api-server":
-                args += ["--port", str(self.api_port), "--host", "127.0.0.1"]
-            self._spawn(name, args, env, cwd=ROOT)
+            self._spawn(name, self._service_args(name), env, cwd=ROOT)
         if self.distributed:
             for name in self.workers:
                 self.start_worker(name)
@@ -335,6 +332,18 @@ class AirflowStack:
         self.wait_healthy()
         if self.distributed:
             self.wait_workers_ready()
+
+    def _service_args(self, name: str) -> list[str]:
+        args = [sys.executable, "-m", "airflow", name]
+        if name == "api-server":
+            args += ["--port", str(self.api_port), "--host", "127.0.0.1"]
+        return args
+
+    def restart_service(self, name: str) -> None:
+        """Start service ``name`` (one of :data:`SERVICES`) again, after :meth:`kill` stopped it."""
+        self.stopped.discard(name)
+        self._spawn(name, self._service_args(name), self.environment(), cwd=ROOT)
+        self._record_pids()
 
     def start_worker(self, name: str) -> None:
         """Start Celery worker ``name`` as a host of its own (see :meth:`worker_environment`)."""

@@ -139,13 +139,22 @@ VALID_TABLE = [
     ),
     _valid("pg-good-2", emoji="🧭", quote='he said "hi"; DROP TABLE x; --'),
     {**_valid("pg-good-3"), "metadata": None},
+    # Sent whole (NULL chunks): chunked by the collection's spec, one chunk as short as this.
+    {
+        "id": "pg-whole",
+        "content": "pg-whole arrives unchunked",
+        "chunks": ["pg-whole arrives unchunked"],
+        "metadata": {},
+    },
 ]
+# Rows of VALID_TABLE written with NULL chunks.
+WHOLE = {"pg-whole"}
 
 # (id, content, chunks, metadata) rows of the Postgres batch, the id rejected and the reason
 BAD_TABLE: list[tuple[tuple[Any, Any, Any, Any], str | None, str]] = [
     ((None, "x", ["x"], {}), None, "missing or invalid 'id'"),
     (("pg-null-content", None, ["x"], {}), "pg-null-content", "'content' is missing or empty"),
-    (("pg-null-chunks", "x", None, {}), "pg-null-chunks", "'chunks' must be a non-empty list"),
+    (("pg-null-chunks", " ", None, {}), "pg-null-chunks", "'content' is missing or empty"),
     (("pg-object-chunks", "x", {"0": "x"}, {}), "pg-object-chunks", "'chunks' must be a non-empty list"),
     (("pg-number-chunk", "x", ["x", 1.5], {}), "pg-number-chunk", "chunk 1 is a float"),
     (("pg-list-metadata", "x", ["x"], [1, 2]), "pg-list-metadata", "'metadata' must be a JSON object"),
@@ -158,7 +167,9 @@ BAD_TABLE: list[tuple[tuple[Any, Any, Any, Any], str | None, str]] = [
 def _postgres_batch(dsn: str, schema: str) -> dict[str, Any]:
     """The enrichment step's Postgres table, holding one batch: valid rows and bad ones."""
     table = sql.Identifier(schema, "enriched")
-    rows = [(d["id"], d["content"], d["chunks"], d["metadata"]) for d in VALID_TABLE]
+    rows = [
+        (d["id"], d["content"], None if d["id"] in WHOLE else d["chunks"], d["metadata"]) for d in VALID_TABLE
+    ]
     rows += [row for row, _id, _reason in BAD_TABLE]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
