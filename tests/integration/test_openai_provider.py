@@ -173,21 +173,23 @@ def test_the_fake_answers_base64_which_the_client_asks_for_by_default(fake_opena
     np.testing.assert_allclose(decoded, fake_openai.vectors(["alpha beta", "gamma"], DIMENSION), atol=1e-6)
 
 
-def test_concurrent_requests_make_a_slow_api_at_least_3x_faster(fake_openai: FakeOpenAIServer) -> None:
-    fake_openai.latency = 0.1  # a real API's round trip
+def test_requests_go_out_up_to_max_concurrent_requests_at_once(fake_openai: FakeOpenAIServer) -> None:
+    # What the client does, seen at the server (calls in flight), not how long it took: timings on a
+    # shared machine drift, and belong in benchmarks/.
+    fake_openai.latency = 0.1  # a real API's round trip: calls overlap if the client lets them
     texts = _texts(2000)
-    seconds = {}
+    peaks = {}
     for concurrent in (1, 4):
-        started = time.monotonic()
+        fake_openai.peak_in_flight = 0
         vectors = _embedder(fake_openai, request_batch_size=25, max_concurrent_requests=concurrent).embed(
             texts
         )
-        seconds[concurrent] = time.monotonic() - started
+        peaks[concurrent] = fake_openai.peak_in_flight
         np.testing.assert_allclose(vectors, fake_openai.vectors(texts, DIMENSION), atol=1e-6)
 
     requests = fake_openai.embedding_requests()
     assert len(requests) == 2 * 80 and {r.status for r in requests} == {200}
-    assert seconds[1] >= 3 * seconds[4], seconds
+    assert peaks == {1: 1, 4: 4}, peaks
 
 
 def test_requests_stay_within_the_token_budget_and_every_text_comes_back_in_place(

@@ -107,7 +107,7 @@ def test_fires_for_a_missing_capture_then_for_each_burst_of_changes(
             started = time.monotonic()
             second = await events.next(timeout=20)
             assert second["reason"] == "changes queued"
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 15  # woken by the NOTIFY, not by the 30 s look at the queue
             await events.none_within(1.0)  # a burst of two commits: one event
 
             await asyncio.to_thread(_update, pg_dsn, pg_schema, "changed again")

@@ -4,7 +4,8 @@ It speaks ``POST /v1/embeddings`` as the real API does (float or base64 vectors,
 input, 401 without the right bearer key, 400 on an empty input, more than 2048 inputs or, when
 ``max_input_tokens`` is set, an input longer than that many tokens (words, here), or when
 ``max_request_tokens`` is set, more tokens than that summed over the request), waits
-``latency`` seconds before each answer when set (a real API's round trip), answers
+``latency`` seconds before each answer when set (a real API's round trip; ``peak_in_flight`` is
+the most calls it held at once), answers
 with the hash embedder's vectors (deterministic, so a test can compute the expected result), and
 follows a fault plan: fail the next calls with 429 + Retry-After, 500 or a hang past the client's
 timeout, or fail a seeded random fraction of calls. Every call is recorded.
@@ -86,6 +87,8 @@ class FakeOpenAIServer:
         self.max_request_tokens: int | None = None  # tokens summed over one request; None: no limit
         self.latency = 0.0  # seconds each answer takes
         self.requests: list[RecordedRequest] = []
+        self.peak_in_flight = 0  # the most embedding calls the server held at once
+        self._in_flight = 0
         self._faults: collections.deque[Fault] = collections.deque()
         self._failure_rate = 0.0
         self._random_fault = Fault("500")
@@ -151,6 +154,18 @@ class FakeOpenAIServer:
         with self._lock:
             self.requests.append(request)
 
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count one embedding call as in flight while it is answered (``peak_in_flight``)."""
+        with self._lock:
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
     def hang(self, seconds: float) -> None:
         """Hold a call for ``seconds`` (or until the server stops)."""
         self._stopping.wait(seconds)
@@ -205,6 +220,10 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
             "dimensions": request.get("dimensions"),
             "encoding_format": request.get("encoding_format"),
         }
+        with self.fake.answering():
+            self._answer_request(request, inputs, recorded)
+
+    def _answer_request(self, request: dict[str, Any], inputs: list[str], recorded: dict[str, Any]) -> None:
         if self.fake.latency:
             self.fake.hang(self.fake.latency)
         fault = self.fake.next_fault()
