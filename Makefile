@@ -12,7 +12,7 @@ export EXECUTOR
 CAPSTONE_MODEL_CACHE ?= $(CURDIR)/.data/models
 export CAPSTONE_MODEL_CACHE
 
-.PHONY: test test-distributed test-package test-lowest test-fast lint typecheck demo up down validate schema clean db-stop
+.PHONY: test test-distributed test-package test-lowest test-fast lint typecheck demo demo-table up down validate schema clean db-stop
 
 # pyproject.toml declares ranges (the package installs into a team's own Airflow); our own installs
 # take the exact versions of constraints.txt, so that every machine and CI run the same set.
@@ -83,6 +83,11 @@ test-fast: $(VENV)/.installed-local
 demo: $(VENV)/.installed-local
 	$(PY) -m dag_factory validate configs/
 	$(PY) -m dag_factory.local.demo
+
+## make demo-table: a collection that follows a table of an application: the first run by itself,
+## then a row rewritten -> found by a search within seconds, a row deleted and one inserted (~3 min)
+demo-table: $(VENV)/.installed-local
+	$(PY) -m dag_factory.local.demo_table
 
 ## make up: like demo, then leave Airflow running for the UI; make down stops it
 up: $(VENV)/.installed-local

@@ -47,6 +47,7 @@ __all__ = [
     "TableChanges",
     "acknowledge",
     "install_capture",
+    "remove_capture",
 ]
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,27 @@ def _drop_triggers(conn: psycopg.Connection, collection: str, qualified: str) ->
         conn.execute(
             sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(names[trigger], sql.Identifier(schema, table))
         )
+
+
+def remove_capture(conn: psycopg.Connection, collection: str) -> bool:
+    """Stop capturing for ``collection``: drop its triggers and functions, its queued changes and its
+    catalog row (a collection that no longer follows a table, or a test's clean slate). The next
+    run that follows a table installs a new capture and reads it whole. Returns whether there was one.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('capstone.table_sources'))")
+        if conn.execute("SELECT to_regclass('capstone.table_sources')").fetchone() == (None,):
+            return False
+        row = conn.execute(
+            "DELETE FROM capstone.table_sources WHERE collection = %s RETURNING source", (collection,)
+        ).fetchone()
+        conn.execute("DELETE FROM capstone.source_changes WHERE collection = %s", (collection,))
+        if row is not None:
+            _drop_triggers(conn, collection, row[0])
+        names = _names(collection)
+        for function in ("function", "truncate_function"):
+            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(names[function]))
+    return row is not None
 
 
 # -- reading --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 from dag_factory.local.api import AirflowApi
 from dag_factory.local.stack import EXECUTORS, SERVICES, AirflowStack
 
-__all__ = ["main"]
+__all__ = ["main", "print_report", "print_stage_table", "wait_for_run"]
 
 # (query, filter): one search in the collection's default mode (hybrid), one filtered by metadata.
 SEARCHES: tuple[tuple[str, dict[str, Any] | None], ...] = (
@@ -76,7 +76,7 @@ def _progress_line(stages: dict[str, dict[str, Any]]) -> str:
     return f"{finished}/{len(stages)} stages done" + (f", now: {current}" if current else "")
 
 
-def _wait_for_run(api: AirflowApi, dag_id: str, after: set[str], timeout: float) -> dict[str, Any]:
+def wait_for_run(api: AirflowApi, dag_id: str, after: set[str], timeout: float) -> dict[str, Any]:
     """Follow the first new run of ``dag_id``, printing each change of progress."""
     deadline, last = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
@@ -93,7 +93,7 @@ def _wait_for_run(api: AirflowApi, dag_id: str, after: set[str], timeout: float)
     raise TimeoutError(f"no finished {dag_id} run within {timeout:.0f}s")
 
 
-def _print_stage_table(tis: list[dict[str, Any]]) -> None:
+def print_stage_table(tis: list[dict[str, Any]]) -> None:
     print(f"\n  {'stage':26} {'tasks':>5}  {'states':22} {'wall s':>7} {'task s':>7}")
     for task_id, stage in _stages(tis).items():
         states = ", ".join(f"{n} {state}" for state, n in stage["states"].items())
@@ -102,7 +102,7 @@ def _print_stage_table(tis: list[dict[str, Any]]) -> None:
         )
 
 
-def _print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
+def print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
     loaded = api.xcom(dag_id, run_id, "load_enriched_documents")
     upserted = api.xcom(dag_id, run_id, "batch_upsert_vectors")
     aggregated = api.xcom(dag_id, run_id, "aggregate_embeddings")
@@ -130,7 +130,7 @@ def _print_report(api: AirflowApi, dag_id: str, run_id: str) -> None:
         for key, value in events[0]["extra"].items():
             print(f"  {key:22} {value}")
     else:
-        print("\n  no documents.indexed event for this run (nothing new to publish)")
+        print(f"\n  no {dag_id}.indexed event for this run (nothing new to publish)")
 
 
 def _print_searches(collection: str, dsn: str) -> None:
@@ -178,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         before = {run["dag_run_id"] for run in api.runs("documents")}
         upstream = api.trigger("enrich_documents")
         print(f"\ntriggered enrich_documents ({upstream['dag_run_id']}); following the asset-triggered run:")
-        run = _wait_for_run(api, "documents", before, args.timeout)
+        run = wait_for_run(api, "documents", before, args.timeout)
         print(f"\ndocuments run {run['dag_run_id']} ({run['run_type']}): {run['state']}")
-        _print_stage_table(api.task_instances("documents", run["dag_run_id"]))
-        _print_report(api, "documents", run["dag_run_id"])
+        print_stage_table(api.task_instances("documents", run["dag_run_id"]))
+        print_report(api, "documents", run["dag_run_id"])
         if run["state"] == "success":
             _print_searches("documents", stack.postgres_uri())
         if args.keep_running:

@@ -16,13 +16,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from capstone.chunking import Chunker
+from capstone.table_source import remove_capture
 from dag_factory.loader import load_collection
 from dag_factory.local.api import AirflowApi
 from dag_factory.local.stack import AirflowStack
 from dag_factory.runtime import collection_settings
 from tests.support.stacks import AIRFLOW_MINOR, ROOT, TEST_DATABASE
-from tests.support.tables import assert_table_holds_exactly
+from tests.support.tables import assert_table_holds_exactly, table_documents
 
 pytestmark = pytest.mark.e2e
 
@@ -44,20 +44,14 @@ def stack(pg_dsn: str) -> Iterator[AirflowStack]:
     assert stack.postgres_uri() == pg_dsn
     shutil.rmtree(stack.home, ignore_errors=True)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        remove_capture(conn, DAG_ID)  # an earlier session's
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
-        if _exists(conn, "capstone.table_sources"):  # an earlier session's capture of the dropped table
-            conn.execute("DELETE FROM capstone.table_sources WHERE collection = %s", (DAG_ID,))
-            conn.execute("DELETE FROM capstone.source_changes WHERE collection = %s", (DAG_ID,))
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
         conn.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, body text, title text)").format(TABLE))
         _write(conn, [(i, _body(i, 0), f"title {i}") for i in range(5)])
     stack.drop_metadata_db()
     with stack as running:
         yield running
-
-
-def _exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone() == (True,)
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +75,7 @@ def _write(conn: psycopg.Connection, rows: list[tuple[int, str, str]]) -> None:
 
 
 def _expected(dsn: str) -> list[dict[str, Any]]:
-    settings = collection_settings(load_collection(CONFIGS / "articles.yaml"))
-    chunker = Chunker(settings.chunking, settings.embedding)
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            sql.SQL("SELECT id::text, body, title FROM {} ORDER BY id").format(TABLE)
-        ).fetchall()
-    return [
-        {"id": i, "content": body, "chunks": chunker.split(body), "metadata": {"title": title}}
-        for i, body, title in rows
-    ]
+    return table_documents(dsn, TABLE, collection_settings(load_collection(CONFIGS / "articles.yaml")))
 
 
 def _wait_until_indexed(dsn: str, timeout: float = 120.0) -> None:

@@ -10,13 +10,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from capstone.chunking import Chunker
 from capstone.pipeline import load_documents, run_key_for
 from capstone.settings import CollectionSettings
 from capstone.table_source import CaptureRefused, SourceTableInvalid
 from tests.support.pipeline import run_pipeline, run_until_upsert
 from tests.support.settings import collection_settings
-from tests.support.tables import assert_table_holds_exactly
+from tests.support.tables import assert_table_holds_exactly, table_documents
 
 
 @pytest.fixture
@@ -50,20 +49,6 @@ def _settings(schema: str, **source: Any) -> CollectionSettings:
     )
 
 
-def _expected(dsn: str, settings: CollectionSettings, table: sql.Identifier) -> list[dict[str, Any]]:
-    """The documents the collection must hold: one per row of the table, chunked as the spec says."""
-    chunker = Chunker(settings.chunking, settings.embedding)
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            sql.SQL("SELECT id::text, body, title FROM {} ORDER BY id").format(table)
-        ).fetchall()
-    return [
-        {"id": doc_id, "content": body, "chunks": chunker.split(body), "metadata": {"title": title}}
-        for doc_id, body, title in rows
-        if body
-    ]
-
-
 def _run(settings: CollectionSettings, name: str) -> dict[str, Any] | None:
     totals = run_until_upsert(settings, run_key_for(settings.collection, name), [])
     if totals is None:
@@ -86,7 +71,12 @@ def test_inserts_updates_and_deletes_reach_the_collection_exactly(
     first = run_pipeline(settings, run_key_for(settings.collection, "1"), [])
     assert first["upserted"] == 6  # three rows, two paragraphs each
     assert_table_holds_exactly(
-        pg_dsn, pg_schema, "collection", _expected(pg_dsn, settings, articles), model="hash-v1", dimension=32
+        pg_dsn,
+        pg_schema,
+        "collection",
+        table_documents(pg_dsn, articles, settings),
+        model="hash-v1",
+        dimension=32,
     )
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("INSERT INTO {} VALUES (7, 'A new article.', 'new', 0)").format(articles))
@@ -98,7 +88,12 @@ def test_inserts_updates_and_deletes_reach_the_collection_exactly(
 
     assert (second["upserted"], second["deleted"]) == (2, 2 + 1)  # 7 and 1 in; 2 and 1's 2nd chunk out
     assert_table_holds_exactly(
-        pg_dsn, pg_schema, "collection", _expected(pg_dsn, settings, articles), model="hash-v1", dimension=32
+        pg_dsn,
+        pg_schema,
+        "collection",
+        table_documents(pg_dsn, articles, settings),
+        model="hash-v1",
+        dimension=32,
     )
     assert _queued(pg_dsn, settings.collection) == 0
 
@@ -131,7 +126,12 @@ def test_changes_claimed_by_a_run_that_failed_are_read_again(
 
     assert third["upserted"] == 2
     assert_table_holds_exactly(
-        pg_dsn, pg_schema, "collection", _expected(pg_dsn, settings, articles), model="hash-v1", dimension=32
+        pg_dsn,
+        pg_schema,
+        "collection",
+        table_documents(pg_dsn, articles, settings),
+        model="hash-v1",
+        dimension=32,
     )
     assert _queued(pg_dsn, settings.collection) == 0
 
@@ -169,7 +169,12 @@ def test_a_truncated_table_empties_the_collection(
 
     assert result["deleted"] == 6
     assert_table_holds_exactly(
-        pg_dsn, pg_schema, "collection", _expected(pg_dsn, settings, articles), model="hash-v1", dimension=32
+        pg_dsn,
+        pg_schema,
+        "collection",
+        table_documents(pg_dsn, articles, settings),
+        model="hash-v1",
+        dimension=32,
     )
 
 

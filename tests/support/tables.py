@@ -14,6 +14,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from capstone.embeddings.hashing import HashEmbedder
+from capstone.settings import CollectionSettings
 from capstone.store import stored_vector
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "expected_chunks",
     "jsonl_batch",
     "stored_chunks",
+    "table_documents",
 ]
 
 
@@ -111,3 +113,19 @@ def drop_test_schema(dsn: str, schema: str) -> None:
                     ),
                     (schema,),
                 )
+
+
+def table_documents(dsn: str, table: sql.Identifier, settings: CollectionSettings) -> list[dict[str, Any]]:
+    """The documents a collection following ``table`` (``id, body, title``) must hold: one per row
+    with text, chunked as its spec says, ``title`` as metadata."""
+    from capstone.chunking import Chunker
+
+    chunker = Chunker(settings.chunking, settings.embedding)
+    with psycopg.connect(dsn) as conn:
+        query = sql.SQL("SELECT id::text, body, title FROM {} ORDER BY id").format(table)
+        rows = conn.execute(query).fetchall()
+    return [
+        {"id": doc_id, "content": body, "chunks": chunker.split(body), "metadata": {"title": title}}
+        for doc_id, body, title in rows
+        if body and body.strip()
+    ]

@@ -157,6 +157,26 @@ def test_example_configs_pass_the_json_schema(path: Path) -> None:
     assert [error.message for error in validator.iter_errors(yaml.safe_load(text))] == []
 
 
+# Collection files outside configs/: the table demo's and the table e2e test's.
+OTHER_CONFIGS = [
+    REPO_ROOT / "dag_factory" / "local" / "table_demo" / "articles.yaml",
+    REPO_ROOT / "tests" / "e2e" / "table_configs" / "articles.yaml",
+]
+
+
+@pytest.mark.parametrize("path", OTHER_CONFIGS, ids=lambda p: p.parent.name)
+def test_the_other_collection_files_are_valid_and_pass_the_json_schema(path: Path) -> None:
+    result = run("validate", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = path.read_text(encoding="utf-8")
+    reference = "# yaml-language-server: $schema="
+    assert text.startswith(reference)
+    schema_path = (path.parent / text.splitlines()[0].removeprefix(reference)).resolve()
+    assert schema_path == SCHEMA_FILE
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text(encoding="utf-8")))
+    assert [error.message for error in validator.iter_errors(yaml.safe_load(text))] == []
+
+
 def test_json_schema_catches_what_editors_should_flag() -> None:
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text(encoding="utf-8")))
     document = yaml.safe_load(
