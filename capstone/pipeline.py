@@ -53,7 +53,7 @@ from capstone.documents import (
 from capstone.embeddings.base import Embedder
 from capstone.errors import TerminalError, is_terminal
 from capstone.settings import CollectionSettings
-from capstone.table_source import TableChanges, acknowledge
+from capstone.table_source import TableChanges, WatermarkChanges, acknowledge, acknowledge_watermark
 
 __all__ = [
     "MassDeleteRefused",
@@ -181,13 +181,22 @@ def _table_changes(settings: CollectionSettings, run_key: str) -> TableChanges |
         with _connect(settings) as conn:
             return store.document_ids(conn, settings.store_table)
 
+    if followed.updated_at_column is not None:
+        store_connection = settings.store.connection_id
+        return WatermarkChanges(settings.collection, followed, run_key, indexed_ids, store_connection)
     return TableChanges(settings.collection, followed, run_key, indexed_ids)
 
 
 def _acknowledge_table_changes(settings: CollectionSettings, run_key: str) -> None:
-    """The run's writes committed: the table changes it read leave the capture queue."""
-    if settings.source.table is not None:
-        acknowledge(settings.collection, settings.source.table, run_key)
+    """The run's writes committed: the table changes it read leave the capture queue (or, for a
+    table followed by updated_at, the mark it read becomes current)."""
+    followed = settings.source.table
+    if followed is None:
+        return
+    if followed.updated_at_column is not None:
+        acknowledge_watermark(settings.collection, settings.store.connection_id, run_key)
+    else:
+        acknowledge(settings.collection, followed, run_key)
 
 
 @contextlib.contextmanager

@@ -120,7 +120,9 @@ MEMORY_SIZE = r"([1-9][0-9]{0,6})(kB|MB|GB)"
 class TableSourceSettings:
     """``source.table``: a Postgres table the collection follows, row by row (one document per row).
 
-    ``connection_id`` is resolved (the store's when the spec leaves it out).
+    ``connection_id`` is resolved (the store's when the spec leaves it out). ``updated_at_column``
+    set: the table is followed without triggers (:data:`capture_mode` ``watermark``), polled every
+    ``poll_seconds``, each run re-reading ``lookback_seconds`` before the last mark.
     """
 
     schema: str
@@ -129,10 +131,18 @@ class TableSourceSettings:
     content_column: str
     metadata_columns: tuple[str, ...]
     connection_id: str
+    updated_at_column: str | None = None
+    lookback_seconds: float = 300.0
+    poll_seconds: float = 30.0
 
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.table}"
+
+    @property
+    def capture_mode(self) -> str:
+        """``triggers`` (a capture queue the table's triggers write) or ``watermark`` (updated_at)."""
+        return "triggers" if self.updated_at_column is None else "watermark"
 
 
 @dataclass(frozen=True)

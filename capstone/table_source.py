@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
@@ -45,7 +46,9 @@ __all__ = [
     "CaptureRefused",
     "SourceTableInvalid",
     "TableChanges",
+    "WatermarkChanges",
     "acknowledge",
+    "acknowledge_watermark",
     "install_capture",
     "remove_capture",
 ]
@@ -56,6 +59,13 @@ log = logging.getLogger(__name__)
 READ_IDS_PER_QUERY = 5000
 # Text types a content column may have: anything else is refused when the capture is installed.
 _TEXT_TYPES = ("text", "character varying", "character", "citext", "name")
+# The other way, for refusals of the capture.
+_WITHOUT_TRIGGERS = (
+    "; or, where no trigger may be created on it, follow it by a column the application sets on "
+    "every insert and update: source.table.updated_at (see README, Follow a table)"
+)
+# Types an updated_at column may have (following a table without triggers).
+_TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
 _SCHEMA_DDL = """
 CREATE SCHEMA IF NOT EXISTS capstone;
@@ -158,8 +168,10 @@ def _create_queue(conn: psycopg.Connection, source: TableSourceSettings) -> None
         ) from None
 
 
-def _check_columns(conn: psycopg.Connection, source: TableSourceSettings) -> str:
-    """Check the table and its columns; returns the id column's type."""
+def _check_columns(
+    conn: psycopg.Connection, source: TableSourceSettings, privileges: tuple[str, ...] = ("SELECT", "TRIGGER")
+) -> str:
+    """Check the table, its columns and the role's ``privileges`` on it; returns the id column's type."""
     columns: dict[str, str] = dict(
         conn.execute(
             "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
@@ -174,6 +186,8 @@ def _check_columns(conn: psycopg.Connection, source: TableSourceSettings) -> str
         )
     wanted = {"id": source.id_column, "content": source.content_column}
     wanted.update({f"metadata ({name})": name for name in source.metadata_columns})
+    if source.updated_at_column is not None:
+        wanted["updated_at"] = source.updated_at_column
     for field, column in wanted.items():
         if column not in columns:
             raise SourceTableInvalid(
@@ -186,7 +200,16 @@ def _check_columns(conn: psycopg.Connection, source: TableSourceSettings) -> str
             f"source.table.content: column {source.content_column!r} of {source.qualified} is "
             f"{content_type}, not text: name a text column (or a view that casts it)"
         )
-    for privilege in ("SELECT", "TRIGGER"):
+    if (
+        source.updated_at_column is not None
+        and re.sub(r"\(\d+\)", "", columns[source.updated_at_column]) not in _TIME_TYPES
+    ):
+        raise SourceTableInvalid(
+            f"source.table.updated_at: column {source.updated_at_column!r} of {source.qualified} is "
+            f"{columns[source.updated_at_column]}, not a timestamp: name the column the application "
+            "sets to now() on every insert and update"
+        )
+    for privilege in privileges:
         allowed = conn.execute(
             "SELECT has_table_privilege(to_regclass(%s), %s)", (_table(source).as_string(conn), privilege)
         ).fetchone()
@@ -195,6 +218,7 @@ def _check_columns(conn: psycopg.Connection, source: TableSourceSettings) -> str
                 f"role {conn.info.user} (connection {source.connection_id!r}) lacks the {privilege} "
                 f"privilege on {source.qualified}, which following the table needs: "
                 f"{_grant(conn, privilege, _table(source))}"
+                + (_WITHOUT_TRIGGERS if privilege == "TRIGGER" else "")
             )
     return str(columns[source.id_column])
 
@@ -246,7 +270,7 @@ def _create_triggers(
             f"the role of connection {source.connection_id!r} may not create the capture on "
             f"{source.qualified} ({exc.diag.message_primary}): "
             f"{_grant(conn, 'TRIGGER', _table(source))}, and "
-            f"{_grant(conn, 'CREATE', sql.SQL('SCHEMA capstone'))}"
+            f"{_grant(conn, 'CREATE', sql.SQL('SCHEMA capstone'))}" + _WITHOUT_TRIGGERS
         ) from None
     log.debug("capture of %s (id %s) installed", source.qualified, id_type)
 
@@ -299,11 +323,13 @@ def _drop_triggers(conn: psycopg.Connection, collection: str, qualified: str) ->
 
 
 def remove_capture(conn: psycopg.Connection, collection: str) -> bool:
-    """Stop capturing for ``collection``: drop its triggers and functions, its queued changes and its
-    catalog row (a collection that no longer follows a table, or a test's clean slate). The next
-    run that follows a table installs a new capture and reads it whole. Returns whether there was one.
-    """
+    """Stop capturing for ``collection`` in ``conn``'s database: drop its triggers and functions,
+    its queued changes and its catalog row, and its mark where it followed a table by updated_at
+    (a collection that no longer follows a table, or a test's clean slate). The next run that
+    follows a table installs a new capture and reads it whole. Returns whether there was one."""
     with conn.transaction():
+        if conn.execute("SELECT to_regclass('capstone.table_watermarks')").fetchone() != (None,):
+            conn.execute("DELETE FROM capstone.table_watermarks WHERE collection = %s", (collection,))
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('capstone.table_sources'))")
         if conn.execute("SELECT to_regclass('capstone.table_sources')").fetchone() == (None,):
             return False
@@ -397,23 +423,27 @@ class TableChanges:
         self, conn: psycopg.Connection, id_type: str, ids: list[str] | None
     ) -> Generator[tuple[str, Any], None, set[str]]:
         """The rows of ``ids`` (all rows for None); returns the ids found."""
+        if ids is None:
+            return (yield from self._select(conn, sql.SQL(""), ()))
+        # Cast to the id column's type (from the catalog), so that its index finds the rows.
+        where = sql.SQL(" WHERE {} = ANY(%s::text[]::{}[])").format(
+            sql.Identifier(self._source.id_column), sql.SQL(id_type)
+        )
+        return (yield from self._select(conn, where, (ids,)))
+
+    def _select(
+        self, conn: psycopg.Connection, where: sql.Composable, args: tuple[Any, ...]
+    ) -> Generator[tuple[str, Any], None, set[str]]:
+        """The rows ``where`` selects, as raw documents; returns their ids."""
         source = self._source
         columns = sql.SQL("{}::text, {}, {}").format(
             sql.Identifier(source.id_column), sql.Identifier(source.content_column), _metadata_sql(source)
         )
-        query = sql.SQL("SELECT {} FROM {}").format(columns, _table(source))
+        query = sql.SQL("SELECT {} FROM {}").format(columns, _table(source)) + where
         found: set[str] = set()
         with conn.transaction(), conn.cursor(name=f"source_{self._run_key}") as cur:
             cur.itersize = 2000
-            if ids is None:
-                cur.execute(query)
-            else:
-                # Cast to the id column's type (from the catalog), so that its index finds the rows.
-                where = sql.SQL(" WHERE {} = ANY(%s::text[]::{}[])").format(
-                    sql.Identifier(source.id_column),
-                    sql.SQL(id_type),
-                )
-                cur.execute(query + where, (ids,))
+            cur.execute(query, args)
             for doc_id, content, metadata in cur:
                 found.add(doc_id)
                 yield f"{source.qualified}:{doc_id}", {"id": doc_id, "content": content, "metadata": metadata}
@@ -441,12 +471,149 @@ def _metadata_sql(source: TableSourceSettings) -> sql.Composable:
     return sql.SQL("jsonb_build_object({})").format(pairs)
 
 
+# -- following a table without triggers (updated_at) -------------------------------------------
+
+# In the store's database (the collection's, where the run may create tables): per collection
+# followed by updated_at, the mark and row count of the last run that wrote, and those a run read
+# and will make current once its writes committed (``pending_*``, by run key).
+_WATERMARKS_DDL = """
+CREATE SCHEMA IF NOT EXISTS capstone;
+CREATE TABLE IF NOT EXISTS capstone.table_watermarks (
+    collection text PRIMARY KEY,
+    source text NOT NULL,
+    capture text,
+    mark text,
+    row_count bigint,
+    pending_run text,
+    pending_capture text,
+    pending_mark text,
+    pending_count bigint,
+    updated_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+WATERMARK_STATE_SQL = "SELECT capture, mark, row_count FROM capstone.table_watermarks WHERE collection = %s"
+
+
+class WatermarkChanges(TableChanges):
+    """What one run reads from a table followed by its ``updated_at`` column (no triggers).
+
+    The first run (or one after the columns changed) reads the whole table. Every later run reads
+    the rows whose ``updated_at`` is later than the last mark less ``lookback_seconds`` (a
+    transaction that set ``updated_at`` and committed after a later one is read all the same, if it
+    committed within that window), and the table's ids: an indexed document whose id is gone is
+    removed. The mark, the row count, the rows and the ids come from one snapshot of the table
+    (``REPEATABLE READ``); the new mark becomes current in :func:`acknowledge`, after the upsert.
+    """
+
+    def __init__(
+        self,
+        collection: str,
+        source: TableSourceSettings,
+        run_key: str,
+        indexed_ids: Callable[[], Iterable[str]],
+        store_connection_id: str,
+    ) -> None:
+        super().__init__(collection, source, run_key, indexed_ids)
+        self._store_connection_id = store_connection_id
+
+    def summary(self) -> str:
+        lookback = f" less {self._source.lookback_seconds:g}s" if self._source.lookback_seconds else ""
+        read = "all rows" if self.snapshot else f"{self.claimed} rows updated since the last mark{lookback}"
+        return f"{self.describe()} ({read}, by {self._source.updated_at_column})"
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        source, fingerprint = self._source, capture_fingerprint(self._source)
+        with connect(postgres_params(self._store_connection_id), application_name="capstone watermark") as st:
+            last = _watermark_row(st, self._collection, source)
+        self.snapshot = last is None or last[0] != fingerprint or last[1] is None
+        params = postgres_params(source.connection_id)
+        with connect(params, application_name=f"capstone {self._collection} source") as conn:
+            id_type = _check_columns(conn, source, privileges=("SELECT",))
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():  # one snapshot: the mark, the count, the rows and the ids agree
+                mark, count = _mark_and_count(conn, source)
+                if self.snapshot or last is None:
+                    log.info("reading all of %s (mark %s, %d rows)", source.qualified, mark, count)
+                    present = yield from self._read(conn, id_type, None)
+                else:
+                    log.info(
+                        "reading the rows of %s updated after %s (less %gs)",
+                        source.qualified,
+                        last[1],
+                        source.lookback_seconds,
+                    )
+                    found = yield from self._select(
+                        conn, _updated_since(source, conn), (last[1], source.lookback_seconds)
+                    )
+                    self.claimed = len(found)
+                    present = _all_ids(conn, source)
+        gone = sorted(set(self._indexed_ids()) - present)
+        if gone:
+            log.info("%d indexed documents are not in %s: removing them", len(gone), source.qualified)
+        yield from self._tombstones(gone)
+        with connect(postgres_params(self._store_connection_id), application_name="capstone watermark") as st:
+            st.execute(
+                "UPDATE capstone.table_watermarks SET pending_run = %s, pending_capture = %s, "
+                "pending_mark = %s, pending_count = %s, updated_at = now() WHERE collection = %s",
+                (self._run_key, fingerprint, mark, count, self._collection),
+            )
+
+
+def _watermark_row(
+    conn: psycopg.Connection, collection: str, source: TableSourceSettings
+) -> tuple[str | None, str | None, int | None] | None:
+    """``(capture, mark, row_count)`` of the last run that wrote (None: never), creating the catalog
+    and the collection's row where they are missing."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('capstone.table_watermarks'))")
+        if conn.execute("SELECT to_regclass('capstone.table_watermarks')").fetchone() == (None,):
+            for statement in _WATERMARKS_DDL.split(";"):
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO capstone.table_watermarks (collection, source) VALUES (%s, %s) "
+            "ON CONFLICT (collection) DO UPDATE SET source = excluded.source",
+            (collection, source.qualified),
+        )
+        row = conn.execute(WATERMARK_STATE_SQL, (collection,)).fetchone()
+    return None if row is None or row[0] is None else (row[0], row[1], row[2])
+
+
+def _mark_and_count(conn: psycopg.Connection, source: TableSourceSettings) -> tuple[str | None, int]:
+    """The table's newest ``updated_at`` (as text: its own type's rendering) and its row count."""
+    row = conn.execute(
+        sql.SQL("SELECT max({})::text, count(*) FROM {}").format(
+            sql.Identifier(str(source.updated_at_column)), _table(source)
+        )
+    ).fetchone()
+    return (row[0], int(row[1])) if row else (None, 0)
+
+
+def _updated_since(source: TableSourceSettings, conn: psycopg.Connection) -> sql.Composable:
+    """``WHERE updated_at > mark - lookback`` in the column's own type (the mark is its text)."""
+    column = sql.Identifier(str(source.updated_at_column))
+    kind = conn.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+        "AND attname = %s AND NOT attisdropped",
+        (_table(source).as_string(conn), source.updated_at_column),
+    ).fetchone()
+    return sql.SQL(" WHERE {} > %s::{} - make_interval(secs => %s)").format(
+        column, sql.SQL(kind[0] if kind else "timestamptz")
+    )
+
+
+def _all_ids(conn: psycopg.Connection, source: TableSourceSettings) -> set[str]:
+    query = sql.SQL("SELECT {}::text FROM {}").format(sql.Identifier(source.id_column), _table(source))
+    return {row[0] for row in conn.execute(query)}
+
+
 # -- acknowledging --------------------------------------------------------------------------------
 
 
 def acknowledge(collection: str, source: TableSourceSettings, run_key: str) -> int:
     """Delete the changes ``run_key`` claimed (its writes committed) and finish its snapshot;
     returns how many queue entries went."""
+    if source.updated_at_column is not None:
+        raise ValueError("a table followed by updated_at is acknowledged by acknowledge_watermark")
     params = postgres_params(source.connection_id)
     with connect(params, application_name=f"capstone {collection} source") as conn, conn.transaction():
         if conn.execute("SELECT to_regclass('capstone.source_changes')").fetchone() == (None,):
@@ -461,3 +628,22 @@ def acknowledge(collection: str, source: TableSourceSettings, run_key: str) -> i
         )
     log.info("acknowledged %d captured changes of %s", deleted, source.qualified)
     return deleted
+
+
+def acknowledge_watermark(collection: str, store_connection_id: str, run_key: str) -> bool:
+    """The writes of ``run_key`` committed: the mark and row count it read become current (the
+    next run reads from there, the watching trigger compares the table with them). Returns whether
+    the run had read any (a run that failed before reading has nothing to acknowledge)."""
+    params = postgres_params(store_connection_id)
+    with connect(params, application_name="capstone watermark") as conn:
+        if conn.execute("SELECT to_regclass('capstone.table_watermarks')").fetchone() == (None,):
+            return False
+        row = conn.execute(
+            "UPDATE capstone.table_watermarks SET capture = pending_capture, mark = pending_mark, "
+            "row_count = pending_count, pending_run = NULL, updated_at = now() "
+            "WHERE collection = %s AND pending_run = %s RETURNING mark, row_count",
+            (collection, run_key),
+        ).fetchone()
+    if row is not None:
+        log.info("collection %s: at mark %s, %d rows", collection, row[0], row[1])
+    return row is not None

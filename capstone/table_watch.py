@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "next_notification",
     "read_state",
     "read_states",
+    "read_watermark_state",
 ]
 
 # After a notification, how long to gather the others of its burst before reading the queue.
@@ -55,6 +57,8 @@ def capture_fingerprint(source: TableSourceSettings) -> str:
     """What the capture triggers capture (table, id, content and metadata columns), as a short hash:
     another one re-installs the capture and reads the whole table again."""
     parts = [source.qualified, source.id_column, source.content_column, *source.metadata_columns]
+    if source.updated_at_column is not None:  # (a capture by triggers keeps the fingerprint it had)
+        parts.append(f"watermark:{source.updated_at_column}")
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
@@ -62,7 +66,9 @@ def capture_fingerprint(source: TableSourceSettings) -> str:
 class CaptureState:
     """A collection's capture, as the trigger sees it: ``capture`` and ``snapshot`` of its row in
     ``capstone.table_sources`` (None: no row), the newest unclaimed change (0: none) and how long
-    the oldest unclaimed one has waited."""
+    the oldest unclaimed one has waited. For a table followed by updated_at (:func:`read_watermark_state`),
+    ``newest_change`` is a signature of the table's newest ``updated_at`` and row count where they
+    differ from the last run's (0: they do not)."""
 
     capture: str | None
     snapshot: str | None
@@ -73,11 +79,21 @@ class CaptureState:
 class ChangeWatch:
     """When a collection's DAG should run, from successive :class:`CaptureState` readings."""
 
-    def __init__(self, collection: str, capture: str, min_interval: float, refire_after: float) -> None:
+    def __init__(
+        self,
+        collection: str,
+        capture: str,
+        min_interval: float,
+        refire_after: float,
+        pending_reason: str = "changes queued",
+        still_reason: str = "changes still queued",
+    ) -> None:
         self.collection = collection
         self.capture = capture
         self.min_interval = min_interval
         self.refire_after = refire_after
+        self.pending_reason = pending_reason
+        self.still_reason = still_reason
         self._fired_for: set[str] = set()
         self._fired_change = 0
         self._last_fired = float("-inf")
@@ -91,16 +107,17 @@ class ChangeWatch:
         reason = self._unusual(state)
         if reason is None:
             self._fired_for.clear()
-            if state.newest_change > self._fired_change:
-                reason = "changes queued"
+            if state.newest_change and state.newest_change != self._fired_change:
+                reason = self.pending_reason
             elif state.newest_change and self._left_waiting(state):
-                reason = "changes still queued"
+                reason = self.still_reason
             else:
                 return None
         elif reason in self._fired_for:
             return None
         self._fired_for.add(reason)
-        self._fired_change = max(self._fired_change, state.newest_change)
+        if state.newest_change:  # (the queue's newest unclaimed change only grows while unclaimed)
+            self._fired_change = state.newest_change
         self._last_fired = time.monotonic()
         return {"collection": self.collection, "reason": reason, "newest_change": state.newest_change}
 
@@ -184,3 +201,44 @@ async def next_notification(notifications: asyncio.Queue[str], timeout: float) -
     while not notifications.empty():
         notified.add(notifications.get_nowait())
     return notified
+
+
+_WATERMARK_SQL = """
+SELECT capture, mark, row_count, extract(epoch FROM clock_timestamp() - updated_at)
+FROM capstone.table_watermarks WHERE collection = $1
+"""
+
+
+async def read_watermark_state(
+    store: Any, source_conn: Any, collection: str, table: str, updated_at_column: str
+) -> CaptureState:
+    """The state of a collection that follows ``table`` (``schema.table``) by ``updated_at_column``:
+    the last run's mark and row count (in ``capstone.table_watermarks`` of the store's database,
+    over ``store``), compared with the table's newest ``updated_at`` and count (over
+    ``source_conn``: one query; an index on the column makes its max instant, the count reads the
+    table or its primary key)."""
+    import asyncpg
+
+    from capstone.index_build import quote_ident
+
+    try:
+        row = await store.fetchrow(_WATERMARK_SQL, collection)
+    except asyncpg.UndefinedTableError:
+        row = None
+    if row is None or row[0] is None:
+        return CaptureState(None, None, 0)
+    schema, name, column = *table.split(".", 1), updated_at_column
+    try:
+        # As timestamptz: a timestamp column's mark (no offset) is read in this session's time zone,
+        # as the column is, so the comparison holds whatever the zone of the run that wrote it.
+        newest, moved, count = await source_conn.fetchrow(
+            f"SELECT max({quote_ident(column)})::text, max({quote_ident(column)})::timestamptz IS "
+            f"DISTINCT FROM $1::text::timestamptz, count(*) FROM {quote_ident(schema)}.{quote_ident(name)}",
+            row[1],
+        )
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+        return CaptureState("table or column missing", "done", 0)  # the run says which, with the fix
+    if not moved and count == row[2]:
+        return CaptureState(row[0], "done", 0)
+    signature = zlib.crc32(f"{newest}|{count}".encode()) or 1
+    return CaptureState(row[0], "done", signature, float(row[3] or 0))

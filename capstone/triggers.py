@@ -22,9 +22,16 @@ from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 from capstone.connections import ConnectionNotDefined, apostgres_params
 from capstone.contracts import IndexEvent
 from capstone.index_build import IndexParams, KeywordIndexParams, build_index
-from capstone.table_watch import ChangeWatch, listening, next_notification, read_state, read_states
+from capstone.table_watch import (
+    ChangeWatch,
+    listening,
+    next_notification,
+    read_state,
+    read_states,
+    read_watermark_state,
+)
 
-__all__ = ["TableChangesTrigger", "VectorStoreIndexingTrigger"]
+__all__ = ["TableChangesTrigger", "TablePollTrigger", "VectorStoreIndexingTrigger"]
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +271,118 @@ class TableChangesTrigger(BaseEventTrigger):
             if payload is not None:
                 yield self._fire(payload)
                 await asyncio.sleep(watch.wait_seconds())
+
+    def _fire(self, payload: dict[str, Any]) -> TriggerEvent:
+        self.log.info("collection %s: %s, a run is due", self.collection, payload["reason"])
+        return TriggerEvent(payload)
+
+
+class TablePollTrigger(BaseEventTrigger):
+    """Fire when a table followed by its ``updated_at`` column changed (no triggers on the table).
+
+    Every ``poll_seconds`` it compares the table's newest ``updated_at`` and row count with those
+    of the last run that wrote (``capstone.table_watermarks``, in the store's database) and fires
+    when they differ: an insert or update moves the mark, a delete the count. It fires once when
+    the collection has not read the table yet (or reads other columns now), and again while a
+    change it fired for is still unread ``refire_after`` seconds later (a paused DAG).
+
+    :param collection: the collection following the table.
+    :param connection_id: Airflow connection of the table's database.
+    :param store_connection_id: Airflow connection of the collection's store (where the mark is).
+    :param table: ``schema.table``; :param id_column:, :param content_column:, :param metadata_columns:
+        and :param updated_at_column: as in the spec (for the fingerprint and the look).
+    :param capture: :func:`capstone.table_watch.capture_fingerprint` of the spec's columns.
+    :param poll_seconds: seconds between two looks. :param min_interval: least seconds between events.
+    """
+
+    def __init__(
+        self,
+        *,
+        collection: str,
+        connection_id: str,
+        store_connection_id: str,
+        table: str,
+        updated_at_column: str,
+        capture: str,
+        poll_seconds: float = 30.0,
+        min_interval: float = 1.0,
+        refire_after: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.collection = collection
+        self.connection_id = connection_id
+        self.store_connection_id = store_connection_id
+        self.table = table
+        self.updated_at_column = updated_at_column
+        self.capture = capture
+        self.poll_seconds = float(poll_seconds)
+        self.min_interval = float(min_interval)
+        self.refire_after = float(refire_after)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Class path and the keyword arguments that re-create this trigger in the triggerer."""
+        return (
+            "capstone.triggers.TablePollTrigger",
+            {
+                "collection": self.collection,
+                "connection_id": self.connection_id,
+                "store_connection_id": self.store_connection_id,
+                "table": self.table,
+                "updated_at_column": self.updated_at_column,
+                "capture": self.capture,
+                "poll_seconds": self.poll_seconds,
+                "min_interval": self.min_interval,
+                "refire_after": self.refire_after,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Look every ``poll_seconds`` (the first look at once); fire when a run is due."""
+        import asyncpg
+
+        watch = ChangeWatch(
+            self.collection,
+            self.capture,
+            self.min_interval,
+            self.refire_after,
+            "table changed",
+            "table changed, still unread",
+        )
+        self.log.info(
+            "collection %s: looking at %s every %gs", self.collection, self.table, self.poll_seconds
+        )
+        while True:
+            try:
+                source_params = await apostgres_params(self.connection_id)
+                store_params = await apostgres_params(self.store_connection_id)
+                name = f"capstone poll {self.collection}"
+                conn = await asyncpg.connect(**source_params.asyncpg_arguments(name))
+                store = conn
+                if store_params.conninfo() != source_params.conninfo():
+                    store = await asyncpg.connect(**store_params.asyncpg_arguments(name))
+                try:
+                    while True:
+                        payload = watch.due(
+                            await read_watermark_state(
+                                store, conn, self.collection, self.table, self.updated_at_column
+                            )
+                        )
+                        if payload is not None:
+                            yield self._fire(payload)
+                        await asyncio.sleep(max(self.poll_seconds, watch.wait_seconds()))
+                finally:
+                    for opened in {id(conn): conn, id(store): store}.values():
+                        await opened.close(timeout=5)
+            except Exception as exc:  # the database or the connection's definition: try again, never end
+                self.log.warning(
+                    "collection %s: looking at %s failed (%s: %s); again in %gs",
+                    self.collection,
+                    self.table,
+                    type(exc).__name__,
+                    exc,
+                    RECONNECT_SECONDS,
+                )
+                await asyncio.sleep(RECONNECT_SECONDS)
 
     def _fire(self, payload: dict[str, Any]) -> TriggerEvent:
         self.log.info("collection %s: %s, a run is due", self.collection, payload["reason"])

@@ -97,13 +97,26 @@ def _schedule(spec: CollectionSpec, settings: CollectionSettings) -> Any:
     from airflow.sdk import AssetWatcher
 
     from capstone.table_watch import capture_fingerprint
-    from capstone.triggers import TableChangesTrigger
+    from capstone.triggers import TableChangesTrigger, TablePollTrigger
 
-    trigger = TableChangesTrigger(
-        collection=spec.collection,
-        connection_id=followed.connection_id,
-        capture=capture_fingerprint(followed),
-    )
+    trigger: TableChangesTrigger | TablePollTrigger
+    if followed.updated_at_column is None:
+        trigger = TableChangesTrigger(
+            collection=spec.collection,
+            connection_id=followed.connection_id,
+            capture=capture_fingerprint(followed),
+        )
+    else:  # no triggers on the table: its updated_at and row count, polled
+        trigger = TablePollTrigger(
+            collection=spec.collection,
+            connection_id=followed.connection_id,
+            store_connection_id=settings.store.connection_id,
+            table=followed.qualified,
+            updated_at_column=followed.updated_at_column,
+            capture=capture_fingerprint(followed),
+            poll_seconds=followed.poll_seconds,
+            refire_after=max(60.0, 2 * followed.poll_seconds),
+        )
     watcher = AssetWatcher(name=f"{spec.collection}_table_changes", trigger=trigger)
     return upstream | Asset(table_changes_asset(spec.collection), watchers=[watcher])
 

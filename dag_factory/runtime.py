@@ -125,4 +125,7 @@ def _table_source(spec: CollectionSpec) -> TableSourceSettings | None:
         content_column=followed.content,
         metadata_columns=tuple(followed.metadata),
         connection_id=followed.connection_id or spec.store.connection_id,
+        updated_at_column=followed.updated_at,
+        lookback_seconds=followed.lookback_seconds,
+        poll_seconds=followed.poll_seconds,
     )

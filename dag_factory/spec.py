@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from capstone.settings import (
     DEFAULT_CHUNK_CHARS,
@@ -91,7 +91,8 @@ def _asset(value: str | None) -> str | None:
 
 class TableSourceSpec(_Model):
     """A Postgres table the collection follows: one document per row, every insert, update and
-    delete captured by triggers the first run installs (see capstone.table_source)."""
+    delete captured by triggers the first run installs; or, with ``updated_at``, found from that
+    column and the table's ids, where triggers may not be created (see capstone.table_source)."""
 
     name: str = Field(description="The table, as 'schema.table' (or 'table', in public).")
     id: str = Field(default="id", description="Column whose value is the document id (a key).")
@@ -105,6 +106,37 @@ class TableSourceSpec(_Model):
         max_length=250,
         description="Airflow connection of the table's database; default: store.connection_id.",
     )
+    updated_at: str | None = Field(
+        default=None,
+        description="Where the connection's role may not create triggers on the table: a timestamp "
+        "column the application sets on every insert and update. No capture is installed; the table "
+        "is polled every poll_seconds, each run reads the rows whose updated_at passed the last run's "
+        "mark (less lookback_seconds) and compares the table's ids with the collection's for deletes.",
+    )
+    lookback_seconds: float = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="With updated_at: each run also re-reads the rows of this many seconds before the "
+        "last mark, for transactions that committed after a later one (unchanged text embeds nothing).",
+    )
+    poll_seconds: float = Field(
+        default=30,
+        ge=1,
+        le=3_600,
+        description="With updated_at: seconds between two looks at the table (max(updated_at), count).",
+    )
+
+    @field_validator("lookback_seconds", "poll_seconds")
+    @classmethod
+    def _watermark_option(cls, value: float, info: ValidationInfo) -> float:
+        field = info.field_name or ""
+        if info.data.get("updated_at") is None and value != cls.model_fields[field].default:
+            raise ValueError(
+                f"{field} only applies with updated_at (a table followed without triggers): set "
+                "updated_at, or remove it"
+            )
+        return value
 
     @field_validator("name")
     @classmethod
@@ -117,6 +149,11 @@ class TableSourceSpec(_Model):
     @classmethod
     def _column(cls, value: str) -> str:
         return _identifier(value)
+
+    @field_validator("updated_at")
+    @classmethod
+    def _updated_at_column(cls, value: str | None) -> str | None:
+        return None if value is None else _identifier(value)
 
     @field_validator("metadata")
     @classmethod

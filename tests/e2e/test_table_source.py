@@ -30,6 +30,7 @@ CONFIGS = ROOT / "tests" / "e2e" / "table_configs"
 SCHEMA = "e2e_app"
 TABLE = sql.Identifier(SCHEMA, "articles")
 DAG_ID = "articles"
+POLLED = "articles_polled"  # the same table followed by its updated_at column (no triggers)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +45,16 @@ def stack(pg_dsn: str) -> Iterator[AirflowStack]:
     assert stack.postgres_uri() == pg_dsn
     shutil.rmtree(stack.home, ignore_errors=True)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        remove_capture(conn, DAG_ID)  # an earlier session's
+        for collection in (DAG_ID, POLLED):  # an earlier session's
+            remove_capture(conn, collection)
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
-        conn.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, body text, title text)").format(TABLE))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id bigint PRIMARY KEY, body text, title text, "
+                "updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(TABLE)
+        )
         _write(conn, [(i, _body(i, 0), f"title {i}") for i in range(5)])
     stack.drop_metadata_db()
     with stack as running:
@@ -68,27 +75,29 @@ def _write(conn: psycopg.Connection, rows: list[tuple[int, str, str]]) -> None:
         conn.execute(
             sql.SQL(
                 "INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT (id) DO UPDATE SET body = excluded.body, "
-                "title = excluded.title"
+                "title = excluded.title, updated_at = now()"
             ).format(TABLE),
             row,
         )
 
 
-def _expected(dsn: str) -> list[dict[str, Any]]:
-    return table_documents(dsn, TABLE, collection_settings(load_collection(CONFIGS / "articles.yaml")))
+def _expected(dsn: str, collection: str) -> list[dict[str, Any]]:
+    settings = collection_settings(load_collection(CONFIGS / f"{collection}.yaml"))
+    return table_documents(dsn, TABLE, settings)
 
 
-def _wait_until_indexed(dsn: str, timeout: float = 120.0) -> None:
+def _wait_until_indexed(dsn: str, timeout: float = 120.0, collection: str = DAG_ID) -> None:
     """Wait until the collection holds exactly the table's rows (and no change is queued)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
+            expected = _expected(dsn, collection)
             assert_table_holds_exactly(
-                dsn, SCHEMA, "articles_index", _expected(dsn), model="hash-v1", dimension=64
+                dsn, SCHEMA, f"{collection}_index", expected, model="hash-v1", dimension=64
             )
             with psycopg.connect(dsn) as conn:
                 queued = conn.execute(
-                    "SELECT count(*) FROM capstone.source_changes WHERE collection = %s", (DAG_ID,)
+                    "SELECT count(*) FROM capstone.source_changes WHERE collection = %s", (collection,)
                 ).fetchone()
             assert queued == (0,), f"{queued} changes still queued"
             return
@@ -98,18 +107,20 @@ def _wait_until_indexed(dsn: str, timeout: float = 120.0) -> None:
             time.sleep(1)
 
 
-def _runs(api: AirflowApi) -> list[dict[str, Any]]:
-    return api.runs(DAG_ID)
+def _runs(api: AirflowApi, dag_id: str = DAG_ID) -> list[dict[str, Any]]:
+    return api.runs(dag_id)
 
 
-def _wait_runs_finished(api: AirflowApi, timeout: float = 120.0) -> list[dict[str, Any]]:
+def _wait_runs_finished(
+    api: AirflowApi, dag_id: str = DAG_ID, timeout: float = 120.0
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = _runs(api)
+        runs = _runs(api, dag_id)
         if runs and all(run["state"] in ("success", "failed") for run in runs):
             return runs
         time.sleep(1)
-    raise TimeoutError(f"runs of {DAG_ID} still going: {[run['state'] for run in _runs(api)]}")
+    raise TimeoutError(f"runs of {dag_id} still going: {[run['state'] for run in _runs(api, dag_id)]}")
 
 
 def test_the_first_run_reads_the_table_then_every_commit_reaches_the_collection(
@@ -124,7 +135,9 @@ def test_the_first_run_reads_the_table_then_every_commit_reaches_the_collection(
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         _write(conn, [(1, _body(1, 1), "title 1"), (9, _body(9, 0), "new")])
         conn.execute(sql.SQL("DELETE FROM {} WHERE id = 3").format(TABLE))
-        conn.execute(sql.SQL("UPDATE {} SET title = 'renamed' WHERE id = 4").format(TABLE))
+        conn.execute(
+            sql.SQL("UPDATE {} SET title = 'renamed', updated_at = now() WHERE id = 4").format(TABLE)
+        )
 
     _wait_until_indexed(pg_dsn)
     runs = _wait_runs_finished(api)
@@ -132,6 +145,12 @@ def test_the_first_run_reads_the_table_then_every_commit_reaches_the_collection(
     (event,) = api.upstream_events(DAG_ID, runs[0]["dag_run_id"])[:1]
     assert event["name"] == "articles.table_changes"
     assert event["extra"]["from_trigger"] is True
+
+    # The same table followed without triggers: TablePollTrigger saw the changes too.
+    _wait_until_indexed(pg_dsn, collection=POLLED)
+    polled = _wait_runs_finished(api, POLLED)
+    assert polled and all(run["state"] == "success" for run in polled), polled
+    assert {run["run_type"] for run in polled} == {"asset_triggered"}
 
 
 def test_changes_made_while_the_triggerer_is_down_are_not_lost(
@@ -148,6 +167,7 @@ def test_changes_made_while_the_triggerer_is_down_are_not_lost(
 
     _wait_until_indexed(pg_dsn, timeout=180)
     assert all(run["state"] == "success" for run in _wait_runs_finished(api))
+    _wait_until_indexed(pg_dsn, timeout=60, collection=POLLED)
 
 
 def test_a_paused_dag_catches_up_when_unpaused(stack: AirflowStack, api: AirflowApi, pg_dsn: str) -> None:

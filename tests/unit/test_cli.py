@@ -160,11 +160,11 @@ def test_example_configs_pass_the_json_schema(path: Path) -> None:
 # Collection files outside configs/: the table demo's and the table e2e test's.
 OTHER_CONFIGS = [
     REPO_ROOT / "dag_factory" / "local" / "table_demo" / "articles.yaml",
-    REPO_ROOT / "tests" / "e2e" / "table_configs" / "articles.yaml",
+    *sorted((REPO_ROOT / "tests" / "e2e" / "table_configs").glob("*.yaml")),
 ]
 
 
-@pytest.mark.parametrize("path", OTHER_CONFIGS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", OTHER_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_the_other_collection_files_are_valid_and_pass_the_json_schema(path: Path) -> None:
     result = run("validate", str(path))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -134,6 +134,25 @@ def test_generated_graph_follows_the_design(name: str) -> None:
     assert [outlet.name for outlet in publish.outlets] == [spec.output_asset_name]
 
 
+@pytest.mark.parametrize(
+    ("config", "trigger"),
+    [("articles.yaml", "TableChangesTrigger"), ("articles_polled.yaml", "TablePollTrigger")],
+)
+def test_a_followed_table_adds_an_asset_watched_by_its_trigger(config: str, trigger: str) -> None:
+    path = ROOT / "tests" / "e2e" / "table_configs" / config
+    spec = load_collection(path)
+    dag = build_collection_dag(spec, path)
+
+    condition: Any = dag.timetable.asset_condition  # AssetAny: the upstream asset | the table's
+    upstream, changes = condition.objects
+    assert upstream == Asset(spec.source_asset)
+    assert changes.name == f"{spec.collection}.table_changes"
+    (watcher,) = changes.watchers
+    classpath, kwargs = watcher.trigger.serialize()
+    assert classpath == f"capstone.triggers.{trigger}"
+    assert kwargs["collection"] == spec.collection
+
+
 def test_demo_collection_is_scheduled_by_the_enrichment_asset() -> None:
     spec = load_collection(CONFIGS / "documents.yaml")
     dag = build_collection_dag(spec, CONFIGS / "documents.yaml")
