@@ -23,7 +23,13 @@ crash, a triggerer restart or a paused DAG; some may be read twice.
 
 Installing needs ``CREATE`` on the database (for the ``capstone`` schema, once) and the
 ``TRIGGER`` privilege on the table (or owning it); without them :class:`CaptureRefused` names the
-``GRANT`` that is missing.
+``GRANT`` that is missing, and the other way:
+
+A table followed by its ``updated_at`` column (``source.table.updated_at``) needs only ``SELECT``
+and nothing in its database: :class:`WatermarkChanges` reads the rows updated since the last run's
+mark (less ``lookback_seconds``) and the table's ids (deletes), and keeps the mark in
+``capstone.table_watermarks`` of the *store's* database, made current by
+:func:`acknowledge_watermark` after the upsert.
 """
 
 from __future__ import annotations
@@ -502,7 +508,8 @@ class WatermarkChanges(TableChanges):
     transaction that set ``updated_at`` and committed after a later one is read all the same, if it
     committed within that window), and the table's ids: an indexed document whose id is gone is
     removed. The mark, the row count, the rows and the ids come from one snapshot of the table
-    (``REPEATABLE READ``); the new mark becomes current in :func:`acknowledge`, after the upsert.
+    (``REPEATABLE READ``); the new mark becomes current in :func:`acknowledge_watermark`, after
+    the upsert.
     """
 
     def __init__(

@@ -17,6 +17,11 @@ It listens on :data:`~capstone.table_source.CHANNEL` and also looks every ``chec
 a notification missed (a reconnect, a triggerer restart) delays a run by at most that much. On
 start it looks first: changes committed while it was down (or the DAG paused) fire at once.
 
+A table followed by its ``updated_at`` column (no triggers, no queue) is watched by
+:class:`capstone.triggers.TablePollTrigger` with the same :class:`ChangeWatch`: every
+``poll_seconds`` :func:`read_watermark_state` compares the table's newest ``updated_at`` and row
+count with the last run's mark.
+
 This module imports asyncpg lazily: DAG files import the trigger, and parsing stays light.
 """
 

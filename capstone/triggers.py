@@ -4,6 +4,8 @@
   itself lives in :mod:`capstone.index_build`, shared with the sensor's non-deferrable mode.
 * ``TableChangesTrigger`` is the ``AssetWatcher`` trigger of a collection that follows a table: it
   fires the collection's DAG when the table changed (:mod:`capstone.table_watch` decides when).
+* ``TablePollTrigger`` is that trigger for a table followed by its ``updated_at`` column (no
+  triggers on the table): it polls the table's newest ``updated_at`` and row count.
 
 The triggerer imports them by their paths (``capstone.triggers.<name>``) from the installed
 package, never from the DAGs folder.

@@ -3,7 +3,8 @@
 One small function per task; the task bodies live in :mod:`capstone.pipeline` and
 :mod:`capstone.validation`, which know nothing of YAML or of this module.
 
-    Asset(<source>) [| Asset(<collection>.table_changes), watched by TableChangesTrigger]
+    Asset(<source>) [| Asset(<collection>.table_changes), watched by TableChangesTrigger,
+                       or by TablePollTrigger for a table followed by its updated_at column]
       -> load_enriched_documents -> prepare_chunks
       -> generate_embedding.expand(batch=...)   (pool, retries, exponential backoff)
       -> aggregate_embeddings -> batch_upsert_vectors -> wait_for_indexing (deferrable)

@@ -15,7 +15,7 @@ from capstone.settings import CollectionSettings
 from capstone.table_source import CaptureRefused, SourceTableInvalid
 from tests.support.pipeline import run_pipeline, run_until_upsert
 from tests.support.settings import collection_settings
-from tests.support.tables import assert_table_holds_exactly, table_documents
+from tests.support.tables import assert_mirrors_the_table
 
 
 @pytest.fixture
@@ -70,14 +70,7 @@ def test_inserts_updates_and_deletes_reach_the_collection_exactly(
     settings = _settings(pg_schema)
     first = run_pipeline(settings, run_key_for(settings.collection, "1"), [])
     assert first["upserted"] == 6  # three rows, two paragraphs each
-    assert_table_holds_exactly(
-        pg_dsn,
-        pg_schema,
-        "collection",
-        table_documents(pg_dsn, articles, settings),
-        model="hash-v1",
-        dimension=32,
-    )
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("INSERT INTO {} VALUES (7, 'A new article.', 'new', 0)").format(articles))
         conn.execute(sql.SQL("UPDATE {} SET body = 'Rewritten.' WHERE id = 1").format(articles))
@@ -87,14 +80,7 @@ def test_inserts_updates_and_deletes_reach_the_collection_exactly(
     second = run_pipeline(settings, run_key_for(settings.collection, "2"), [])
 
     assert (second["upserted"], second["deleted"]) == (2, 2 + 1)  # 7 and 1 in; 2 and 1's 2nd chunk out
-    assert_table_holds_exactly(
-        pg_dsn,
-        pg_schema,
-        "collection",
-        table_documents(pg_dsn, articles, settings),
-        model="hash-v1",
-        dimension=32,
-    )
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
     assert _queued(pg_dsn, settings.collection) == 0
 
 
@@ -125,14 +111,7 @@ def test_changes_claimed_by_a_run_that_failed_are_read_again(
     third = run_pipeline(settings, run_key_for(settings.collection, "3"), [])
 
     assert third["upserted"] == 2
-    assert_table_holds_exactly(
-        pg_dsn,
-        pg_schema,
-        "collection",
-        table_documents(pg_dsn, articles, settings),
-        model="hash-v1",
-        dimension=32,
-    )
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
     assert _queued(pg_dsn, settings.collection) == 0
 
 
@@ -168,14 +147,7 @@ def test_a_truncated_table_empties_the_collection(
     result = run_pipeline(settings, run_key_for(settings.collection, "2"), [])
 
     assert result["deleted"] == 6
-    assert_table_holds_exactly(
-        pg_dsn,
-        pg_schema,
-        "collection",
-        table_documents(pg_dsn, articles, settings),
-        model="hash-v1",
-        dimension=32,
-    )
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
 
 
 def test_rows_without_text_are_set_aside_with_their_reason(

@@ -21,7 +21,7 @@ from capstone.table_watch import capture_fingerprint
 from capstone.triggers import TablePollTrigger
 from tests.support.pipeline import run_pipeline
 from tests.support.settings import collection_settings
-from tests.support.tables import assert_table_holds_exactly, table_documents
+from tests.support.tables import assert_mirrors_the_table
 
 READER_CONNECTION = "app_reader"
 
@@ -83,18 +83,13 @@ def _execute(dsn: str, statement: str, table: sql.Identifier, *args: Any) -> Non
         conn.execute(sql.SQL(statement).format(table), args)
 
 
-def _holds_the_table(dsn: str, schema: str, table: sql.Identifier, settings: CollectionSettings) -> None:
-    expected = table_documents(dsn, table, settings)
-    assert_table_holds_exactly(dsn, schema, "collection", expected, model="hash-v1", dimension=32)
-
-
 def test_a_role_that_may_only_read_the_table_follows_it_exactly(
     pg_dsn: str, pg_schema: str, articles: sql.Identifier
 ) -> None:
     settings = _settings(pg_schema, lookback_seconds=0)  # (the default would read every row again here)
     first = run_pipeline(settings, run_key_for(settings.collection, "1"), [])
     assert first["upserted"] == 6  # three rows, two paragraphs each
-    _holds_the_table(pg_dsn, pg_schema, articles, settings)
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
 
     _execute(pg_dsn, "INSERT INTO {} (id, body, title) VALUES (7, 'A new article.', 'new')", articles)
     _execute(pg_dsn, "UPDATE {} SET body = 'Rewritten.', updated_at = now() WHERE id = 1", articles)
@@ -106,7 +101,7 @@ def test_a_role_that_may_only_read_the_table_follows_it_exactly(
         f"table {pg_schema}.articles (2 rows updated since the last mark, by updated_at)"
     ]
     assert (second["upserted"], second["deleted"]) == (2, 2 + 1)  # 7 and 1 in; 2 and 1's 2nd chunk out
-    _holds_the_table(pg_dsn, pg_schema, articles, settings)
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
     with psycopg.connect(pg_dsn) as conn:  # nothing installed on the application's table
         triggers = conn.execute(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND NOT tgisinternal",
@@ -128,7 +123,7 @@ def test_a_run_that_failed_moves_no_mark_and_the_next_reads_its_rows_again(
     third = run_pipeline(settings, run_key_for(settings.collection, "3"), [])
 
     assert third["upserted"] == 2
-    _holds_the_table(pg_dsn, pg_schema, articles, settings)
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
 
 
 def test_a_transaction_that_committed_late_is_read_within_the_lookback(
@@ -147,7 +142,7 @@ def test_a_transaction_that_committed_late_is_read_within_the_lookback(
     second = run_pipeline(settings, run_key_for(settings.collection, "2"), [])
 
     assert second["upserted"] == 1
-    _holds_the_table(pg_dsn, pg_schema, articles, settings)
+    assert_mirrors_the_table(pg_dsn, pg_schema, "collection", articles, settings)
 
 
 def test_an_updated_at_that_is_not_a_timestamp_names_the_field(

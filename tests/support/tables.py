@@ -19,6 +19,7 @@ from capstone.store import stored_vector
 
 __all__ = [
     "StoredChunk",
+    "assert_mirrors_the_table",
     "assert_table_holds_exactly",
     "drop_test_schema",
     "expected_chunks",
@@ -129,3 +130,13 @@ def table_documents(dsn: str, table: sql.Identifier, settings: CollectionSetting
         for doc_id, body, title in rows
         if body and body.strip()
     ]
+
+
+def assert_mirrors_the_table(
+    dsn: str, schema: str, collection_table: str, source_table: sql.Identifier, settings: CollectionSettings
+) -> None:
+    """The collection (``schema.collection_table``, embedded by ``hash``) holds exactly the documents
+    of ``source_table`` (:func:`table_documents`)."""
+    expected = table_documents(dsn, source_table, settings)
+    dimension = settings.embedding.dimension
+    assert_table_holds_exactly(dsn, schema, collection_table, expected, model="hash-v1", dimension=dimension)
