@@ -89,6 +89,21 @@ def _asset(value: str | None) -> str | None:
     return value
 
 
+# Following a table by its updated_at column: how often to look, how far back each run re-reads.
+DEFAULT_POLL_SECONDS = 30.0
+DEFAULT_LOOKBACK_SECONDS = 300.0
+
+
+def _watermark_option(field: str, value: float, default: float, info: ValidationInfo) -> float:
+    """``value`` of ``field``, refused when set without ``updated_at`` (it would do nothing)."""
+    if info.data.get("updated_at") is None and value != default:
+        raise ValueError(
+            f"{field} only applies with updated_at (a table followed without triggers): set "
+            "updated_at, or remove it"
+        )
+    return value
+
+
 class TableSourceSpec(_Model):
     """A Postgres table the collection follows: one document per row, every insert, update and
     delete captured by triggers the first run installs; or, with ``updated_at``, found from that
@@ -114,29 +129,30 @@ class TableSourceSpec(_Model):
         "mark (less lookback_seconds) and compares the table's ids with the collection's for deletes.",
     )
     lookback_seconds: float = Field(
-        default=300,
+        default=DEFAULT_LOOKBACK_SECONDS,
         ge=0,
         le=86_400,
         description="With updated_at: each run also re-reads the rows of this many seconds before the "
         "last mark, for transactions that committed after a later one (unchanged text embeds nothing).",
     )
     poll_seconds: float = Field(
-        default=30,
+        default=DEFAULT_POLL_SECONDS,
         ge=1,
         le=3_600,
         description="With updated_at: seconds between two looks at the table (max(updated_at), count).",
     )
 
-    @field_validator("lookback_seconds", "poll_seconds")
+    # One validator per field, each naming its own: pydantic 2.12.0 gives a nested model's field
+    # validator the outer field's name in ``info.field_name``.
+    @field_validator("lookback_seconds")
     @classmethod
-    def _watermark_option(cls, value: float, info: ValidationInfo) -> float:
-        field = info.field_name or ""
-        if info.data.get("updated_at") is None and value != cls.model_fields[field].default:
-            raise ValueError(
-                f"{field} only applies with updated_at (a table followed without triggers): set "
-                "updated_at, or remove it"
-            )
-        return value
+    def _lookback_needs_updated_at(cls, value: float, info: ValidationInfo) -> float:
+        return _watermark_option("lookback_seconds", value, DEFAULT_LOOKBACK_SECONDS, info)
+
+    @field_validator("poll_seconds")
+    @classmethod
+    def _poll_needs_updated_at(cls, value: float, info: ValidationInfo) -> float:
+        return _watermark_option("poll_seconds", value, DEFAULT_POLL_SECONDS, info)
 
     @field_validator("name")
     @classmethod
