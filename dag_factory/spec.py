@@ -90,8 +90,8 @@ def _asset(value: str | None) -> str | None:
 
 
 # Following a table by its updated_at column: how often to look, how far back each run re-reads.
-DEFAULT_POLL_SECONDS = 30.0
-DEFAULT_LOOKBACK_SECONDS = 300.0
+DEFAULT_POLL_SECONDS = 30
+DEFAULT_LOOKBACK_SECONDS = 300
 
 
 def _watermark_option(field: str, value: float, default: float, info: ValidationInfo) -> float:
