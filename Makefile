@@ -55,8 +55,8 @@ test-package: $(VENV)/.installed-local
 	$(PY) -m pytest -q -m package tests/package
 
 ## make test-lowest: the compatibility lane: the lowest supported Airflow with the lowest version of
-## every dependency (constraints-lowest.txt), in a virtualenv of its own: the fast lane and one
-## end-to-end run of the asset chain on real services (~20 min: Airflow 3.2's dag.test() is slow)
+## every dependency (constraints-lowest.txt), in a virtualenv of its own: the fast lane, and on real
+## services the asset chain and a followed table (~30 min: Airflow 3.2's dag.test() is slow)
 LOWEST_VENV := .data/venv-lowest
 LOWEST_PY := $(LOWEST_VENV)/bin/python
 $(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
@@ -67,7 +67,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
 
 test-lowest: $(LOWEST_VENV)/.installed
 	$(LOWEST_PY) -m pytest -q tests/unit tests/integration -m "not slow and not e2e"
-	$(LOWEST_PY) -m pytest -q tests/e2e/test_airflow_chain.py
+	$(LOWEST_PY) -m pytest -q tests/e2e/test_airflow_chain.py tests/e2e/test_table_source.py
 
 ## make test-distributed: the asset chain on the CeleryExecutor stack: a Redis broker, two workers
 ## as two hosts, batches through a local S3-protocol server, one worker killed mid-run (~4 min)
