@@ -389,7 +389,7 @@ class TableChanges:
         with connect(params, application_name=f"capstone {self._collection} source") as conn:
             self.snapshot = install_capture(conn, self._collection, self._source)
             ids = self._claim(conn)
-            id_type = _id_type(conn, self._source)
+            id_type = _column_type(conn, self._source, self._source.id_column, "id")
             if self.snapshot:
                 log.info("reading all of %s (%d queued changes included)", self._source.qualified, len(ids))
                 found = yield from self._read(conn, id_type, None)
@@ -456,14 +456,15 @@ class TableChanges:
         return found
 
 
-def _id_type(conn: psycopg.Connection, source: TableSourceSettings) -> str:
+def _column_type(conn: psycopg.Connection, source: TableSourceSettings, column: str, field: str) -> str:
+    """The type of ``column`` (spec field ``source.table.<field>``) as the catalog writes it."""
     row = conn.execute(
         "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
         "AND attname = %s AND NOT attisdropped",
-        (_table(source).as_string(conn), source.id_column),
+        (_table(source).as_string(conn), column),
     ).fetchone()
     if row is None:
-        raise SourceTableInvalid(f"source.table.id: {source.qualified} has no column {source.id_column!r}")
+        raise SourceTableInvalid(f"source.table.{field}: {source.qualified} has no column {column!r}")
     return str(row[0])
 
 
@@ -596,15 +597,12 @@ def _mark_and_count(conn: psycopg.Connection, source: TableSourceSettings) -> tu
 
 
 def _updated_since(source: TableSourceSettings, conn: psycopg.Connection) -> sql.Composable:
-    """``WHERE updated_at > mark - lookback`` in the column's own type (the mark is its text)."""
-    column = sql.Identifier(str(source.updated_at_column))
-    kind = conn.execute(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-        "AND attname = %s AND NOT attisdropped",
-        (_table(source).as_string(conn), source.updated_at_column),
-    ).fetchone()
+    """``WHERE updated_at > mark - lookback`` in the column's own type (the mark is its text), so
+    that an index on the column serves it."""
+    column = str(source.updated_at_column)
+    kind = _column_type(conn, source, column, "updated_at")
     return sql.SQL(" WHERE {} > %s::{} - make_interval(secs => %s)").format(
-        column, sql.SQL(kind[0] if kind else "timestamptz")
+        sql.Identifier(column), sql.SQL(kind)
     )
 
 
