@@ -203,6 +203,7 @@ class IndexedEvent(TypedDict):
     index_size_bytes: int | None
     validation: ValidationSummary
     table: NotRequired[str]  # the stable name consumers query
+    connection_id: NotRequired[str]  # the Airflow connection of the collection's database
     version: NotRequired[int | None]  # the version this run wrote to
     live_version: NotRequired[int | None]  # the version the stable name serves after the run
     switched: NotRequired[bool]  # whether this run switched the stable name to its version

@@ -56,6 +56,8 @@ __all__ = [
     "CollectionTableTaken",
     "check_table_owner",
     "lookup",
+    "record_at_version",
+    "records",
     "register",
     "register_row",
     "registered_row",
@@ -392,6 +394,62 @@ def lookup(conn: psycopg.Connection, name: str, schema: str | None = None) -> Co
     if len(rows) > 1:
         raise AmbiguousCollection(name, where, [_describe_row(row) for row in rows])
     return _record(rows[0], where)
+
+
+def records(conn: psycopg.Connection, names: list[str] | None = None) -> list[CollectionRecord]:
+    """Every registered collection of this database (of ``names``, when given) whose stable name
+    exists, by schema and table: what a dashboard lists. Rows of releases too old to search are left
+    out (:func:`lookup` says why for one of them)."""
+    where = _describe(conn)
+    if not _registry_columns(conn):
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            sql.SQL(
+                "SELECT * FROM {} WHERE (%s::text[] IS NULL OR name = ANY(%s::text[]))"
+                " AND to_regclass(format('%%I.%%I', schema_name, table_name)) IS NOT NULL"
+                " ORDER BY schema_name, table_name"
+            ).format(_REGISTRY),
+            (names, names),
+        ).fetchall()
+    found = []
+    for row in rows:
+        try:
+            found.append(_record(row, where))
+        except CollectionNotRegistered as exc:
+            log.info("%s", exc)
+    return found
+
+
+def record_at_version(conn: psycopg.Connection, live: CollectionRecord, number: int) -> CollectionRecord:
+    """The record a search of version ``number`` of ``live``'s collection needs: the registry row the
+    version had when it was last live (a retired version), else ``live``'s with that version's table,
+    embedding and vector type (a version still being built, never registered). Raises
+    :class:`CollectionNotRegistered` when the collection keeps no such version."""
+    from capstone import versions
+
+    if number == live.version:
+        return live
+    row = versions.catalog_row(conn, live.schema, live.table, number)
+    if row is None:
+        raise CollectionNotRegistered(f"{live.name} version {number}", _describe(conn), "is not kept")
+    if row["record"]:
+        when = row["live_until"] or row["created_at"]
+        kept = _record({**row["record"], "updated_at": when}, _describe(conn))
+        return dataclasses.replace(kept, last_validation=row["last_validation"] or kept.last_validation)
+    embedding = dict(row["embedding"])
+    vector_type = embedding.pop("vector_type", live.vector_type)
+    fields = {field.name for field in dataclasses.fields(EmbeddingSettings)}
+    options = {**_TASK_ONLY, **{key: embedding[key] for key in fields if key in embedding}}
+    return dataclasses.replace(
+        live,
+        embedding=EmbeddingSettings(**options),
+        vector_type=vector_type,
+        version=number,
+        version_table=row["table_name"],
+        last_validation=row["last_validation"],
+        updated_at=row["created_at"],
+    )
 
 
 def _describe_row(row: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from capstone.index_build import DISTANCE_OPERATORS
-from capstone.registry import CollectionRecord, lookup
+from capstone.registry import CollectionRecord, lookup, record_at_version
 from capstone.settings import HNSW_EF_SEARCH, SEARCH_MODES, IndexType, Metric, SearchMode, SearchSettings
 from capstone.store import TEXT_SEARCH_COLUMN, CollectionTable
 
@@ -591,6 +591,9 @@ class Searcher:
     ``schema`` picks the collection's table where its name has tables in several schemas of the
     database (two deployments sharing it); without it, such a name raises
     :class:`capstone.registry.AmbiguousCollection`.
+
+    ``version`` pins another kept version of the collection (one being built for a new model, or a
+    retired one): its chunks, searched with its own model, to compare answers before a switch.
     """
 
     def __init__(
@@ -602,11 +605,13 @@ class Searcher:
         connection_id: str | None = None,
         pool_size: int = 4,
         session_settings: bool = True,
+        version: int | None = None,
     ) -> None:
         from psycopg_pool import ConnectionPool
 
         self.collection = collection
         self.schema = schema
+        self.version = version
         self.session_settings = session_settings
         self.pool = ConnectionPool(
             resolve_dsn(dsn, connection_id),
@@ -618,8 +623,7 @@ class Searcher:
             name=f"capstone-search-{collection}",
         )
         try:
-            with self.pool.connection() as conn:
-                self.record = lookup(conn, collection, schema)
+            self.record = self._read_record()
             self.target = SearchTarget.of(self.record)
             self._embedder = self.record.embedder()
         except BaseException:
@@ -634,11 +638,15 @@ class Searcher:
     def refresh(self) -> None:
         """Read the collection's registry record again, and load its model if that changed: after
         a run changed the collection's settings (its model, index or ``search`` section)."""
-        with self.pool.connection() as conn:
-            record = lookup(conn, self.collection, self.schema)
+        record = self._read_record()
         if record.embedding != self.record.embedding:
             self._embedder = record.embedder()
         self.record, self.target = record, SearchTarget.of(record)
+
+    def _read_record(self) -> CollectionRecord:
+        with self.pool.connection() as conn:
+            live = lookup(conn, self.collection, self.schema)
+            return live if self.version is None else record_at_version(conn, live, self.version)
 
     @property
     def mode(self) -> SearchMode:

@@ -948,6 +948,18 @@ def version_record(conn: psycopg.Connection, version: Version) -> dict[str, Any]
     return None if row is None else row["record"]
 
 
+def catalog_row(conn: psycopg.Connection, schema: str, stable: str, number: int) -> dict[str, Any] | None:
+    """Everything the catalog holds of one version (its embedding settings, its registry row when it
+    was live, its last validation), or None when there is no such version."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE schema_name = %s AND stable_name = %s AND version = %s").format(
+                _CATALOG
+            ),
+            (schema, stable, number),
+        ).fetchone()
+
+
 def rollback(conn: psycopg.Connection, schema: str, stable: str, to: int | None = None) -> SwitchResult:
     """Switch the stable name back to the newest earlier version (or to version ``to``, which may be
     a newer one: rolling forward). The version switched away from is marked ``rolled_back`` when

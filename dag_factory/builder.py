@@ -353,6 +353,7 @@ def _publish_task(spec: CollectionSpec, output: Asset) -> Any:
             "index_size_bytes": indexed.get("index_size_bytes"),
             "validation": report["summary"],
             "table": f"{spec.store.schema_name}.{spec.table_name}",
+            "connection_id": spec.store.connection_id,
             "version": report["summary"].get("version"),
             "live_version": report["summary"].get("live_version"),
             "switched": bool(report["summary"].get("switched")),
