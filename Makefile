@@ -43,9 +43,18 @@ lint: $(VENV)/.installed-local
 typecheck: $(VENV)/.installed-local
 	$(VENV)/bin/mypy
 
+## chromium: the browser the UI test drives (Debian's; Playwright's own download is not reachable)
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser test of the Collections pages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 ## make test: lint, type-check and run the whole suite: unit, integration (real Postgres + pgvector,
-## the local model), e2e (real Airflow services). It starts the embedded Postgres itself.
-test: lint typecheck
+## the local model), e2e (real Airflow services, and a real browser on its UI). It starts the
+## embedded Postgres itself, and installs Debian's chromium where there is none.
+test: lint typecheck chromium
 	$(PY) -m pytest -q -m "not distributed and not package"
 
 ## make test-package: the wheel as a team installs it: into a clean virtualenv of each supported
@@ -65,7 +74,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
 	$(LOWEST_PY) -m pip install -q -c constraints-lowest.txt -e '.[dev,local]'
 	touch $@
 
-test-lowest: $(LOWEST_VENV)/.installed
+test-lowest: $(LOWEST_VENV)/.installed chromium
 	$(LOWEST_PY) -m pytest -q tests/unit tests/integration -m "not slow and not e2e"
 	$(LOWEST_PY) -m pytest -q tests/e2e/test_airflow_chain.py tests/e2e/test_table_source.py
 
@@ -97,7 +106,7 @@ up: $(VENV)/.installed-local
 down: $(VENV)/.installed-dev
 	$(PY) -m dag_factory.local.stack down
 
-BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality version_switch parse peer_sync onnx_backend scheduler_idle chunking freshness
+BENCHMARKS := load peers index_build pipeline incremental mapping embed embed_stage search search_quality version_switch parse peer_sync onnx_backend scheduler_idle chunking freshness ui_list
 # Not part of make bench, each with a target of its own: quantization (~12 minutes at its default
 # size) and embed_stage_gpu (needs a CUDA device; skips where there is none).
 BENCH_EXTRA := quantization embed_stage_gpu

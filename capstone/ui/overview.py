@@ -104,19 +104,23 @@ class DagInfo:
 
 
 def capstone_dags(permitted: Iterable[str] | None = None) -> list[DagInfo]:
-    """The DAGs the factory built (tag ``capstone``, not stale) among ``permitted`` (all when None),
-    by id, with their last run and last ``indexed`` event."""
-    from airflow.models.asset import AssetEvent
+    """The DAGs the factory built (tag ``capstone``, a ``publish_indexed_asset`` task with an outlet,
+    not stale) among ``permitted`` (all when None), by id, with their last run and last ``indexed``
+    event."""
+    from airflow.models.asset import AssetEvent, TaskOutletAssetReference
     from airflow.models.dag import DagModel, DagTag
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
     from sqlalchemy import func, select
 
+    outlets = TaskOutletAssetReference
+    publishers = select(outlets.dag_id).where(outlets.task_id == PUBLISH_TASK)
     with create_session() as session:
         query = (
             select(DagModel.dag_id, DagModel.is_paused)
             .join(DagTag, DagTag.dag_id == DagModel.dag_id)
             .where(DagTag.name == DAG_TAG, DagModel.is_stale.is_(False))
+            .where(DagModel.dag_id.in_(publishers))
         )
         if permitted is not None:
             query = query.where(DagModel.dag_id.in_(list(permitted)))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from capstone.ui.overview import CollectionSummary
 
-__all__ = ["collection_page", "collections_page", "runs_chart", "verdict"]
+__all__ = ["collection_page", "collections_page", "missing_page", "runs_chart", "verdict"]
 
 _SERIES = (("embedded", "#3182ce"), ("deleted", "#e53e3e"), ("set_aside", "#d69e2e"))
 
@@ -50,6 +50,13 @@ def _iso(value: datetime | str | None) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
+def _when(value: datetime | None) -> str:
+    """A date as people read it in a table: ``2026-12-06 21:40 UTC``."""
+    if value is None:
+        return ""
+    return value.strftime("%Y-%m-%d %H:%M %Z").strip()
+
+
 def _params(value: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{key}={item}" for key, item in (value or {}).items() if item is not None)
 
@@ -63,7 +70,7 @@ def _environment() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(size=_size, iso=_iso, verdict=verdict, params=_params)
+    env.filters.update(size=_size, iso=_iso, when=_when, verdict=verdict, params=_params)
     static = files("capstone.ui") / "static"
     env.globals.update(
         css=Markup(static.joinpath("collections.css").read_text()),
@@ -79,6 +86,10 @@ def _root(request: Request) -> str:
 
 def collections_page(request: Request, summaries: Sequence[CollectionSummary]) -> str:
     return _environment().get_template("collections.html").render(root=_root(request), summaries=summaries)
+
+
+def missing_page(request: Request, dag_id: str) -> str:
+    return _environment().get_template("missing.html").render(root=_root(request), dag_id=dag_id)
 
 
 def collection_page(
@@ -110,7 +121,7 @@ def runs_chart(runs: Sequence[Mapping[str, Any]], width: int = 560, height: int 
         return Markup("")
     top = max(sum(int(run.get(name) or 0) for name, _ in _SERIES) for run in runs) or 1
     slot = width / len(runs)
-    bar = max(2.0, slot * 0.7)
+    bar = min(28.0, max(2.0, slot * 0.7))
     parts = [
         f'<svg class="chart" id="runs-chart" role="img" width="{width}" height="{height + 16}" '
         f'viewBox="0 0 {width} {height + 16}" aria-label="chunks per run">'

@@ -126,9 +126,33 @@ def _compared(summary: CollectionSummary, detail: dict[str, Any], chosen: int | 
     return (building or others or [None])[-1]
 
 
+def _page_results(
+    request: Request,
+    summary: CollectionSummary,
+    detail: dict[str, Any],
+    query: dict[str, Any],
+    compare: int | None,
+) -> list[dict[str, Any]]:
+    """The page's query, on the live version and (when the collection keeps one) a second."""
+    record = summary.record
+    if not query["q"].strip() or record is None:
+        return []
+    try:
+        query.update(_query(query["q"], query["k"], query["mode"], query["raw_filter"] or None))
+    except HTTPException as exc:
+        return [{"version": record.version, "hits": [], "error": exc.detail}]
+    compared = _compared(summary, detail, compare)
+    versions = [None] if compared is None else [None, compared]
+    return [search_version(request.app.state.searchers, summary, version, query) for version in versions]
+
+
 def add_routes(app: FastAPI) -> None:
     """Register the pages and the JSON API on ``app``."""
+    _add_pages(app)
+    _add_api(app)
 
+
+def _add_pages(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse)
     def collections_page(request: Request, user: GetUserDep) -> HTMLResponse:
         summaries = collection_summaries(request.app.state.databases, _visible(request, user))
@@ -145,22 +169,17 @@ def add_routes(app: FastAPI) -> None:
         filter: str | None = None,
         compare: int | None = None,
     ) -> HTMLResponse:
-        summary = _one(request, user, dag_id)
+        try:
+            summary = _one(request, user, dag_id)
+        except HTTPException:  # the DAG tab of a DAG that is no collection: a page, not JSON
+            return HTMLResponse(render.missing_page(request, dag_id), status_code=404)
         detail = collection_detail(request.app.state.databases, summary)
-        results: list[dict[str, Any]] = []
         query = {"q": q, "k": k, "mode": mode or None, "filter": None, "raw_filter": filter or ""}
-        if q.strip() and summary.record is not None:
-            try:
-                query.update(_query(q, k, mode or None, filter))
-            except HTTPException as exc:
-                results = [{"version": summary.record.version, "hits": [], "error": exc.detail}]
-            else:
-                compared = _compared(summary, detail, compare)
-                versions = [None] if compared is None else [None, compared]
-                searchers = request.app.state.searchers
-                results = [search_version(searchers, summary, version, query) for version in versions]
+        results = _page_results(request, summary, detail, query, compare)
         return HTMLResponse(render.collection_page(request, summary, detail, query, results))
 
+
+def _add_api(app: FastAPI) -> None:
     @app.get("/api/collections")
     def list_collections(request: Request, user: GetUserDep) -> list[dict[str, Any]]:
         summaries = collection_summaries(request.app.state.databases, _visible(request, user))

@@ -3,6 +3,9 @@
 ``enrich_documents`` is triggered through the REST API; its ``documents.enriched`` event must
 start the ``documents`` DAG, whose sensor defers to the triggerer while the index builds, whose
 embedding tasks respect their pool, and whose last task publishes ``documents.indexed``.
+
+Then a real browser (Debian's chromium, through Playwright) logs in to the same stack's UI and
+finds the collection in the Collections pages of the plugin (:mod:`capstone.ui`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 
 from dag_factory.local.api import AirflowApi
 from dag_factory.local.stack import AirflowStack
+from tests.support.browser import browser_page, keep_screenshot, log_in
 from tests.support.stack_runs import assert_deferred_to_triggerer, follow_downstream_run, max_overlap
 from tests.support.stacks import e2e_stack
 
@@ -99,3 +103,54 @@ def test_asset_chain_runs_on_real_services(stack: AirflowStack, api: AirflowApi,
     with psycopg.connect(pg_dsn) as conn:
         count = conn.execute("SELECT count(*), count(DISTINCT document_id) FROM e2e.documents").fetchone()
     assert count == (CHUNKS, 79 * COPIES)
+
+
+def _indexed(api: AirflowApi) -> None:
+    """The collection indexed at least once (the chain test above does it; alone, this test does)."""
+    if api.asset_events(source_dag_id="documents"):
+        return
+    api.wait_for_dag("documents")
+    runs_before = len(api.runs("documents"))
+    api.trigger("enrich_documents", conf={"copies": 1})
+    run, _ = follow_downstream_run(api, "documents", runs_before=runs_before)
+    assert run["state"] == "success"
+
+
+def test_the_collection_is_seen_in_the_airflow_ui(stack: AirflowStack, api: AirflowApi, pg_dsn: str) -> None:
+    _indexed(api)
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM e2e.documents").fetchone()
+    assert row is not None
+    rows = f"{row[0]:,}"
+    base = stack.api_url
+    with browser_page() as page:
+        log_in(page, base, "admin", stack.password)
+
+        # Browse -> Collections: the list, in the UI's iframe
+        page.get_by_role("button", name="Browse").click()
+        page.get_by_role("menuitem", name="Collections").click()
+        page.wait_for_url(f"{base}/plugin/capstone-collections")
+        listed = page.frame_locator("iframe").locator('tr[data-collection="documents"]')
+        assert listed.locator("td.rows").inner_text() == rows  # as the database holds it
+        assert "enrich_documents" not in page.frame_locator("iframe").locator("#collections").inner_text()
+        keep_screenshot(page, "collections-ui", "1-collections")
+
+        # the collection's page, and a query with hits
+        frame = page.frame_locator("iframe")
+        listed.get_by_role("link", name="documents", exact=True).click()
+        frame.locator("h1", has_text="documents").wait_for()
+        assert frame.locator("#rows").inner_text() == rows
+        assert frame.locator("#versions .badge.live").count() == 1
+        frame.locator("input[name=q]").fill("the with statement and context managers")
+        frame.get_by_role("button", name="Search").click()
+        frame.locator(".hit").first.wait_for()
+        assert frame.locator(".hit").count() == 5
+        assert "with" in frame.locator(".hit").first.inner_text()
+        keep_screenshot(page, "collections-ui", "2-collection-query")
+
+        # the DAG's own tab
+        page.goto(f"{base}/dags/documents")
+        page.get_by_role("link", name="Collection", exact=True).click()
+        page.frame_locator("iframe").locator("h1", has_text="documents").wait_for()
+        assert page.frame_locator("iframe").locator("#checks").get_by_text("vector_count").count() == 1
+        keep_screenshot(page, "collections-ui", "3-dag-tab")

@@ -183,3 +183,5 @@ def test_search_answers_from_the_live_version_or_another_kept_one(client: TestCl
 
 def test_a_dag_that_indexes_nothing_is_not_found(client: TestClient) -> None:
     assert client.get("/api/collections/no_such_dag", headers=_as(client, "admin")).status_code == 404
+    page = client.get("/collections/no_such_dag", headers=_as(client, "admin"))  # the tab of any DAG
+    assert page.status_code == 404 and "indexes no collection" in page.text
