@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 URL_PREFIX = "/capstone"
 POOL_SIZE = 2  # connections per collection database
 MAX_SEARCHERS = 4  # warm searchers (a model each) held at once
+POOL_TIMEOUT_SECONDS = 5.0  # a page waits this long for a database, then says it is unreachable
 HISTORY_RUNS = 20
 
 
@@ -73,6 +74,7 @@ class Databases:
                     max_size=self.max_size,
                     kwargs={"autocommit": True, "application_name": "capstone ui"},
                     open=True,
+                    timeout=POOL_TIMEOUT_SECONDS,
                     name=f"capstone-ui-{connection_id}",
                 )
                 self._pools[connection_id] = pool
@@ -106,6 +108,10 @@ class Searchers:
             collection, schema=schema, connection_id=connection_id, pool_size=POOL_SIZE, version=version
         )
         with self._lock:
+            raced = self._held.get(key)
+            if raced is not None:  # another request made one meanwhile: keep that one
+                searcher.close()
+                return raced
             self._held[key] = searcher
             while len(self._held) > self.limit:
                 _, evicted = self._held.popitem(last=False)

@@ -97,9 +97,19 @@ def _visible(request: Request, user: Any) -> list[DagInfo]:
     return overview.capstone_dags(permitted)
 
 
+def _dag_details(dag_id: str) -> DagDetails:
+    """What the auth manager is asked about a DAG: its id, and its team where Airflow has teams (3.3)."""
+    from airflow.models.dag import DagModel
+
+    get_team_name = getattr(DagModel, "get_team_name", None)
+    if get_team_name is None:  # Airflow 3.2: no teams
+        return DagDetails(id=dag_id)
+    return DagDetails(id=dag_id, team_name=get_team_name(dag_id))
+
+
 def _one(request: Request, user: Any, dag_id: str) -> CollectionSummary:
     """The collection of ``dag_id``; 404 when there is none or the user may not read its DAG."""
-    allowed = get_auth_manager().is_authorized_dag(method="GET", details=DagDetails(id=dag_id), user=user)
+    allowed = get_auth_manager().is_authorized_dag(method="GET", details=_dag_details(dag_id), user=user)
     dags = overview.capstone_dags([dag_id]) if allowed else []
     if not dags:
         raise HTTPException(status_code=404, detail=f"no collection {dag_id!r}")

