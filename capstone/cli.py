@@ -96,19 +96,7 @@ def hits_json(record: CollectionRecord, query: str, hits: list[Hit], mode: Searc
             "query": query,
             "mode": mode,
             "metric": record.metric,
-            "hits": [
-                {
-                    "rank": hit.rank,
-                    "score": hit.score,
-                    "distance": hit.distance,
-                    "document_id": hit.document_id,
-                    "chunk_id": hit.chunk_id,
-                    "chunk_index": hit.chunk_index,
-                    "text": hit.text,
-                    "metadata": hit.metadata,
-                }
-                for hit in hits
-            ],
+            "hits": [hit.as_json() for hit in hits],
         },
         ensure_ascii=False,
         indent=2,

@@ -380,20 +380,29 @@ def lookup(conn: psycopg.Connection, name: str, schema: str | None = None) -> Co
     where = _describe(conn)
     if not _registry_columns(conn):
         raise CollectionNotRegistered(name, where)
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            sql.SQL(
-                "SELECT * FROM {} WHERE name = %s AND (%s::text IS NULL OR schema_name = %s)"
-                " AND to_regclass(format('%%I.%%I', schema_name, table_name)) IS NOT NULL"
-                " ORDER BY schema_name, table_name"
-            ).format(_REGISTRY),
-            (name, schema, schema),
-        ).fetchall()
+    rows = _existing_rows(conn, [name], schema)
     if not rows:
         raise CollectionNotRegistered(name, where if schema is None else f"schema {schema!r} of {where}")
     if len(rows) > 1:
         raise AmbiguousCollection(name, where, [_describe_row(row) for row in rows])
     return _record(rows[0], where)
+
+
+def _existing_rows(
+    conn: psycopg.Connection, names: list[str] | None, schema: str | None = None
+) -> list[dict[str, Any]]:
+    """The registry rows of ``names`` (all when None), in ``schema`` when given, whose stable name
+    still exists, by schema and table."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            sql.SQL(
+                "SELECT * FROM {} WHERE (%(names)s::text[] IS NULL OR name = ANY(%(names)s::text[]))"
+                " AND (%(schema)s::text IS NULL OR schema_name = %(schema)s)"
+                " AND to_regclass(format('%%I.%%I', schema_name, table_name)) IS NOT NULL"
+                " ORDER BY schema_name, table_name"
+            ).format(_REGISTRY),
+            {"names": names, "schema": schema},
+        ).fetchall()
 
 
 def records(conn: psycopg.Connection, names: list[str] | None = None) -> list[CollectionRecord]:
@@ -403,17 +412,8 @@ def records(conn: psycopg.Connection, names: list[str] | None = None) -> list[Co
     where = _describe(conn)
     if not _registry_columns(conn):
         return []
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            sql.SQL(
-                "SELECT * FROM {} WHERE (%s::text[] IS NULL OR name = ANY(%s::text[]))"
-                " AND to_regclass(format('%%I.%%I', schema_name, table_name)) IS NOT NULL"
-                " ORDER BY schema_name, table_name"
-            ).format(_REGISTRY),
-            (names, names),
-        ).fetchall()
     found = []
-    for row in rows:
+    for row in _existing_rows(conn, names):
         try:
             found.append(_record(row, where))
         except CollectionNotRegistered as exc:

@@ -159,6 +159,19 @@ class Hit:
         """The chunk's text as the search returned it."""
         return self.snippet
 
+    def as_json(self) -> dict[str, Any]:
+        """The hit as the CLI's ``--json`` and the Collections API show it."""
+        return {
+            "rank": self.rank,
+            "score": self.score,
+            "distance": self.distance,
+            "document_id": self.document_id,
+            "chunk_id": self.chunk_id,
+            "chunk_index": self.chunk_index,
+            "text": self.text,
+            "metadata": self.metadata,
+        }
+
     @property
     def vector_distance(self) -> float:
         """``distance``, for hits of searches that embed the query (vector, hybrid, exact scans)."""

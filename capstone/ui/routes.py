@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse
 from psycopg_pool import PoolTimeout
 
 from capstone.connections import ConnectionNotDefined
-from capstone.search import SEARCH_MODES, Hit, KeywordSearchUnavailable
+from capstone.search import SEARCH_MODES, KeywordSearchUnavailable
 from capstone.ui import overview, render
 from capstone.ui.app import HISTORY_RUNS, Databases, Searchers, parse_filter
 from capstone.ui.overview import CollectionSummary, DagInfo
@@ -73,23 +73,10 @@ def search_version(
         searcher = searchers.get(summary.dag.connection_id, record.schema, record.name, version)
         hits = searcher.search(query["q"], query["k"], mode=query["mode"], filter=query["filter"])
         answer["model"] = searcher.record.model
-        answer["hits"] = [_hit_json(hit) for hit in hits]
+        answer["hits"] = [hit.as_json() for hit in hits]
     except (ValueError, LookupError, KeywordSearchUnavailable, psycopg.Error) as exc:
         answer["error"] = str(exc).splitlines()[0]
     return answer
-
-
-def _hit_json(hit: Hit) -> dict[str, Any]:
-    return {
-        "rank": hit.rank,
-        "score": hit.score,
-        "distance": hit.distance,
-        "document_id": hit.document_id,
-        "chunk_id": hit.chunk_id,
-        "chunk_index": hit.chunk_index,
-        "text": hit.text,
-        "metadata": hit.metadata,
-    }
 
 
 def _visible(request: Request, user: Any) -> list[DagInfo]:
