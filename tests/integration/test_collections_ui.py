@@ -35,7 +35,8 @@ TOKENS: dict[str, str] = {}  # user -> JWT, signed by the auth manager of the mo
 
 @pytest.fixture(scope="module")
 def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory, airflow_db: Path) -> Iterator[str]:
-    """``ui_shown`` (hash 64-d, then 128-d: version 2 live, version 1 retired) and ``ui_hidden``."""
+    """``ui_shown`` (hash 64-d, then 128-d: version 2 live, version 1 retired) and ``ui_hidden``
+    (64-d, then a 128-d version whose validation fails: version 1 live, version 2 building)."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
@@ -47,6 +48,15 @@ def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory, airflow_db: P
         spec = write_collection(configs, name, schema, embedding=embedding)
         run = run_collection(spec, [batch])
         assert str(run.state) == "success", task_states(spec.stem, run.run_id)
+    ghost = {"id": "ghost", "query": "anything", "expected_document_id": "no-such-document"}
+    refused = write_collection(
+        configs,
+        HIDDEN,
+        schema,
+        embedding={"dimension": 128},
+        validation={"sample_queries": [ghost], "fail_on": ["vector_count", "query_relevance"]},
+    )
+    assert str(run_collection(refused, [batch]).state) == "failed"  # version 2 stays building
     yield schema
     drop_test_schema(pg_dsn, schema)
 
@@ -113,12 +123,14 @@ def test_the_list_shows_each_collection_as_its_database_holds_it(
     assert shown["last_run"]["state"] == "success"
     assert shown["last_validation"]["failed"] == []
     assert shown["newest_row"] is not None
-    hidden = listed[HIDDEN]
-    assert hidden["last_run"]["embedded"] == hidden["rows"] == _rows(pg_dsn, indexed, HIDDEN)
+    assert shown["last_run"]["embedded"] == shown["rows"]  # the second run re-embedded it all
+    hidden = listed[HIDDEN]  # a model change refused by its validation
+    assert (hidden["live_version"], hidden["building_versions"], hidden["dimension"]) == (1, [2], 64)
+    assert hidden["last_run"]["state"] == "failed" and hidden["last_run"]["embedded"] is None
 
     page = client.get("/", headers=_as(client, "admin")).text
     assert f'data-collection="{SHOWN}"' in page and f'data-collection="{HIDDEN}"' in page
-    assert f"{shown['rows']:,}" in page
+    assert f"{shown['rows']:,}" in page and "building v2" in page
 
 
 def test_a_user_who_may_not_read_a_dag_does_not_see_its_collection(client: TestClient) -> None:
@@ -179,6 +191,18 @@ def test_search_answers_from_the_live_version_or_another_kept_one(client: TestCl
     page = client.get(f"/collections/{SHOWN}", params={"q": QUERY, "k": 2}, headers=admin).text
     assert page.count('class="version-hits"') == 2  # live and the retired version, side by side
     assert 'data-version="2"' in page and 'data-version="1"' in page and page.count('class="hit"') == 4
+
+
+def test_a_version_being_built_answers_beside_the_live_one(client: TestClient) -> None:
+    admin = _as(client, "admin")
+    detail = client.get(f"/api/collections/{HIDDEN}", headers=admin).json()
+    building = detail["versions"][-1]
+    assert (building["version"], building["status"]) == (2, "building")
+    assert "query_relevance_ghost" in building["validation"]["failed"]  # why it has not switched
+    search = f"/api/collections/{HIDDEN}/search"
+    assert len(client.get(search, params={"q": QUERY, "version": 2}, headers=admin).json()["hits"]) == 5
+    page = client.get(f"/collections/{HIDDEN}", params={"q": QUERY, "k": 2}, headers=admin).text
+    assert 'data-version="1"' in page and 'data-version="2"' in page and "(building)" in page
 
 
 def test_a_dag_that_indexes_nothing_is_not_found(client: TestClient) -> None:
