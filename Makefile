@@ -65,7 +65,8 @@ test-package: $(VENV)/.installed-local
 
 ## make test-lowest: the compatibility lane: the lowest supported Airflow with the lowest version of
 ## every dependency (constraints-lowest.txt), in a virtualenv of its own: the fast lane, and on real
-## services the asset chain and a followed table (~30 min: Airflow 3.2's dag.test() is slow)
+## services the asset chain (and its Collections pages in a browser) and a followed table (~31 min:
+## Airflow 3.2's dag.test() is slow)
 LOWEST_VENV := .data/venv-lowest
 LOWEST_PY := $(LOWEST_VENV)/bin/python
 $(LOWEST_VENV)/.installed: pyproject.toml constraints-lowest.txt
