@@ -29,6 +29,11 @@ __all__ = ["add_routes", "collection_detail", "collection_summaries", "search_ve
 log = logging.getLogger(__name__)
 
 _UNREACHABLE = (ConnectionNotDefined, psycopg.Error, PoolTimeout)
+# What a search answers with a message in its panel rather than a 500: bad parameters, a version no
+# longer kept, a keyword search without its column, a database error, and a model this api-server
+# cannot load (its extra not installed here: MissingExtraError is an ImportError; no offline copy:
+# ModelNotAvailableError is an OSError).
+_SEARCH_REFUSED = (ValueError, LookupError, KeywordSearchUnavailable, psycopg.Error, ImportError, OSError)
 
 
 def collection_summaries(databases: Databases, dags: list[DagInfo]) -> list[CollectionSummary]:
@@ -74,7 +79,7 @@ def search_version(
         hits = searcher.search(query["q"], query["k"], mode=query["mode"], filter=query["filter"])
         answer["model"] = searcher.record.model
         answer["hits"] = [hit.as_json() for hit in hits]
-    except (ValueError, LookupError, KeywordSearchUnavailable, psycopg.Error) as exc:
+    except _SEARCH_REFUSED as exc:
         answer["error"] = str(exc).splitlines()[0]
     return answer
 
