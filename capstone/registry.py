@@ -430,21 +430,23 @@ def record_at_version(conn: psycopg.Connection, live: CollectionRecord, number: 
 
     if number == live.version:
         return live
-    row = versions.catalog_row(conn, live.schema, live.table, number)
+    rows = versions.catalog_rows(conn, live.schema, live.table, number)
+    row = rows[0] if rows else None
     if row is None:
         raise CollectionNotRegistered(f"{live.name} version {number}", _describe(conn), "is not kept")
     if row["record"]:
         when = row["live_until"] or row["created_at"]
         kept = _record({**row["record"], "updated_at": when}, _describe(conn))
         return dataclasses.replace(kept, last_validation=row["last_validation"] or kept.last_validation)
-    embedding = dict(row["embedding"])
-    vector_type = embedding.pop("vector_type", live.vector_type)
-    fields = {field.name for field in dataclasses.fields(EmbeddingSettings)}
-    options = {**_TASK_ONLY, **{key: embedding[key] for key in fields if key in embedding}}
+    embedding = _embedding_settings(row["embedding"])
+    if embedding is None:
+        raise CollectionNotRegistered(
+            f"{live.name} version {number}", _describe(conn), "is of an earlier release"
+        )
     return dataclasses.replace(
         live,
-        embedding=EmbeddingSettings(**options),
-        vector_type=vector_type,
+        embedding=embedding,
+        vector_type=row["embedding"].get("vector_type", live.vector_type),
         version=number,
         version_table=row["table_name"],
         last_validation=row["last_validation"],
@@ -460,20 +462,26 @@ def _describe_row(row: dict[str, Any]) -> str:
     )
 
 
+def _embedding_settings(stored: dict[str, Any]) -> EmbeddingSettings | None:
+    """The embedding settings a registry row (or the version catalog) stored, the task-only ones at
+    their defaults; None when it lacks some (stored by an earlier release)."""
+    fields = {field.name for field in dataclasses.fields(EmbeddingSettings)}
+    if not fields - _TASK_ONLY.keys() <= set(stored):
+        return None
+    return EmbeddingSettings(**{**_TASK_ONLY, **{key: stored[key] for key in fields if key in stored}})
+
+
 def _record(row: dict[str, Any], where: str) -> CollectionRecord:
     """The :class:`CollectionRecord` of a registry row."""
-    name = row["name"]
-    fields = {field.name for field in dataclasses.fields(EmbeddingSettings)}
-    stored = row["embedding_options"]
-    if not fields - _TASK_ONLY.keys() <= set(stored):
-        raise CollectionNotRegistered(name, where, "was registered by an earlier release of capstone")
-    options = {**_TASK_ONLY, **{key: stored[key] for key in fields if key in stored}}
+    embedding = _embedding_settings(row["embedding_options"])
+    if embedding is None:
+        raise CollectionNotRegistered(row["name"], where, "was registered by an earlier release of capstone")
     return CollectionRecord(
         name=row["name"],
         schema=row["schema_name"],
         table=row["table_name"],
         connection_id=row["connection_id"],
-        embedding=EmbeddingSettings(**options),
+        embedding=embedding,
         metric=row["metric"],
         index_type=row["index_type"],
         index_name=row["index_name"],

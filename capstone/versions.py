@@ -224,10 +224,15 @@ def ensure_catalog(conn: psycopg.Connection) -> None:
             )
 
 
+def has_catalog(conn: psycopg.Connection) -> bool:
+    """Whether this database has a version catalog (a collection of it ran once)."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"capstone.{CATALOG_TABLE}",)).fetchone()
+    return bool(row and row[0])
+
+
 def list_versions(conn: psycopg.Connection, schema: str, stable: str) -> list[Version]:
     """The versions of the collection at ``schema.stable``, oldest first (none without a catalog)."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"capstone.{CATALOG_TABLE}",)).fetchone()
-    if not (row and row[0]):
+    if not has_catalog(conn):
         return []
     rows = conn.execute(
         sql.SQL(
@@ -938,26 +943,24 @@ def _set_json(conn: psycopg.Connection, version: Version, column: str, value: di
 
 def version_record(conn: psycopg.Connection, version: Version) -> dict[str, Any] | None:
     """The registry row the version had when it was last live (what ``rollback`` restores)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            sql.SQL(
-                "SELECT record FROM {} WHERE schema_name = %s AND stable_name = %s AND version = %s"
-            ).format(_CATALOG),
-            (version.schema, version.stable, version.number),
-        ).fetchone()
-    return None if row is None else row["record"]
+    rows = catalog_rows(conn, version.schema, version.stable, version.number)
+    return rows[0]["record"] if rows else None
 
 
-def catalog_row(conn: psycopg.Connection, schema: str, stable: str, number: int) -> dict[str, Any] | None:
-    """Everything the catalog holds of one version (its embedding settings, its registry row when it
-    was live, its last validation), or None when there is no such version."""
+def catalog_rows(
+    conn: psycopg.Connection, schema: str, stable: str, number: int | None = None
+) -> list[dict[str, Any]]:
+    """Everything the catalog holds of the collection's versions (of version ``number`` alone, when
+    given), oldest first: embedding settings, the registry row of each once live, its last
+    validation, dates. The catalog must exist (:func:`has_catalog`)."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            sql.SQL("SELECT * FROM {} WHERE schema_name = %s AND stable_name = %s AND version = %s").format(
-                _CATALOG
-            ),
-            (schema, stable, number),
-        ).fetchone()
+            sql.SQL(
+                "SELECT * FROM {} WHERE schema_name = %s AND stable_name = %s"
+                " AND (%s::int IS NULL OR version = %s) ORDER BY version"
+            ).format(_CATALOG),
+            (schema, stable, number, number),
+        ).fetchall()
 
 
 def rollback(conn: psycopg.Connection, schema: str, stable: str, to: int | None = None) -> SwitchResult:

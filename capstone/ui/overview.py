@@ -55,6 +55,18 @@ DAG_TAG = "capstone"  # every DAG the factory builds carries it (dag_factory.bui
 PUBLISH_TASK = "publish_indexed_asset"
 VALIDATE_TASK = "validate_index_health"
 EXACT_COUNT_MAX = 1_000_000
+# What a version shows of its catalog row (its embedding settings and registry row stay inside).
+_VERSION_COLUMNS = (
+    "version",
+    "status",
+    "table_name",
+    "model",
+    "dimension",
+    "fingerprint",
+    "created_at",
+    "live_from",
+    "live_until",
+)
 
 
 @dataclass(frozen=True)
@@ -245,22 +257,21 @@ def table_facts(conn: psycopg.Connection, record: CollectionRecord) -> TableFact
 
 def version_rows(conn: psycopg.Connection, record: CollectionRecord) -> list[dict[str, Any]]:
     """The collection's versions, oldest first: number, status, table, model, dimension, fingerprint,
-    dates, and the summary of each one's last validation (a refused switch keeps its own)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        kept = cur.execute(
-            "SELECT to_regclass('capstone.collection_versions') IS NOT NULL AS present"
-        ).fetchone()
-    if not (kept and kept["present"]):
+    dates, and the summary of each one's last validation (a refused switch keeps its own in the
+    catalog; a version once live, in the registry row it had)."""
+    if not versions.has_catalog(conn):
         return []
-    rows = versions.describe(conn, record.schema, record.table)
-    for row in rows:
-        row.pop("failed_checks", None)
-        catalog = versions.catalog_row(conn, record.schema, record.table, row["version"]) or {}
-        # a refused switch keeps its validation in the catalog; a version once live, in its record
-        validation = catalog.get("last_validation") or (catalog.get("record") or {}).get("last_validation")
+    rows = []
+    for row in versions.catalog_rows(conn, record.schema, record.table):
+        validation = row["last_validation"] or (row["record"] or {}).get("last_validation")
         if row["version"] == record.version and record.last_validation:
             validation = record.last_validation
-        row["validation"] = validation
+        rows.append(
+            {
+                **{key: row[key] for key in _VERSION_COLUMNS},
+                "validation": validation,
+            }
+        )
     return rows
 
 

@@ -84,7 +84,7 @@ def search_version(
     return answer
 
 
-def _visible(request: Request, user: Any) -> list[DagInfo]:
+def _visible(user: Any) -> list[DagInfo]:
     permitted = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
     return overview.capstone_dags(permitted)
 
@@ -157,7 +157,7 @@ def add_routes(app: FastAPI) -> None:
 def _add_pages(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse)
     def collections_page(request: Request, user: GetUserDep) -> HTMLResponse:
-        summaries = collection_summaries(request.app.state.databases, _visible(request, user))
+        summaries = collection_summaries(request.app.state.databases, _visible(user))
         return HTMLResponse(render.collections_page(request, summaries))
 
     @app.get("/collections/{dag_id}", response_class=HTMLResponse)
@@ -184,7 +184,7 @@ def _add_pages(app: FastAPI) -> None:
 def _add_api(app: FastAPI) -> None:
     @app.get("/api/collections")
     def list_collections(request: Request, user: GetUserDep) -> list[dict[str, Any]]:
-        summaries = collection_summaries(request.app.state.databases, _visible(request, user))
+        summaries = collection_summaries(request.app.state.databases, _visible(user))
         return [summary.as_json() for summary in summaries]
 
     @app.get("/api/collections/{dag_id}")
